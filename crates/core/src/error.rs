@@ -1,0 +1,35 @@
+use crate::{DType, Device};
+
+/// Errors of the tensor core. Every variant names the op or tensor involved so
+/// that a message read in a log is enough to find the cause.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{op}: shape mismatch: {msg}")]
+    Shape { op: &'static str, msg: String },
+
+    #[error("{op}: expected dtype {expected}, got {got}")]
+    DType { op: &'static str, expected: DType, got: DType },
+
+    #[error("{op}: tensors on different devices ({a} and {b})")]
+    DeviceMismatch { op: &'static str, a: Device, b: Device },
+
+    #[error("{op} is not implemented for dtype {dtype} on {device}")]
+    Unsupported { op: &'static str, dtype: DType, device: Device },
+
+    #[error("device {device} is not available: {reason}")]
+    DeviceUnavailable { device: Device, reason: String },
+
+    #[error("{op}: index {index} out of range (must be < {limit})")]
+    IndexOutOfRange { op: &'static str, index: u64, limit: u64 },
+
+    #[error("cannot reshape {from} into {to}: element counts differ")]
+    Reshape { from: String, to: String },
+
+    #[error("safetensors file {path}: {msg}")]
+    SafeTensors { path: String, msg: String },
+
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
