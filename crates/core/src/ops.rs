@@ -11,7 +11,7 @@
 
 use crate::cpu;
 pub use crate::cpu::adamw::AdamWHyper;
-use crate::{DType, Device, Element, Error, Float, Result, Tensor};
+use crate::{CpuStorage, DType, Device, Element, Error, Result, Tensor};
 
 /// Runs `$body` with `$F` bound to the Rust float type of `$t`'s dtype, on the
 /// backend of `$t`'s device; any other combination is `Error::Unsupported`.
@@ -102,7 +102,15 @@ pub fn copy(dst: &mut Tensor, src: &Tensor) -> Result<()> {
     expect_numel("copy", "src", src, dst.numel())?;
     match (dst.storage_mut(), src.storage()) {
         (crate::Storage::Cpu(d), crate::Storage::Cpu(s)) => {
-            *d = s.clone();
+            // Same dtype (checked above): copy in place, no allocation.
+            match (d, s) {
+                (CpuStorage::F32(d), CpuStorage::F32(s)) => d.copy_from_slice(s),
+                (CpuStorage::F64(d), CpuStorage::F64(s)) => d.copy_from_slice(s),
+                (CpuStorage::BF16(d), CpuStorage::BF16(s)) => d.copy_from_slice(s),
+                (CpuStorage::F16(d), CpuStorage::F16(s)) => d.copy_from_slice(s),
+                (CpuStorage::U32(d), CpuStorage::U32(s)) => d.copy_from_slice(s),
+                _ => unreachable!("same_kind checked the dtypes"),
+            }
             Ok(())
         }
     }
@@ -240,7 +248,7 @@ pub fn layernorm_forward(
     inp: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
-    eps: f32,
+    eps: f64,
 ) -> Result<()> {
     const OP: &str = "layernorm_forward";
     same_kind(OP, out, &[mean, rstd, inp, weight, bias])?;
@@ -259,7 +267,7 @@ pub fn layernorm_forward(
             weight.as_slice()?,
             bias.as_slice()?,
             c,
-            F::from_f32(eps),
+            F::from_f64(eps),
         );
         Ok(())
     })
@@ -443,7 +451,7 @@ pub fn softmax_cross_entropy(
     losses: &mut Tensor,
     targets: &Tensor,
     vocab_size: usize,
-    grad_scale: Option<f32>,
+    grad_scale: Option<f64>,
 ) -> Result<()> {
     const OP: &str = "softmax_cross_entropy";
     same_kind(OP, logits, &[losses])?;
@@ -463,7 +471,7 @@ pub fn softmax_cross_entropy(
             ids,
             vp,
             vocab_size,
-            grad_scale.map(F::from_f32),
+            grad_scale.map(F::from_f64),
         );
         Ok(())
     })

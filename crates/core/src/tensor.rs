@@ -102,6 +102,19 @@ impl Tensor {
         }
     }
 
+    /// Overwrites the tensor with host data of the same dtype and element count
+    /// (a host-to-device copy once the tensor lives on a GPU).
+    pub fn copy_from_slice<T: Element>(&mut self, src: &[T]) -> Result<()> {
+        if src.len() != self.numel() {
+            return Err(Error::Shape {
+                op: "copy_from_slice",
+                msg: format!("{} elements for shape {}", src.len(), self.shape),
+            });
+        }
+        self.as_mut_slice::<T>()?.copy_from_slice(src);
+        Ok(())
+    }
+
     /// Copies the data to the host as `T`; the dtype must match.
     pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
         Ok(self.as_slice::<T>()?.to_vec())

@@ -223,7 +223,7 @@ fn cross_entropy_gradient_matches_finite_differences_and_skips_padding() {
     };
     let mut grad = logits.clone();
     let mut losses = zeros(&[n]);
-    ops::softmax_cross_entropy(&mut grad, &mut losses, &targets, v, Some(scale as f32)).unwrap();
+    ops::softmax_cross_entropy(&mut grad, &mut losses, &targets, v, Some(scale)).unwrap();
     check("cross_entropy dlogits", &logits, &grad, loss);
     for row in grad.to_vec_f64().chunks(vp) {
         assert!(row[v..].iter().all(|&g| g == 0.0), "padded columns get no gradient");
@@ -253,18 +253,17 @@ fn adamw_matches_scalar_reference() {
     for step in 1..=3u64 {
         ops::adamw_update(&mut p, &g, &mut m, &mut v, h(step)).unwrap();
         let hh = h(step);
-        let (b1, b2, lr, wd) = (hh.beta1 as f64, hh.beta2 as f64, hh.lr as f64, hh.weight_decay as f64);
+        let (b1, b2, lr, wd) = (hh.beta1, hh.beta2, hh.lr, hh.weight_decay);
         for (i, &gi) in g.to_vec_f64().iter().enumerate() {
             let gi = gi * 0.5;
             rm[i] = b1 * rm[i] + (1.0 - b1) * gi;
             rv[i] = b2 * rv[i] + (1.0 - b2) * gi * gi;
             let mhat = rm[i] / (1.0 - b1.powi(step as i32));
             let vhat = rv[i] / (1.0 - b2.powi(step as i32));
-            rp[i] = rp[i] * (1.0 - lr * wd) - lr * mhat / (vhat.sqrt() + 1e-8f32 as f64);
+            rp[i] = rp[i] * (1.0 - lr * wd) - lr * mhat / (vhat.sqrt() + 1e-8);
         }
     }
     for (a, b) in p.to_vec_f64().iter().zip(&rp) {
-        // f64 all the way; only the hyper-parameters pass through f32 (exactly as used above).
         assert!((a - b).abs() < 1e-12, "{a} vs {b}");
     }
 }

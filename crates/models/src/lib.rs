@@ -1,1 +1,20 @@
+//! Model definitions. A model composes `trainer-nn` layers, owns its parameter
+//! naming and initialization, and knows nothing of devices beyond passing one
+//! through, nor of parallelism.
 
+pub mod gpt;
+
+/// Errors of model construction and weight loading.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Core(#[from] trainer_core::Error),
+
+    #[error("model config: {0}")]
+    Config(String),
+
+    #[error("weights file {path}: {msg}")]
+    Weights { path: String, msg: String },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

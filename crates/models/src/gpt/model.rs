@@ -1,0 +1,280 @@
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use trainer_core::{DType, Device, Tensor, io, ops};
+use trainer_nn::{Block, BlockActs, BlockGrads, LayerNorm, LayerNormStats, Module, Param, init};
+
+use super::GptConfig;
+use crate::{Error, Result};
+
+/// GPT-2. Parameter names follow nanoGPT (`transformer.h.0.attn.c_attn.weight`),
+/// with nn.Linear's (out, in) weight layout.
+#[derive(Debug)]
+pub struct Gpt {
+    pub config: GptConfig,
+    /// (Vp, C): token embedding, also the LM head (tied).
+    pub wte: Param,
+    /// (block_size, C)
+    pub wpe: Param,
+    pub blocks: Vec<Block>,
+    pub ln_f: LayerNorm,
+    dtype: DType,
+    device: Device,
+}
+
+/// Activations of one micro-batch of shape (B, T), allocated once and reused.
+#[derive(Debug)]
+pub struct GptActs {
+    pub b: usize,
+    pub t: usize,
+    /// (B, T) token ids, and (B*T) next-token targets.
+    pub tokens: Tensor,
+    pub targets: Tensor,
+    /// (B, T, C): token + position embedding, the first block's input.
+    pub encoded: Tensor,
+    pub blocks: Vec<BlockActs>,
+    /// (B, T, C) and its stats: the final LayerNorm.
+    pub lnf: Tensor,
+    pub lnf_stats: LayerNormStats,
+    /// (B*T, Vp). After a backward this holds dL/dlogits instead.
+    pub logits: Tensor,
+    /// (B*T) per-position losses.
+    pub losses: Tensor,
+    /// (B, T, C): the residual stream's gradient, flowing down through the blocks.
+    pub dresid: Tensor,
+    /// (B, T, C): gradient into the final LayerNorm's output.
+    pub dlnf: Tensor,
+    pub grads: BlockGrads,
+}
+
+impl GptActs {
+    /// Mean of the per-position losses of the last forward with targets.
+    pub fn mean_loss(&self) -> Result<f64> {
+        Ok(ops::sum(&self.losses)? / self.losses.numel() as f64)
+    }
+}
+
+impl Gpt {
+    /// A model with every parameter zero; call [`Gpt::init`] or load weights.
+    pub fn new(config: GptConfig, dtype: DType, device: Device) -> Result<Self> {
+        config.validate()?;
+        let (c, vp) = (config.n_embd, config.padded_vocab_size());
+        let blocks = (0..config.n_layer)
+            .map(|i| Block::new(&format!("transformer.h.{i}"), c, config.n_head, true, dtype, device))
+            .collect::<trainer_core::Result<_>>()?;
+        Ok(Gpt {
+            wte: Param::zeros("transformer.wte.weight", &[vp, c], dtype, device)?,
+            wpe: Param::zeros("transformer.wpe.weight", &[config.block_size, c], dtype, device)?,
+            blocks,
+            ln_f: LayerNorm::new("transformer.ln_f", c, dtype, device)?,
+            config,
+            dtype,
+            device,
+        })
+    }
+
+    /// GPT-2 initialization: weights N(0, 0.02); the residual output projections
+    /// (attn.c_proj, mlp.c_proj) N(0, 0.02 / sqrt(2 n_layer)) so the residual
+    /// stream's variance does not grow with depth; biases 0; LayerNorm gains 1.
+    /// Padded embedding rows stay 0. Deterministic in `seed`, drawn in parameter order.
+    pub fn init(&mut self, seed: u64) -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let std = 0.02;
+        let proj_std = std / (2.0 * self.config.n_layer as f64).sqrt();
+        let vocab = self.config.vocab_size;
+        for p in self.params_mut() {
+            let name = p.name.clone();
+            if name == "transformer.wte.weight" {
+                init::normal(p, std, Some(vocab), &mut rng)?;
+            } else if name.ends_with("c_proj.weight") {
+                init::normal(p, proj_std, None, &mut rng)?;
+            } else if p.value.rank() == 2 {
+                init::normal(p, std, None, &mut rng)?;
+            } else if name.contains(".ln_") && name.ends_with(".weight") {
+                init::constant(p, 1.0)?;
+            } else {
+                init::constant(p, 0.0)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Activation buffers for micro-batches of (b, t).
+    pub fn new_acts(&self, b: usize, t: usize) -> Result<GptActs> {
+        if t == 0 || t > self.config.block_size {
+            return Err(Error::Config(format!(
+                "sequence length {t} must be between 1 and model.block_size = {}",
+                self.config.block_size
+            )));
+        }
+        let (c, vp, dt, dev) = (self.config.n_embd, self.config.padded_vocab_size(), self.dtype, self.device);
+        Ok(GptActs {
+            b,
+            t,
+            tokens: Tensor::zeros([b, t], DType::U32, dev)?,
+            targets: Tensor::zeros([b * t], DType::U32, dev)?,
+            encoded: Tensor::zeros([b, t, c], dt, dev)?,
+            blocks: self.blocks.iter().map(|blk| blk.new_acts(b, t, dt, dev)).collect::<trainer_core::Result<_>>()?,
+            lnf: Tensor::zeros([b, t, c], dt, dev)?,
+            lnf_stats: LayerNormStats::new(b * t, dt, dev)?,
+            logits: Tensor::zeros([b * t, vp], dt, dev)?,
+            losses: Tensor::zeros([b * t], dt, dev)?,
+            dresid: Tensor::zeros([b, t, c], dt, dev)?,
+            dlnf: Tensor::zeros([b, t, c], dt, dev)?,
+            grads: BlockGrads::new(b, t, c, 4 * c, dt, dev)?,
+        })
+    }
+
+    /// Forward pass: tokens (B*T ids) -> acts.logits. With targets, also the
+    /// per-position losses (acts.losses) and their mean, returned.
+    pub fn forward(&self, acts: &mut GptActs, tokens: &[u32], targets: Option<&[u32]>) -> Result<Option<f64>> {
+        self.forward_to_logits(acts, tokens)?;
+        match targets {
+            None => Ok(None),
+            Some(targets) => {
+                acts.targets.copy_from_slice(targets)?;
+                // Without a gradient scale the logits are left intact.
+                ops::softmax_cross_entropy(
+                    &mut acts.logits,
+                    &mut acts.losses,
+                    &acts.targets,
+                    self.config.vocab_size,
+                    None,
+                )?;
+                Ok(Some(acts.mean_loss()?))
+            }
+        }
+    }
+
+    /// Forward and backward of one micro-batch. The loss is the mean over its B*T
+    /// positions, multiplied by `loss_scale` (1 / grad_accum_steps under gradient
+    /// accumulation). Parameter gradients accumulate; acts.losses holds the
+    /// unscaled per-position losses.
+    pub fn forward_backward(&mut self, acts: &mut GptActs, tokens: &[u32], targets: &[u32], loss_scale: f64) -> Result<()> {
+        self.forward_to_logits(acts, tokens)?;
+        acts.targets.copy_from_slice(targets)?;
+        let grad_scale = loss_scale / (acts.b * acts.t) as f64;
+        // Fused: losses out, and logits overwritten by dL/dlogits.
+        ops::softmax_cross_entropy(
+            &mut acts.logits,
+            &mut acts.losses,
+            &acts.targets,
+            self.config.vocab_size,
+            Some(grad_scale),
+        )?;
+        self.backward(acts)
+    }
+
+    fn forward_to_logits(&self, acts: &mut GptActs, tokens: &[u32]) -> Result<()> {
+        acts.tokens.copy_from_slice(tokens)?;
+        ops::embedding_forward(&mut acts.encoded, &acts.tokens, &self.wte.value, &self.wpe.value)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let (done, rest) = acts.blocks.split_at_mut(i);
+            let x = done.last().map_or(&acts.encoded, |prev| &prev.out);
+            block.forward(x, &mut rest[0])?;
+        }
+        let last = acts.blocks.last().map_or(&acts.encoded, |a| &a.out);
+        self.ln_f.forward(&mut acts.lnf, &mut acts.lnf_stats, last)?;
+        // LM head, tied: logits (B*T, Vp) = lnf (B*T, C) @ wte^T.
+        ops::linear_forward(&mut acts.logits, &acts.lnf, &self.wte.value, None)?;
+        Ok(())
+    }
+
+    /// Backward from dL/dlogits (in acts.logits) down to the embeddings.
+    fn backward(&mut self, acts: &mut GptActs) -> Result<()> {
+        let GptActs { tokens, encoded, blocks, lnf, lnf_stats, logits, dresid, dlnf, grads, .. } = acts;
+        // LM head: dlnf = dlogits @ wte; dwte += dlogits^T @ lnf.
+        ops::linear_backward(dlnf, &mut self.wte.grad, None, logits, lnf, &self.wte.value)?;
+        // The residual stream's gradient starts at zero and collects every branch.
+        ops::zero(dresid)?;
+        let last = blocks.last().map_or(&*encoded, |a| &a.out);
+        self.ln_f.backward(dresid, dlnf, last, lnf_stats)?;
+        for i in (0..self.blocks.len()).rev() {
+            let x = if i == 0 { &*encoded } else { &blocks[i - 1].out };
+            self.blocks[i].backward(dresid, x, &blocks[i], grads)?;
+        }
+        ops::embedding_backward(&mut self.wte.grad, &mut self.wpe.grad, dresid, tokens)?;
+        Ok(())
+    }
+
+    /// Writes every parameter (host copies) and the config (as metadata) to a
+    /// safetensors file, atomically.
+    pub fn save_weights(&self, path: &Path) -> Result<()> {
+        let params = self.params();
+        let named: Vec<(&str, &Tensor)> = params.iter().map(|p| (p.name.as_str(), &p.value)).collect();
+        let config = serde_json::to_string(&self.config).map_err(|e| Error::Config(e.to_string()))?;
+        let meta = BTreeMap::from([("gpt_config".to_string(), config)]);
+        io::save(path, &named, Some(meta))?;
+        Ok(())
+    }
+
+    /// The config stored in a weights file by [`Gpt::save_weights`].
+    pub fn config_from_weights(path: &Path) -> Result<GptConfig> {
+        let loaded = io::load(path)?;
+        let raw = loaded.metadata.get("gpt_config").ok_or_else(|| Error::Weights {
+            path: path.display().to_string(),
+            msg: "no gpt_config metadata: not a weights file written by trainer".into(),
+        })?;
+        serde_json::from_str(raw).map_err(|e| Error::Weights { path: path.display().to_string(), msg: e.to_string() })
+    }
+
+    /// Loads every parameter by name; names, shapes and the parameter set must
+    /// match exactly, and nothing is changed unless all of them do.
+    pub fn load_weights(&mut self, path: &Path) -> Result<()> {
+        let mut loaded = io::load(path)?;
+        let err = |msg: String| Error::Weights { path: path.display().to_string(), msg };
+        let mut staged = Vec::new();
+        for p in self.params() {
+            let t = loaded.take(path, &p.name)?;
+            if t.dims() != p.value.dims() {
+                return Err(err(format!(
+                    "tensor {} has shape {} but this model needs {}",
+                    p.name,
+                    t.shape(),
+                    p.value.shape()
+                )));
+            }
+            if !t.dtype().is_float() {
+                return Err(err(format!("tensor {} has dtype {}, expected a float", p.name, t.dtype())));
+            }
+            staged.push(t.to_dtype(self.dtype)?);
+        }
+        if let Some(extra) = loaded.tensors.keys().next() {
+            return Err(err(format!("tensor {extra} is not a parameter of this model")));
+        }
+        for (p, t) in self.params_mut().into_iter().zip(staged) {
+            ops::copy(&mut p.value, &t)?;
+        }
+        Ok(())
+    }
+}
+
+impl Module for Gpt {
+    fn params(&self) -> Vec<&Param> {
+        let mut p = vec![&self.wte, &self.wpe];
+        for b in &self.blocks {
+            p.extend(b.params());
+        }
+        p.extend(self.ln_f.params());
+        p
+    }
+
+    fn params_mut(&mut self) -> Vec<&mut Param> {
+        let mut p = vec![&mut self.wte, &mut self.wpe];
+        for b in &mut self.blocks {
+            p.extend(b.params_mut());
+        }
+        p.extend(self.ln_f.params_mut());
+        p
+    }
+}

@@ -1,0 +1,39 @@
+use trainer_core::{DType, Device, Result, Tensor, ops};
+
+use crate::{Module, Param};
+
+/// y = x W^T + b, with W (out, in) as in PyTorch's nn.Linear.
+#[derive(Debug)]
+pub struct Linear {
+    pub weight: Param,
+    pub bias: Option<Param>,
+}
+
+impl Linear {
+    pub fn new(name: &str, inp: usize, out: usize, bias: bool, dtype: DType, device: Device) -> Result<Self> {
+        Ok(Linear {
+            weight: Param::zeros(format!("{name}.weight"), &[out, inp], dtype, device)?,
+            bias: if bias { Some(Param::zeros(format!("{name}.bias"), &[out], dtype, device)?) } else { None },
+        })
+    }
+
+    /// out (N, out) = inp (N, in) @ W^T + b.
+    pub fn forward(&self, out: &mut Tensor, inp: &Tensor) -> Result<()> {
+        ops::linear_forward(out, inp, &self.weight.value, self.bias.as_ref().map(|b| &b.value))
+    }
+
+    /// dinp (N, in) overwritten; dW and db accumulate.
+    pub fn backward(&mut self, dinp: &mut Tensor, dout: &Tensor, inp: &Tensor) -> Result<()> {
+        let dbias = self.bias.as_mut().map(|b| &mut b.grad);
+        ops::linear_backward(dinp, &mut self.weight.grad, dbias, dout, inp, &self.weight.value)
+    }
+}
+
+impl Module for Linear {
+    fn params(&self) -> Vec<&Param> {
+        std::iter::once(&self.weight).chain(&self.bias).collect()
+    }
+    fn params_mut(&mut self) -> Vec<&mut Param> {
+        std::iter::once(&mut self.weight).chain(&mut self.bias).collect()
+    }
+}

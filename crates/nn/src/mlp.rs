@@ -1,0 +1,68 @@
+use trainer_core::{DType, Device, Result, Tensor, ops};
+
+use crate::{Linear, Module, Param};
+
+/// The transformer MLP: (C) -> (4C) -> GELU(tanh) -> (C).
+#[derive(Debug)]
+pub struct Mlp {
+    pub c_fc: Linear,
+    pub c_proj: Linear,
+}
+
+/// Saved by the forward: the pre-activation (for GELU's backward) and the activation.
+#[derive(Debug)]
+pub struct MlpActs {
+    /// (B, T, 4C)
+    pub fc: Tensor,
+    /// (B, T, 4C)
+    pub fc_gelu: Tensor,
+}
+
+impl MlpActs {
+    pub fn new(b: usize, t: usize, hidden: usize, dtype: DType, device: Device) -> Result<Self> {
+        Ok(MlpActs { fc: Tensor::zeros([b, t, hidden], dtype, device)?, fc_gelu: Tensor::zeros([b, t, hidden], dtype, device)? })
+    }
+}
+
+impl Mlp {
+    pub fn new(name: &str, c: usize, hidden: usize, dtype: DType, device: Device) -> Result<Self> {
+        Ok(Mlp {
+            c_fc: Linear::new(&format!("{name}.c_fc"), c, hidden, true, dtype, device)?,
+            c_proj: Linear::new(&format!("{name}.c_proj"), hidden, c, true, dtype, device)?,
+        })
+    }
+
+    pub fn forward(&self, out: &mut Tensor, inp: &Tensor, acts: &mut MlpActs) -> Result<()> {
+        self.c_fc.forward(&mut acts.fc, inp)?;
+        ops::gelu_forward(&mut acts.fc_gelu, &acts.fc)?;
+        self.c_proj.forward(out, &acts.fc_gelu)
+    }
+
+    /// dinp (B, T, C) overwritten; `dgelu` and `dfc` (B, T, 4C) are scratch.
+    pub fn backward(
+        &mut self,
+        dinp: &mut Tensor,
+        dout: &Tensor,
+        inp: &Tensor,
+        acts: &MlpActs,
+        dgelu: &mut Tensor,
+        dfc: &mut Tensor,
+    ) -> Result<()> {
+        self.c_proj.backward(dgelu, dout, &acts.fc_gelu)?;
+        ops::gelu_backward(dfc, &acts.fc, dgelu)?;
+        self.c_fc.backward(dinp, dfc, inp)
+    }
+}
+
+impl Module for Mlp {
+    fn params(&self) -> Vec<&Param> {
+        let mut p = self.c_fc.params();
+        p.extend(self.c_proj.params());
+        p
+    }
+    fn params_mut(&mut self) -> Vec<&mut Param> {
+        let mut p = self.c_fc.params_mut();
+        p.extend(self.c_proj.params_mut());
+        p
+    }
+}
