@@ -28,8 +28,8 @@ pub enum Error {
     #[error("safetensors file {path}: {msg}")]
     SafeTensors { path: String, msg: String },
 
-    #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    #[error("{path}: {err}")]
+    Io { path: String, err: std::io::Error },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -20,8 +20,8 @@ fn st_dtype(d: DType) -> StDtype {
     }
 }
 
-fn io_err(path: &Path, source: std::io::Error) -> Error {
-    Error::Io { path: path.display().to_string(), source }
+fn io_err(path: &Path, err: std::io::Error) -> Error {
+    Error::Io { path: path.display().to_string(), err }
 }
 
 fn st_err(path: &Path, msg: impl std::fmt::Display) -> Error {

@@ -17,8 +17,8 @@ pub use tokenizer::Tokenizer;
 /// Errors of the data layer; each names the file (and line or token) at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    #[error("{path}: {err}")]
+    Io { path: String, err: std::io::Error },
 
     #[error("shard {path}: {msg}")]
     Shard { path: String, msg: String },
@@ -35,8 +35,8 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-pub(crate) fn io_err(path: &Path, source: std::io::Error) -> Error {
-    Error::Io { path: path.display().to_string(), source }
+pub(crate) fn io_err(path: &Path, err: std::io::Error) -> Error {
+    Error::Io { path: path.display().to_string(), err }
 }
 
 /// The files matching a glob pattern, sorted; an error if there are none.

@@ -1,1 +1,37 @@
+//! The training job: configuration, the loop, evaluation and metrics.
+//! The trainer composes a model, data loaders and an optimizer; it knows which
+//! device to use but nothing of how ops run there.
 
+pub mod config;
+mod eval;
+mod metrics;
+mod trainer;
+
+pub use config::Config;
+pub use eval::{EvalReport, evaluate, evaluate_weights};
+pub use metrics::{Metrics, Value};
+pub use trainer::{TrainSummary, train};
+
+/// Errors of a training job, each a complete sentence naming the file or key.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("config {file}: {msg}")]
+    Config { file: String, msg: String },
+
+    #[error(transparent)]
+    Core(#[from] trainer_core::Error),
+
+    #[error(transparent)]
+    Model(#[from] trainer_models::Error),
+
+    #[error("{context}: {err}")]
+    Data { context: String, err: trainer_data::Error },
+
+    #[error("{path}: {err}")]
+    Io { path: String, err: std::io::Error },
+
+    #[error("{0}")]
+    Diverged(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,377 @@
+//! The job configuration: TOML with the sections of DESIGN.md, unknown keys
+//! refused, `--set section.key=value` overrides, and a validation step whose
+//! errors name the key, the value and what is allowed.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use trainer_models::gpt::{GptConfig, PRESETS};
+
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the config came from, for error messages.
+    #[serde(skip)]
+    pub file: String,
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    #[serde(default)]
+    pub training: TrainingConfig,
+    #[serde(default)]
+    pub optimizer: OptimizerConfig,
+    #[serde(default)]
+    pub lr_schedule: LrScheduleConfig,
+    #[serde(default)]
+    pub logging: LoggingConfig,
+    #[serde(default)]
+    pub eval: EvalConfig,
+}
+
+/// A preset, optionally with fields overridden, or every size field given.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub preset: Option<String>,
+    pub vocab_size: Option<usize>,
+    pub block_size: Option<usize>,
+    pub n_layer: Option<usize>,
+    pub n_head: Option<usize>,
+    pub n_embd: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Glob pattern of training shards, e.g. "data/kjv/shards/train_*.bin".
+    pub train: String,
+    /// Glob pattern of validation shards; no evaluation without it.
+    pub val: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    Fp32,
+    Bf16,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainingConfig {
+    pub device: DeviceKind,
+    pub dtype: Precision,
+    pub micro_batch_size: usize,
+    pub seq_len: usize,
+    pub grad_accum_steps: usize,
+    pub max_steps: u64,
+    pub seed: u64,
+    /// Global gradient-norm clipping threshold; 0 disables clipping.
+    pub grad_clip: f64,
+    /// CPU worker threads; 0 uses every core.
+    pub cpu_threads: usize,
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        TrainingConfig {
+            device: DeviceKind::Cpu,
+            dtype: Precision::Fp32,
+            micro_batch_size: 8,
+            seq_len: 1024,
+            grad_accum_steps: 1,
+            max_steps: 1000,
+            seed: 1337,
+            grad_clip: 1.0,
+            cpu_threads: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimizerConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        OptimizerConfig { lr: 6e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecayKind {
+    Cosine,
+    Linear,
+    Constant,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LrScheduleConfig {
+    pub kind: DecayKind,
+    pub warmup_steps: u64,
+    /// The rate decays to min_lr_ratio * optimizer.lr.
+    pub min_lr_ratio: f64,
+}
+
+impl Default for LrScheduleConfig {
+    fn default() -> Self {
+        LrScheduleConfig { kind: DecayKind::Cosine, warmup_steps: 0, min_lr_ratio: 0.1 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    /// Print and record a metrics line every this many steps (and the last step).
+    pub interval: u64,
+    /// Where metrics.jsonl and the final weights go.
+    pub run_dir: String,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig { interval: 1, run_dir: "runs/default".into() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Evaluate every this many steps; 0 only at the end.
+    pub interval: u64,
+    /// Validation batches per evaluation (fixed: the same batches every time).
+    pub batches: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig { interval: 250, batches: 20 }
+    }
+}
+
+/// The config as a table, with `section.key=value` overrides applied. Values are
+/// read as TOML (numbers, booleans, quoted strings); anything else as a string.
+fn apply_override(table: &mut toml::Table, spec: &str, file: &str) -> Result<()> {
+    let err = |msg: String| Error::Config { file: file.to_string(), msg };
+    let Some((key, raw)) = spec.split_once('=') else {
+        return Err(err(format!("--set {spec}: expected section.key=value")));
+    };
+    let Some((section, field)) = key.trim().split_once('.') else {
+        return Err(err(format!("--set {spec}: the key must be section.key, e.g. training.max_steps")));
+    };
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let entry = table.entry(section.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let toml::Value::Table(sec) = entry else {
+        return Err(err(format!("--set {spec}: {section} is not a section")));
+    };
+    sec.insert(field.to_string(), value);
+    Ok(())
+}
+
+/// "line L, column C" of a byte offset in `src`.
+fn line_col(src: &str, offset: usize) -> (usize, usize) {
+    let before = &src[..offset.min(src.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+impl Config {
+    /// Reads, overrides, deserializes and validates a config file.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
+        let file = path.display().to_string();
+        let src = std::fs::read_to_string(path).map_err(|e| Error::Config { file: file.clone(), msg: e.to_string() })?;
+        Self::from_toml(&src, &file, overrides)
+    }
+
+    /// `file` names the source in error messages.
+    pub fn from_toml(src: &str, file: &str, overrides: &[String]) -> Result<Config> {
+        let err = |msg: String| Error::Config { file: file.to_string(), msg };
+        let mut table: toml::Table = toml::from_str(src).map_err(|e| {
+            let at = e.span().map(|s| line_col(src, s.start));
+            let msg = e.message().trim().replace('\n', " ");
+            match at {
+                Some((l, c)) => err(format!("invalid TOML at line {l}, column {c}: {msg}")),
+                None => err(format!("invalid TOML: {msg}")),
+            }
+        })?;
+        for o in overrides {
+            apply_override(&mut table, o, file)?;
+        }
+        let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let path = e.path().to_string();
+            let mut inner = e.into_inner().to_string().replace('\n', " ").trim_end().to_string();
+            // toml repeats the key as a trailing " in `a.b`"; the path already says it.
+            if let Some(i) = inner.rfind(" in `").filter(|_| inner.ends_with('`')) {
+                inner.truncate(i);
+            }
+            if path == "." { err(inner) } else { err(format!("{path}: {inner}")) }
+        })?;
+        config.validate().map_err(err)?;
+        config.file = file.to_string();
+        Ok(config)
+    }
+
+    /// An error about this config (the message names the key).
+    pub fn error(&self, msg: impl Into<String>) -> Error {
+        Error::Config { file: self.file.clone(), msg: msg.into() }
+    }
+
+    /// The resolved model shape.
+    pub fn gpt(&self) -> std::result::Result<GptConfig, String> {
+        let m = &self.model;
+        let mut g = match &m.preset {
+            Some(name) => GptConfig::preset(name).ok_or_else(|| {
+                let names: Vec<&str> = PRESETS.iter().map(|p| p.0).collect();
+                format!("model.preset = \"{name}\" is not a preset; allowed: {}", names.join(", "))
+            })?,
+            None => {
+                let need = |k: &str, v: Option<usize>| v.ok_or(format!("model.{k} is required when model.preset is not set"));
+                GptConfig {
+                    vocab_size: 50257,
+                    block_size: 1024,
+                    n_layer: need("n_layer", m.n_layer)?,
+                    n_head: need("n_head", m.n_head)?,
+                    n_embd: need("n_embd", m.n_embd)?,
+                }
+            }
+        };
+        g.vocab_size = m.vocab_size.unwrap_or(g.vocab_size);
+        g.block_size = m.block_size.unwrap_or(g.block_size);
+        g.n_layer = m.n_layer.unwrap_or(g.n_layer);
+        g.n_head = m.n_head.unwrap_or(g.n_head);
+        g.n_embd = m.n_embd.unwrap_or(g.n_embd);
+        g.validate().map_err(|e| e.to_string().trim_start_matches("model config: ").to_string())?;
+        Ok(g)
+    }
+
+    /// Range checks that the types cannot express. Each message names the key,
+    /// the value given and what is allowed.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let g = self.gpt()?;
+        let t = &self.training;
+        let at_least_1 = |k: &str, v: u64| if v >= 1 { Ok(()) } else { Err(format!("{k} = {v}: must be at least 1")) };
+        at_least_1("training.micro_batch_size", t.micro_batch_size as u64)?;
+        at_least_1("training.seq_len", t.seq_len as u64)?;
+        at_least_1("training.grad_accum_steps", t.grad_accum_steps as u64)?;
+        at_least_1("training.max_steps", t.max_steps)?;
+        at_least_1("logging.interval", self.logging.interval)?;
+        at_least_1("eval.batches", self.eval.batches as u64)?;
+        if t.seq_len > g.block_size {
+            return Err(format!(
+                "training.seq_len = {}: must not exceed the model's block_size ({})",
+                t.seq_len, g.block_size
+            ));
+        }
+        if t.dtype == Precision::Bf16 && t.device == DeviceKind::Cpu {
+            return Err("training.dtype = \"bf16\": bf16 compute needs training.device = \"cuda\"; use \"fp32\" on cpu".into());
+        }
+        let finite_nonneg = |k: &str, v: f64| {
+            if v.is_finite() && v >= 0.0 { Ok(()) } else { Err(format!("{k} = {v}: must be a finite number >= 0")) }
+        };
+        finite_nonneg("training.grad_clip", t.grad_clip)?;
+        let o = &self.optimizer;
+        if !(o.lr.is_finite() && o.lr > 0.0) {
+            return Err(format!("optimizer.lr = {}: must be a finite number > 0", o.lr));
+        }
+        for (k, v) in [("optimizer.beta1", o.beta1), ("optimizer.beta2", o.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(format!("{k} = {v}: must be in [0, 1)"));
+            }
+        }
+        if !(o.eps.is_finite() && o.eps > 0.0) {
+            return Err(format!("optimizer.eps = {}: must be a finite number > 0", o.eps));
+        }
+        finite_nonneg("optimizer.weight_decay", o.weight_decay)?;
+        let r = self.lr_schedule.min_lr_ratio;
+        if !(0.0..=1.0).contains(&r) {
+            return Err(format!("lr_schedule.min_lr_ratio = {r}: must be in [0, 1]"));
+        }
+        if self.data.train.trim().is_empty() {
+            return Err("data.train is empty: give a glob pattern of training shards".into());
+        }
+        if self.logging.run_dir.trim().is_empty() {
+            return Err("logging.run_dir is empty: give a directory for metrics and weights".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[model]
+preset = "test"
+[data]
+train = "x/train_*.bin"
+"#;
+
+    fn load(extra: &str, overrides: &[&str]) -> std::result::Result<Config, String> {
+        let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        Config::from_toml(&format!("{BASE}{extra}"), "t.toml", &o).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = load("[training]\nseq_len = 16\n", &["training.max_steps=50", "optimizer.lr=3e-4", "logging.run_dir=runs/x"])
+            .unwrap();
+        assert_eq!(c.training.max_steps, 50);
+        assert_eq!(c.optimizer.lr, 3e-4);
+        assert_eq!(c.logging.run_dir, "runs/x");
+        assert_eq!(c.training.seq_len, 16);
+        assert_eq!(c.gpt().unwrap().n_embd, 32);
+    }
+
+    #[test]
+    fn errors_name_the_key_and_what_is_allowed() {
+        let cases: &[(&str, &[&str], &[&str])] = &[
+            ("[training]\nlr = 1\n", &[], &["t.toml", "training", "lr"]),
+            ("", &["training.micro_batch_size=0"], &["training.micro_batch_size = 0", "at least 1"]),
+            ("", &["optimizer.lr=-1"], &["optimizer.lr = -1", "> 0"]),
+            ("", &["training.device=\"gpu\""], &["training.device", "cpu", "cuda"]),
+            ("", &["training.seq_len=\"long\""], &["training.seq_len", "string"]),
+            ("", &["model.preset=\"huge\""], &["model.preset", "gpt2-124m"]),
+            ("", &["training.dtype=\"bf16\""], &["training.dtype", "cuda"]),
+            ("", &["training.seq_len=4096"], &["training.seq_len = 4096", "block_size"]),
+            ("", &["model.n_head=5"], &["model.n_embd", "model.n_head"]),
+            ("", &["nosection"], &["section.key"]),
+            ("[bogus]\nx = 1\n", &[], &["bogus"]),
+            ("[training\n", &[], &["line", "column"]),
+        ];
+        for (extra, overrides, needles) in cases {
+            let e = load(extra, overrides).unwrap_err();
+            assert!(!e.contains('\n'), "one line: {e}");
+            for n in *needles {
+                assert!(e.contains(n), "{extra:?} {overrides:?}: {e:?} lacks {n:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn explicit_model_needs_every_size() {
+        let src = "[model]\nn_layer = 2\nn_head = 2\n[data]\ntrain = \"x\"\n";
+        let e = Config::from_toml(src, "m.toml", &[]).unwrap_err().to_string();
+        assert!(e.contains("model.n_embd is required"), "{e}");
+    }
+}

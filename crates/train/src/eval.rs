@@ -1,0 +1,48 @@
+use std::path::Path;
+
+use trainer_core::Device;
+use trainer_data::BatchLoader;
+use trainer_models::gpt::{Gpt, GptActs};
+
+use crate::config::Config;
+use crate::trainer::{check_device, compute_dtype, device_of, open_loader};
+use crate::Result;
+
+#[derive(Debug, Clone, Copy)]
+pub struct EvalReport {
+    pub loss: f64,
+    pub perplexity: f64,
+    pub batches: usize,
+    pub tokens: usize,
+}
+
+/// Mean loss over the first `batches` validation batches (always the same ones).
+pub fn evaluate(model: &Gpt, acts: &mut GptActs, loader: &mut BatchLoader, batches: usize) -> Result<EvalReport> {
+    let n = batches.min(loader.batches_per_epoch());
+    let span = acts.b * acts.t;
+    let (mut x, mut y) = (vec![0u32; span], vec![0u32; span]);
+    loader.reset();
+    let mut sum = 0.0;
+    for _ in 0..n {
+        loader.next_batch(&mut x, &mut y);
+        sum += model.forward(acts, &x, Some(&y))?.unwrap_or(f64::NAN);
+    }
+    let loss = sum / n as f64;
+    Ok(EvalReport { loss, perplexity: loss.exp(), batches: n, tokens: n * span })
+}
+
+/// `trainer eval`: the model in `weights` (its shape comes from the file) on the
+/// config's validation data.
+pub fn evaluate_weights(cfg: &Config, weights: &Path) -> Result<EvalReport> {
+    check_device(cfg)?;
+    let gpt = Gpt::config_from_weights(weights)?;
+    let device: Device = device_of(cfg);
+    let mut model = Gpt::new(gpt, compute_dtype(cfg), device)?;
+    model.load_weights(weights)?;
+    let pattern =
+        cfg.data.val.as_deref().ok_or_else(|| cfg.error("data.val is not set: evaluation needs validation shards"))?;
+    let (b, t) = (cfg.training.micro_batch_size, cfg.training.seq_len);
+    let mut loader = open_loader("data.val", pattern, model.config.vocab_size, b, t, cfg.training.seed, false)?;
+    let mut acts = model.new_acts(b, t)?;
+    evaluate(&model, &mut acts, &mut loader, cfg.eval.batches)
+}
