@@ -3,6 +3,8 @@
 //! give one clear `error:` line naming the file or key, a non-zero exit, and
 //! never a panic.
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -49,10 +51,8 @@ impl Workspace {
         let text = fs::read_to_string(repo_root().join("data/kjv/kjv.txt")).unwrap();
         let cut = text.char_indices().nth(120_000).map_or(text.len(), |(i, _)| i);
         fs::write(dir.path().join("corpus.txt"), &text[..cut]).unwrap();
-        let o = trainer(
-            &["prepare", "--input", "corpus.txt", "--output", "shards", "--val-tokens", "4096"],
-            dir.path(),
-        );
+        let o =
+            trainer(&["prepare", "--input", "corpus.txt", "--output", "shards", "--val-tokens", "4096"], dir.path());
         assert!(o.status.success(), "prepare failed: {}", stderr(&o));
         fs::write(
             dir.path().join("job.toml"),
@@ -171,7 +171,8 @@ fn malformed_config_file() {
 #[test]
 fn unknown_key() {
     let ws = Workspace::new();
-    let text = fs::read_to_string(ws.path().join("job.toml")).unwrap().replace("seed = 7", "seed = 7\nlearning_rate = 1");
+    let text =
+        fs::read_to_string(ws.path().join("job.toml")).unwrap().replace("seed = 7", "seed = 7\nlearning_rate = 1");
     fs::write(ws.path().join("typo.toml"), text).unwrap();
     assert_one_line_error(&ws.run(&["--config", "typo.toml"]), &["typo.toml", "training.learning_rate", "max_steps"]);
     assert_one_line_error(&ws.run(&["--config", "job.toml", "--set", "optimizer.lrr=1"]), &["optimizer.lrr"]);
@@ -213,10 +214,15 @@ fn corrupt_case(ws: &Workspace, name: &str, mutate: impl FnOnce(&mut Vec<u8>), n
 #[test]
 fn empty_shard() {
     let ws = Workspace::new();
-    corrupt_case(&ws, "empty.bin", |b| {
-        b.truncate(1024);
-        b[8..12].copy_from_slice(&0i32.to_le_bytes());
-    }, &["no tokens"]);
+    corrupt_case(
+        &ws,
+        "empty.bin",
+        |b| {
+            b.truncate(1024);
+            b[8..12].copy_from_slice(&0i32.to_le_bytes());
+        },
+        &["no tokens"],
+    );
 }
 
 #[test]
@@ -227,10 +233,12 @@ fn corrupt_shards() {
     corrupt_case(&ws, "short.bin", |b| b.truncate(100), &["header"]);
     corrupt_case(&ws, "version.bin", |b| b[4] = 9, &["version 9"]);
     // A token id beyond GPT-2's 50257: position 5 gets 60000.
-    corrupt_case(&ws, "vocab.bin", |b| b[1024 + 10..1024 + 12].copy_from_slice(&60000u16.to_le_bytes()), &[
-        "token 60000 at position 5",
-        "50257",
-    ]);
+    corrupt_case(
+        &ws,
+        "vocab.bin",
+        |b| b[1024 + 10..1024 + 12].copy_from_slice(&60000u16.to_le_bytes()),
+        &["token 60000 at position 5", "50257"],
+    );
 }
 
 #[test]
@@ -244,10 +252,10 @@ fn gpu_requested_without_gpu() {
 fn prepare_bad_input() {
     let ws = Workspace::new();
     fs::write(ws.path().join("docs.jsonl"), "{\"text\": \"fine\"}\n{\"txt\": \"oops\"}\n").unwrap();
-    assert_one_line_error(&ws.run(&["prepare", "--input", "docs.jsonl", "--output", "o", "--val-tokens", "1"]), &[
-        "docs.jsonl:2",
-        "\"text\"",
-    ]);
+    assert_one_line_error(
+        &ws.run(&["prepare", "--input", "docs.jsonl", "--output", "o", "--val-tokens", "1"]),
+        &["docs.jsonl:2", "\"text\""],
+    );
     assert_one_line_error(&ws.run(&["prepare", "--input", "missing.txt", "--output", "o"]), &["missing.txt"]);
     assert_one_line_error(
         &ws.run(&["prepare", "--input", "corpus.txt", "--output", "o2", "--tokenizer", "nope.json"]),
@@ -259,7 +267,8 @@ fn prepare_bad_input() {
 fn eval_with_wrong_weights() {
     let ws = Workspace::new();
     fs::write(ws.path().join("junk.safetensors"), b"not a safetensors file").unwrap();
-    assert_one_line_error(&ws.run(&["eval", "--config", "job.toml", "--weights", "junk.safetensors"]), &[
-        "junk.safetensors",
-    ]);
+    assert_one_line_error(
+        &ws.run(&["eval", "--config", "job.toml", "--weights", "junk.safetensors"]),
+        &["junk.safetensors"],
+    );
 }

@@ -180,7 +180,17 @@ pub fn matmul(out: &mut Tensor, a: &Tensor, b: &Tensor, trans_a: bool, trans_b: 
         });
     }
     float_dispatch!(OP, out, |F| {
-        cpu::matmul::matmul::<F>(out.as_mut_slice()?, a.as_slice()?, b.as_slice()?, m, n, k, trans_a, trans_b, accumulate);
+        cpu::matmul::matmul::<F>(
+            out.as_mut_slice()?,
+            a.as_slice()?,
+            b.as_slice()?,
+            m,
+            n,
+            k,
+            trans_a,
+            trans_b,
+            accumulate,
+        );
         Ok(())
     })
 }
@@ -337,7 +347,12 @@ pub fn gelu_backward(dinp: &mut Tensor, inp: &Tensor, dout: &Tensor) -> Result<(
 
 // ---------------------------------------------------------------- attention
 
-fn attention_dims(op: &'static str, qkv: &Tensor, n_head: usize, causal: bool) -> Result<(usize, cpu::attention::Dims)> {
+fn attention_dims(
+    op: &'static str,
+    qkv: &Tensor,
+    n_head: usize,
+    causal: bool,
+) -> Result<(usize, cpu::attention::Dims)> {
     let [b, t, c3] = qkv.dims() else {
         return Err(Error::Shape { op, msg: format!("qkv must be (B, T, 3C), got {}", qkv.shape()) });
     };

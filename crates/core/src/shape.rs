@@ -41,7 +41,7 @@ impl Shape {
     /// The tensor seen as a matrix: (product of all leading dims, last dim).
     pub fn as_rows_cols(&self) -> (usize, usize) {
         let cols = self.last_dim();
-        let rows = if cols == 0 { 0 } else { self.numel() / cols };
+        let rows = self.numel().checked_div(cols).unwrap_or(0);
         (rows, cols)
     }
 }

@@ -13,10 +13,9 @@ pub struct Tensor {
 fn storage_for(device: Device, cpu: CpuStorage) -> Result<Storage> {
     match device {
         Device::Cpu => Ok(Storage::Cpu(cpu)),
-        Device::Cuda(_) => Err(Error::DeviceUnavailable {
-            device,
-            reason: "this build has no CUDA backend yet".into(),
-        }),
+        Device::Cuda(_) => {
+            Err(Error::DeviceUnavailable { device, reason: "this build has no CUDA backend yet".into() })
+        }
     }
 }
 
@@ -130,10 +129,9 @@ impl Tensor {
     /// A new tensor with every element converted to `dtype`.
     pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
         match &self.storage {
-            Storage::Cpu(s) => Ok(Tensor {
-                storage: Storage::Cpu(CpuStorage::from_cast(dtype, s)),
-                shape: self.shape.clone(),
-            }),
+            Storage::Cpu(s) => {
+                Ok(Tensor { storage: Storage::Cpu(CpuStorage::from_cast(dtype, s)), shape: self.shape.clone() })
+            }
         }
     }
 

@@ -8,6 +8,8 @@
 //! rounding ~ 1e-16 / h ~ 1e-11, so 1e-7 (relative to max(1, |grad|)) leaves a wide
 //! margin while still catching any wrong term (those are O(1)).
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use trainer_core::ops::{self, AdamWHyper};
@@ -39,15 +41,15 @@ fn check(name: &str, x: &Tensor, analytic: &Tensor, loss: impl Fn(&Tensor) -> f6
     assert_eq!(x.dims(), analytic.dims(), "{name}: gradient shape");
     let a = analytic.as_slice::<f64>().unwrap();
     let mut worst = 0.0f64;
-    for i in 0..x.numel() {
+    for (i, &ai) in a.iter().enumerate() {
         let mut xp = x.clone();
         xp.as_mut_slice::<f64>().unwrap()[i] += H;
         let mut xm = x.clone();
         xm.as_mut_slice::<f64>().unwrap()[i] -= H;
         let numeric = (loss(&xp) - loss(&xm)) / (2.0 * H);
-        let err = (a[i] - numeric).abs() / numeric.abs().max(1.0);
+        let err = (ai - numeric).abs() / numeric.abs().max(1.0);
         worst = worst.max(err);
-        assert!(err < TOL, "{name}[{i}]: analytic {} vs numeric {numeric} (rel err {err:e})", a[i]);
+        assert!(err < TOL, "{name}[{i}]: analytic {ai} vs numeric {numeric} (rel err {err:e})");
     }
     eprintln!("{name}: max rel err {worst:e} over {} elements", x.numel());
 }
@@ -56,7 +58,8 @@ fn check(name: &str, x: &Tensor, analytic: &Tensor, loss: impl Fn(&Tensor) -> f6
 fn linear_backward_matches_finite_differences() {
     let mut r = rng(1);
     let (n, c, oc) = (7, 5, 6);
-    let (x, w, b, dy) = (randn(&mut r, &[n, c]), randn(&mut r, &[oc, c]), randn(&mut r, &[oc]), randn(&mut r, &[n, oc]));
+    let (x, w, b, dy) =
+        (randn(&mut r, &[n, c]), randn(&mut r, &[oc, c]), randn(&mut r, &[oc]), randn(&mut r, &[n, oc]));
     let fwd = |x: &Tensor, w: &Tensor, b: &Tensor| {
         let mut y = zeros(&[n, oc]);
         ops::linear_forward(&mut y, x, w, Some(b)).unwrap();
@@ -240,15 +243,8 @@ fn adamw_matches_scalar_reference() {
     let n = 9;
     let (mut p, g) = (randn(&mut r, &[n]), randn(&mut r, &[n]));
     let (mut m, mut v) = (zeros(&[n]), zeros(&[n]));
-    let h = |step| AdamWHyper {
-        lr: 0.01,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-        step,
-        grad_scale: 0.5,
-    };
+    let h =
+        |step| AdamWHyper { lr: 0.01, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step, grad_scale: 0.5 };
     let (mut rp, mut rm, mut rv) = (p.to_vec_f64(), vec![0.0; n], vec![0.0; n]);
     for step in 1..=3u64 {
         ops::adamw_update(&mut p, &g, &mut m, &mut v, h(step)).unwrap();
@@ -277,7 +273,8 @@ fn f32_ops_agree_with_f64() {
     let run = |dt| {
         let (x, w, b) = (x.to_dtype(dt).unwrap(), w.to_dtype(dt).unwrap(), b.to_dtype(dt).unwrap());
         let mut y = Tensor::zeros([4, 9], dt, Device::Cpu).unwrap();
-        let (mut m, mut s) = (Tensor::zeros([4], dt, Device::Cpu).unwrap(), Tensor::zeros([4], dt, Device::Cpu).unwrap());
+        let (mut m, mut s) =
+            (Tensor::zeros([4], dt, Device::Cpu).unwrap(), Tensor::zeros([4], dt, Device::Cpu).unwrap());
         ops::layernorm_forward(&mut y, &mut m, &mut s, &x, &w, &b, 1e-5).unwrap();
         y.to_vec_f64()
     };

@@ -42,7 +42,15 @@ pub struct BatchLoader {
 impl BatchLoader {
     /// Shards are used in the order given. `shuffle = false` reads windows in
     /// file order (validation).
-    pub fn new(shards: Vec<Shard>, b: usize, t: usize, seed: u64, shuffle: bool, rank: usize, world: usize) -> Result<Self> {
+    pub fn new(
+        shards: Vec<Shard>,
+        b: usize,
+        t: usize,
+        seed: u64,
+        shuffle: bool,
+        rank: usize,
+        world: usize,
+    ) -> Result<Self> {
         if b == 0 || t == 0 || world == 0 || rank >= world {
             return Err(Error::Invalid(format!("bad loader shape b={b} t={t} rank={rank} world={world}")));
         }

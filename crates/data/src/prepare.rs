@@ -219,7 +219,8 @@ impl<'a> ShardWriter<'a> {
         if buf.is_empty() {
             return Ok(());
         }
-        let index = self.files.iter().filter(|f| f.file_name().is_some_and(|n| n.to_string_lossy().starts_with(kind))).count();
+        let index =
+            self.files.iter().filter(|f| f.file_name().is_some_and(|n| n.to_string_lossy().starts_with(kind))).count();
         let path = self.opts.output_dir.join(format!("{kind}_{index:06}.bin"));
         write_shard(&path, buf)?;
         buf.clear();

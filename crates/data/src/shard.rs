@@ -32,8 +32,10 @@ pub fn write_shard(path: &Path, tokens: &[u32]) -> Result<()> {
     let mut header = [0i32; HEADER_BYTES / 4];
     header[0] = MAGIC;
     header[1] = if wide { VERSION_U32 } else { VERSION_U16 };
-    header[2] = i32::try_from(tokens.len())
-        .map_err(|_| Error::Shard { path: path.display().to_string(), msg: "more than 2^31 tokens in one shard".into() })?;
+    header[2] = i32::try_from(tokens.len()).map_err(|_| Error::Shard {
+        path: path.display().to_string(),
+        msg: "more than 2^31 tokens in one shard".into(),
+    })?;
     let mut bytes = Vec::with_capacity(HEADER_BYTES + tokens.len() * if wide { 4 } else { 2 });
     bytes.extend_from_slice(bytemuck::cast_slice(&header));
     if wide {

@@ -56,10 +56,7 @@ impl Tokenizer {
             };
             merges.push((text(a), text(b)));
         }
-        let model = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| err(e.to_string()))?;
+        let model = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| err(e.to_string()))?;
         let mut inner = tokenizers::Tokenizer::new(model);
         inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
@@ -81,7 +78,9 @@ impl Tokenizer {
         let eot = ["<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>"]
             .iter()
             .find_map(|t| inner.token_to_id(t))
-            .ok_or_else(|| err("defines none of <|endoftext|>, </s>, <|end_of_text|>, <eos> to separate documents".into()))?;
+            .ok_or_else(|| {
+                err("defines none of <|endoftext|>, </s>, <|end_of_text|>, <eos> to separate documents".into())
+            })?;
         let vocab_size = inner.get_vocab_size(true);
         Ok(Tokenizer { name, inner, eot, vocab_size })
     }
@@ -155,9 +154,7 @@ fn byte_pair_split<'a>(piece: &'a [u8], rank_of: &HashMap<&[u8], u32>, max_rank:
     let mut bounds: Vec<usize> = (0..=piece.len()).collect();
     loop {
         let best = (0..bounds.len().saturating_sub(2))
-            .filter_map(|i| {
-                rank_of.get(&piece[bounds[i]..bounds[i + 2]]).filter(|&&r| r < max_rank).map(|&r| (r, i))
-            })
+            .filter_map(|i| rank_of.get(&piece[bounds[i]..bounds[i + 2]]).filter(|&&r| r < max_rank).map(|&r| (r, i)))
             .min();
         match best {
             Some((_, i)) => {

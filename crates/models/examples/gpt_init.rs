@@ -12,7 +12,8 @@ use trainer_models::gpt::{Gpt, GptConfig};
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [out, nums @ ..] = args.as_slice() else { bail!("usage: gpt_init OUT VOCAB BLOCK N_LAYER N_HEAD N_EMBD SEED") };
-    let nums: Vec<u64> = nums.iter().map(|s| s.parse().with_context(|| format!("not a number: {s}"))).collect::<Result<_>>()?;
+    let nums: Vec<u64> =
+        nums.iter().map(|s| s.parse().with_context(|| format!("not a number: {s}"))).collect::<Result<_>>()?;
     let [vocab, block, n_layer, n_head, n_embd, seed] = nums[..] else { bail!("expected 6 numbers after OUT") };
     let config = GptConfig {
         vocab_size: vocab as usize,

@@ -9,8 +9,11 @@
 //!   losses. f32 carries ~6e-8 relative rounding per op; through ~10 layers of
 //!   sums of width <= 128 the expected error is ~1e-6, so these bars hold with
 //!   margin and still catch any real mistake (those show up at 1e-2 or more).
+//!
 //! "Relative" is per tensor: max |ours - ref| / max |ref|, which stays meaningful
 //! for tensors with entries near zero.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::path::PathBuf;
 
@@ -101,12 +104,7 @@ fn check_training_steps(dtype: DType, tol_loss: f64) {
     let mut acts = model.new_acts(g.b, g.t).unwrap();
     let o = &g.opt;
     let f = |k: &str| o[k].as_f64().unwrap();
-    let cfg = AdamWConfig {
-        beta1: f("beta1"),
-        beta2: f("beta2"),
-        eps: f("eps"),
-        weight_decay: f("weight_decay"),
-    };
+    let cfg = AdamWConfig { beta1: f("beta1"), beta2: f("beta2"), eps: f("eps"), weight_decay: f("weight_decay") };
     let mut opt = AdamW::new(cfg, &model.params()).unwrap();
     let reference = g.tensor("steps.losses").to_vec_f64();
     let mut losses = Vec::new();

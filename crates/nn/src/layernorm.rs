@@ -33,7 +33,15 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, out: &mut Tensor, stats: &mut LayerNormStats, inp: &Tensor) -> Result<()> {
-        ops::layernorm_forward(out, &mut stats.mean, &mut stats.rstd, inp, &self.weight.value, &self.bias.value, self.eps)
+        ops::layernorm_forward(
+            out,
+            &mut stats.mean,
+            &mut stats.rstd,
+            inp,
+            &self.weight.value,
+            &self.bias.value,
+            self.eps,
+        )
     }
 
     /// dinp accumulates (it is the residual stream's gradient).

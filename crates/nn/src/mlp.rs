@@ -20,7 +20,10 @@ pub struct MlpActs {
 
 impl MlpActs {
     pub fn new(b: usize, t: usize, hidden: usize, dtype: DType, device: Device) -> Result<Self> {
-        Ok(MlpActs { fc: Tensor::zeros([b, t, hidden], dtype, device)?, fc_gelu: Tensor::zeros([b, t, hidden], dtype, device)? })
+        Ok(MlpActs {
+            fc: Tensor::zeros([b, t, hidden], dtype, device)?,
+            fc_gelu: Tensor::zeros([b, t, hidden], dtype, device)?,
+        })
     }
 }
 

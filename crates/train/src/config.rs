@@ -199,7 +199,8 @@ impl Config {
     /// Reads, overrides, deserializes and validates a config file.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
         let file = path.display().to_string();
-        let src = std::fs::read_to_string(path).map_err(|e| Error::Config { file: file.clone(), msg: e.to_string() })?;
+        let src =
+            std::fs::read_to_string(path).map_err(|e| Error::Config { file: file.clone(), msg: e.to_string() })?;
         Self::from_toml(&src, &file, overrides)
     }
 
@@ -245,7 +246,8 @@ impl Config {
                 format!("model.preset = \"{name}\" is not a preset; allowed: {}", names.join(", "))
             })?,
             None => {
-                let need = |k: &str, v: Option<usize>| v.ok_or(format!("model.{k} is required when model.preset is not set"));
+                let need =
+                    |k: &str, v: Option<usize>| v.ok_or(format!("model.{k} is required when model.preset is not set"));
                 GptConfig {
                     vocab_size: 50257,
                     block_size: 1024,
@@ -283,7 +285,9 @@ impl Config {
             ));
         }
         if t.dtype == Precision::Bf16 && t.device == DeviceKind::Cpu {
-            return Err("training.dtype = \"bf16\": bf16 compute needs training.device = \"cuda\"; use \"fp32\" on cpu".into());
+            return Err(
+                "training.dtype = \"bf16\": bf16 compute needs training.device = \"cuda\"; use \"fp32\" on cpu".into(),
+            );
         }
         let finite_nonneg = |k: &str, v: f64| {
             if v.is_finite() && v >= 0.0 { Ok(()) } else { Err(format!("{k} = {v}: must be a finite number >= 0")) }
@@ -334,8 +338,11 @@ train = "x/train_*.bin"
 
     #[test]
     fn defaults_and_overrides() {
-        let c = load("[training]\nseq_len = 16\n", &["training.max_steps=50", "optimizer.lr=3e-4", "logging.run_dir=runs/x"])
-            .unwrap();
+        let c = load(
+            "[training]\nseq_len = 16\n",
+            &["training.max_steps=50", "optimizer.lr=3e-4", "logging.run_dir=runs/x"],
+        )
+        .unwrap();
         assert_eq!(c.training.max_steps, 50);
         assert_eq!(c.optimizer.lr, 3e-4);
         assert_eq!(c.logging.run_dir, "runs/x");

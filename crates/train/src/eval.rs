@@ -4,9 +4,9 @@ use trainer_core::Device;
 use trainer_data::BatchLoader;
 use trainer_models::gpt::{Gpt, GptActs};
 
+use crate::Result;
 use crate::config::Config;
 use crate::trainer::{check_device, compute_dtype, device_of, open_loader};
-use crate::Result;
 
 #[derive(Debug, Clone, Copy)]
 pub struct EvalReport {

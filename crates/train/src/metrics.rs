@@ -23,7 +23,13 @@ impl Value {
         match *self {
             Value::Int(v) => v.to_string(),
             Value::Fixed(v, _) | Value::Sci(v) if !v.is_finite() => {
-                if v.is_nan() { "nan".into() } else if v > 0.0 { "inf".into() } else { "-inf".into() }
+                if v.is_nan() {
+                    "nan".into()
+                } else if v > 0.0 {
+                    "inf".into()
+                } else {
+                    "-inf".into()
+                }
             }
             Value::Fixed(v, digits) => format!("{v:.digits$}"),
             Value::Sci(v) => format!("{v:.3e}"),
@@ -33,7 +39,9 @@ impl Value {
     fn json(&self) -> serde_json::Value {
         match *self {
             Value::Int(v) => v.into(),
-            Value::Fixed(v, _) | Value::Sci(v) => serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, Into::into),
+            Value::Fixed(v, _) | Value::Sci(v) => {
+                serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, Into::into)
+            }
         }
     }
 }
@@ -68,7 +76,8 @@ impl Metrics {
         // A closed stdout (a pipe whose reader left) must not kill the run.
         let _ = writeln!(out, "{}", line.join(" "));
         let _ = out.flush();
-        let obj: serde_json::Map<String, serde_json::Value> = record.iter().map(|(k, v)| (k.to_string(), v.json())).collect();
+        let obj: serde_json::Map<String, serde_json::Value> =
+            record.iter().map(|(k, v)| (k.to_string(), v.json())).collect();
         let io = |e| Error::Io { path: self.path.display().to_string(), err: e };
         serde_json::to_writer(&mut self.file, &obj).map_err(|e| io(e.into()))?;
         self.file.write_all(b"\n").map_err(io)?;

@@ -17,24 +17,22 @@ pub(crate) fn forward_backward<F: Float>(
     v: usize,
     grad_scale: Option<F>,
 ) {
-    logits.par_chunks_mut(vp).zip(losses.par_iter_mut().zip(targets.par_iter())).for_each(
-        |(row, (loss, &target))| {
-            let real = &row[..v];
-            let max = real.iter().copied().fold(F::neg_infinity(), F::max);
-            let sum: F = real.iter().map(|&x| (x - max).exp()).sum();
-            let lse = max + sum.ln();
-            *loss = lse - real[target as usize];
-            if let Some(s) = grad_scale {
-                for (i, x) in row.iter_mut().enumerate() {
-                    *x = if i < v {
-                        let p = (*x - lse).exp();
-                        let y = if i == target as usize { F::one() } else { F::zero() };
-                        s * (p - y)
-                    } else {
-                        F::zero()
-                    };
-                }
+    logits.par_chunks_mut(vp).zip(losses.par_iter_mut().zip(targets.par_iter())).for_each(|(row, (loss, &target))| {
+        let real = &row[..v];
+        let max = real.iter().copied().fold(F::neg_infinity(), F::max);
+        let sum: F = real.iter().map(|&x| (x - max).exp()).sum();
+        let lse = max + sum.ln();
+        *loss = lse - real[target as usize];
+        if let Some(s) = grad_scale {
+            for (i, x) in row.iter_mut().enumerate() {
+                *x = if i < v {
+                    let p = (*x - lse).exp();
+                    let y = if i == target as usize { F::one() } else { F::zero() };
+                    s * (p - y)
+                } else {
+                    F::zero()
+                };
             }
-        },
-    );
+        }
+    });
 }

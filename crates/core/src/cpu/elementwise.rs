@@ -4,13 +4,13 @@ use super::ELEMS_PER_TASK;
 use crate::Float;
 
 pub(crate) fn add<F: Float>(out: &mut [F], a: &[F], b: &[F]) {
-    out.par_chunks_mut(ELEMS_PER_TASK)
-        .zip(a.par_chunks(ELEMS_PER_TASK).zip(b.par_chunks(ELEMS_PER_TASK)))
-        .for_each(|(o, (a, b))| {
+    out.par_chunks_mut(ELEMS_PER_TASK).zip(a.par_chunks(ELEMS_PER_TASK).zip(b.par_chunks(ELEMS_PER_TASK))).for_each(
+        |(o, (a, b))| {
             for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
                 *o = a + b;
             }
-        });
+        },
+    );
 }
 
 pub(crate) fn add_assign<F: Float>(acc: &mut [F], x: &[F]) {
@@ -51,7 +51,6 @@ pub(crate) fn sum_squares<F: Float>(x: &[F]) -> f64 {
 
 /// Sum in f64, deterministic like `sum_squares`.
 pub(crate) fn sum<F: Float>(x: &[F]) -> f64 {
-    let partials: Vec<f64> =
-        x.par_chunks(ELEMS_PER_TASK).map(|c| c.iter().map(|&v| v.to_f64()).sum::<f64>()).collect();
+    let partials: Vec<f64> = x.par_chunks(ELEMS_PER_TASK).map(|c| c.iter().map(|&v| v.to_f64()).sum::<f64>()).collect();
     partials.iter().sum()
 }

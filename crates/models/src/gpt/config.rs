@@ -64,11 +64,8 @@ impl GptConfig {
                 return err(format!("model.{k} must be at least 1"));
             }
         }
-        if self.n_embd % self.n_head != 0 {
-            return err(format!(
-                "model.n_embd = {} must be divisible by model.n_head = {}",
-                self.n_embd, self.n_head
-            ));
+        if !self.n_embd.is_multiple_of(self.n_head) {
+            return err(format!("model.n_embd = {} must be divisible by model.n_head = {}", self.n_embd, self.n_head));
         }
         if self.vocab_size > u32::MAX as usize {
             return err(format!("model.vocab_size = {} exceeds the u32 token range", self.vocab_size));

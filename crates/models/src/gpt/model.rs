@@ -160,7 +160,13 @@ impl Gpt {
     /// positions, multiplied by `loss_scale` (1 / grad_accum_steps under gradient
     /// accumulation). Parameter gradients accumulate; acts.losses holds the
     /// unscaled per-position losses.
-    pub fn forward_backward(&mut self, acts: &mut GptActs, tokens: &[u32], targets: &[u32], loss_scale: f64) -> Result<()> {
+    pub fn forward_backward(
+        &mut self,
+        acts: &mut GptActs,
+        tokens: &[u32],
+        targets: &[u32],
+        loss_scale: f64,
+    ) -> Result<()> {
         self.forward_to_logits(acts, tokens)?;
         acts.targets.copy_from_slice(targets)?;
         let grad_scale = loss_scale / (acts.b * acts.t) as f64;
