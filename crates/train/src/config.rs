@@ -382,3 +382,21 @@ train = "x/train_*.bin"
         assert!(e.contains("model.n_embd is required"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod shipped {
+    /// Every config in configs/ loads and validates.
+    #[test]
+    fn shipped_configs_are_valid() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                super::Config::load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
+                n += 1;
+            }
+        }
+        assert!(n >= 2, "found {n} configs in {}", dir.display());
+    }
+}
