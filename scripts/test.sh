@@ -18,6 +18,22 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
+# NVRTC and the CUDA headers from PyPI (no GPU needed): every kernel is compiled
+# for sm_80 and sm_90 by crates/core/tests/kernels_compile.rs. Pinned to CUDA
+# 13.0, the GPU machine's driver version (newer PTX may not load there).
+nv="$PWD/target/nvrtc"
+if [ ! -f "$nv/nvidia/cu13/include/cuda_bf16.h" ]; then
+  python3 -m pip --version >/dev/null 2>&1 || {
+    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3-pip
+  }
+  python3 -m pip install --quiet --disable-pip-version-check --no-deps --break-system-packages --target "$nv" \
+    nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-runtime==13.0.96
+fi
+export LD_LIBRARY_PATH="$nv/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export TRAINER_CUDA_INCLUDE="$nv/nvidia/cu13/include"
+export TRAINER_REQUIRE_NVRTC=1
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace

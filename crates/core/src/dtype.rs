@@ -25,6 +25,16 @@ impl DType {
         }
     }
 
+    /// The dtype of per-row statistics (LayerNorm mean and 1/std, attention
+    /// log-sum-exp, per-position losses) kept beside activations of this dtype:
+    /// f32 for half types, whose 8 or 11 bits of mantissa would spoil them.
+    pub fn stats_dtype(self) -> DType {
+        match self {
+            DType::BF16 | DType::F16 => DType::F32,
+            other => other,
+        }
+    }
+
     pub fn is_float(self) -> bool {
         !matches!(self, DType::U32)
     }

@@ -1,4 +1,4 @@
-use crate::{DType, Device};
+use crate::DType;
 
 /// Errors of the tensor core. Every variant names the op or tensor involved so
 /// that a message read in a log is enough to find the cause.
@@ -11,13 +11,19 @@ pub enum Error {
     DType { op: &'static str, expected: DType, got: DType },
 
     #[error("{op}: tensors on different devices ({a} and {b})")]
-    DeviceMismatch { op: &'static str, a: Device, b: Device },
+    DeviceMismatch { op: &'static str, a: String, b: String },
 
     #[error("{op} is not implemented for dtype {dtype} on {device}")]
-    Unsupported { op: &'static str, dtype: DType, device: Device },
+    Unsupported { op: &'static str, dtype: DType, device: String },
 
     #[error("device {device} is not available: {reason}")]
-    DeviceUnavailable { device: Device, reason: String },
+    DeviceUnavailable { device: String, reason: String },
+
+    #[error("CUDA {context}: {msg}")]
+    Cuda { context: String, msg: String },
+
+    #[error("kernel compilation ({kernel}): {msg}")]
+    KernelCompile { kernel: String, msg: String },
 
     #[error("{op}: index {index} out of range (must be < {limit})")]
     IndexOutOfRange { op: &'static str, index: u64, limit: u64 },

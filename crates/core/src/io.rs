@@ -86,11 +86,11 @@ pub fn load(path: &Path) -> Result<Loaded> {
             other => return Err(st_err(path, format!("tensor {name}: unsupported dtype {other:?}"))),
         };
         let t = match storage {
-            CpuStorage::F32(v) => Tensor::from_vec(v, view.shape(), Device::Cpu),
-            CpuStorage::F64(v) => Tensor::from_vec(v, view.shape(), Device::Cpu),
-            CpuStorage::BF16(v) => Tensor::from_vec(v, view.shape(), Device::Cpu),
-            CpuStorage::F16(v) => Tensor::from_vec(v, view.shape(), Device::Cpu),
-            CpuStorage::U32(v) => Tensor::from_vec(v, view.shape(), Device::Cpu),
+            CpuStorage::F32(v) => Tensor::from_vec(v, view.shape(), &Device::Cpu),
+            CpuStorage::F64(v) => Tensor::from_vec(v, view.shape(), &Device::Cpu),
+            CpuStorage::BF16(v) => Tensor::from_vec(v, view.shape(), &Device::Cpu),
+            CpuStorage::F16(v) => Tensor::from_vec(v, view.shape(), &Device::Cpu),
+            CpuStorage::U32(v) => Tensor::from_vec(v, view.shape(), &Device::Cpu),
         }?;
         tensors.insert(name, t);
     }
@@ -105,8 +105,8 @@ mod tests {
     fn round_trip_with_metadata() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.safetensors");
-        let a = Tensor::from_vec(vec![1.0f32, -2.0, 3.5], [3], Device::Cpu).unwrap();
-        let b = Tensor::from_vec(vec![7u32, 8], [1, 2], Device::Cpu).unwrap();
+        let a = Tensor::from_vec(vec![1.0f32, -2.0, 3.5], [3], &Device::Cpu).unwrap();
+        let b = Tensor::from_vec(vec![7u32, 8], [1, 2], &Device::Cpu).unwrap();
         let meta = BTreeMap::from([("k".to_string(), "v".to_string())]);
         save(&path, &[("a", &a), ("b", &b)], Some(meta)).unwrap();
         let mut l = load(&path).unwrap();

@@ -8,6 +8,7 @@
 //! a new backend changes this crate and nothing above it.
 
 mod cpu;
+pub mod cuda;
 mod device;
 mod dtype;
 mod error;
@@ -17,6 +18,7 @@ mod shape;
 mod storage;
 mod tensor;
 
+pub use cuda::CudaDevice;
 pub use device::Device;
 pub use dtype::{DType, Element, Float};
 pub use error::{Error, Result};

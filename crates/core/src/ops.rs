@@ -6,40 +6,58 @@
 //!   "accumulates" (LayerNorm's input gradient: the residual stream).
 //! - Parameter gradients always accumulate (`+=`), so gradient accumulation
 //!   across micro-batches needs no extra buffers.
+//! - Per-row statistics (LayerNorm mean/rstd, attention lse/delta, losses) have
+//!   dtype `DType::stats_dtype()` of the activations: f32 beside bf16.
 //! - Each op checks shapes, dtypes and devices and returns an [`Error`] naming
-//!   itself; then it dispatches on the storage.
+//!   itself; then it dispatches on the storage: the CPU reference (f32, f64) or
+//!   the CUDA kernels (f32, bf16).
 
-use crate::cpu;
 pub use crate::cpu::adamw::AdamWHyper;
-use crate::{CpuStorage, DType, Device, Element, Error, Result, Tensor};
+use crate::cuda::launch;
+use crate::{CpuStorage, DType, Device, Element, Error, Result, Storage, Tensor, cpu};
 
-/// Runs `$body` with `$F` bound to the Rust float type of `$t`'s dtype, on the
-/// backend of `$t`'s device; any other combination is `Error::Unsupported`.
-macro_rules! float_dispatch {
+/// Runs `$body` with `$F` bound to the Rust float type of CPU tensor `$t`.
+macro_rules! cpu_float {
     ($op:expr, $t:expr, |$F:ident| $body:expr) => {{
-        let (dtype, device) = ($t.dtype(), $t.device());
-        match (device, dtype) {
-            (Device::Cpu, DType::F32) => {
+        match $t.dtype() {
+            DType::F32 => {
                 type $F = f32;
                 $body
             }
-            (Device::Cpu, DType::F64) => {
+            DType::F64 => {
                 type $F = f64;
                 $body
             }
-            _ => Err(Error::Unsupported { op: $op, dtype, device }),
+            dtype => Err(Error::Unsupported { op: $op, dtype, device: "cpu".into() }),
         }
     }};
 }
 
-/// All tensors share the first one's dtype and device.
+fn on_cuda(t: &Tensor) -> bool {
+    matches!(t.storage(), Storage::Cuda(_))
+}
+
+/// All tensors share the first one's device and dtype.
 fn same_kind(op: &'static str, first: &Tensor, rest: &[&Tensor]) -> Result<()> {
     for t in rest {
-        if t.device() != first.device() {
-            return Err(Error::DeviceMismatch { op, a: first.device(), b: t.device() });
+        if !t.storage().same_device(first.storage()) {
+            return Err(Error::DeviceMismatch { op, a: first.device().to_string(), b: t.device().to_string() });
         }
         if t.dtype() != first.dtype() {
             return Err(Error::DType { op, expected: first.dtype(), got: t.dtype() });
+        }
+    }
+    Ok(())
+}
+
+/// Statistics tensors: on `act`'s device, of its stats dtype.
+fn stats_kind(op: &'static str, act: &Tensor, stats: &[&Tensor]) -> Result<()> {
+    for t in stats {
+        if !t.storage().same_device(act.storage()) {
+            return Err(Error::DeviceMismatch { op, a: act.device().to_string(), b: t.device().to_string() });
+        }
+        if t.dtype() != act.dtype().stats_dtype() {
+            return Err(Error::DType { op, expected: act.dtype().stats_dtype(), got: t.dtype() });
         }
     }
     Ok(())
@@ -59,12 +77,12 @@ fn expect_dims(op: &'static str, name: &str, t: &Tensor, dims: &[usize]) -> Resu
     Ok(())
 }
 
-fn expect_u32(op: &'static str, t: &Tensor) -> Result<()> {
-    if t.dtype() != DType::U32 {
-        return Err(Error::DType { op, expected: DType::U32, got: t.dtype() });
+fn expect_ids(op: &'static str, ids: &Tensor, like: &Tensor) -> Result<()> {
+    if ids.dtype() != DType::U32 {
+        return Err(Error::DType { op, expected: DType::U32, got: ids.dtype() });
     }
-    if t.device() != Device::Cpu {
-        return Err(Error::Unsupported { op, dtype: t.dtype(), device: t.device() });
+    if !ids.storage().same_device(like.storage()) {
+        return Err(Error::DeviceMismatch { op, a: like.device().to_string(), b: ids.device().to_string() });
     }
     Ok(())
 }
@@ -80,12 +98,16 @@ fn check_ids(op: &'static str, ids: &[u32], limit: usize) -> Result<()> {
 
 /// Sets every element to `value`.
 pub fn fill(t: &mut Tensor, value: f64) -> Result<()> {
-    match (t.device(), t.dtype()) {
-        (Device::Cpu, DType::U32) => {
+    let n = t.numel();
+    if on_cuda(t) {
+        return launch::fill(t.cuda_mut("fill")?, value, n);
+    }
+    match t.dtype() {
+        DType::U32 => {
             t.as_mut_slice::<u32>()?.fill(value as u32);
             Ok(())
         }
-        _ => float_dispatch!("fill", t, |F| {
+        _ => cpu_float!("fill", t, |F| {
             cpu::elementwise::fill::<F>(t.as_mut_slice()?, F::from_f64(value));
             Ok(())
         }),
@@ -101,7 +123,7 @@ pub fn copy(dst: &mut Tensor, src: &Tensor) -> Result<()> {
     same_kind("copy", dst, &[src])?;
     expect_numel("copy", "src", src, dst.numel())?;
     match (dst.storage_mut(), src.storage()) {
-        (crate::Storage::Cpu(d), crate::Storage::Cpu(s)) => {
+        (Storage::Cpu(d), Storage::Cpu(s)) => {
             // Same dtype (checked above): copy in place, no allocation.
             match (d, s) {
                 (CpuStorage::F32(d), CpuStorage::F32(s)) => d.copy_from_slice(s),
@@ -113,15 +135,22 @@ pub fn copy(dst: &mut Tensor, src: &Tensor) -> Result<()> {
             }
             Ok(())
         }
+        (Storage::Cuda(d), Storage::Cuda(s)) => launch::copy(d, s),
+        _ => unreachable!("same_kind checked the devices"),
     }
 }
 
 /// out = a + b, elementwise.
 pub fn add(out: &mut Tensor, a: &Tensor, b: &Tensor) -> Result<()> {
-    same_kind("add", out, &[a, b])?;
-    expect_numel("add", "a", a, out.numel())?;
-    expect_numel("add", "b", b, out.numel())?;
-    float_dispatch!("add", out, |F| {
+    const OP: &str = "add";
+    same_kind(OP, out, &[a, b])?;
+    expect_numel(OP, "a", a, out.numel())?;
+    expect_numel(OP, "b", b, out.numel())?;
+    let n = out.numel();
+    if on_cuda(out) {
+        return launch::add(out.cuda_mut(OP)?, a.cuda(OP)?, b.cuda(OP)?, n);
+    }
+    cpu_float!(OP, out, |F| {
         cpu::elementwise::add::<F>(out.as_mut_slice()?, a.as_slice()?, b.as_slice()?);
         Ok(())
     })
@@ -129,9 +158,14 @@ pub fn add(out: &mut Tensor, a: &Tensor, b: &Tensor) -> Result<()> {
 
 /// acc += x, elementwise.
 pub fn add_assign(acc: &mut Tensor, x: &Tensor) -> Result<()> {
-    same_kind("add_assign", acc, &[x])?;
-    expect_numel("add_assign", "x", x, acc.numel())?;
-    float_dispatch!("add_assign", acc, |F| {
+    const OP: &str = "add_assign";
+    same_kind(OP, acc, &[x])?;
+    expect_numel(OP, "x", x, acc.numel())?;
+    let n = acc.numel();
+    if on_cuda(acc) {
+        return launch::add_assign(acc.cuda_mut(OP)?, x.cuda(OP)?, n);
+    }
+    cpu_float!(OP, acc, |F| {
         cpu::elementwise::add_assign::<F>(acc.as_mut_slice()?, x.as_slice()?);
         Ok(())
     })
@@ -139,20 +173,31 @@ pub fn add_assign(acc: &mut Tensor, x: &Tensor) -> Result<()> {
 
 /// x *= s, elementwise.
 pub fn scale(x: &mut Tensor, s: f64) -> Result<()> {
-    float_dispatch!("scale", x, |F| {
+    let n = x.numel();
+    if on_cuda(x) {
+        return launch::scale(x.cuda_mut("scale")?, s, n);
+    }
+    cpu_float!("scale", x, |F| {
         cpu::elementwise::scale::<F>(x.as_mut_slice()?, F::from_f64(s));
         Ok(())
     })
 }
 
 /// Sum of squares of all elements, accumulated in f64 (for global gradient norms).
+/// Deterministic; on a GPU it waits for the device (the value is needed on the host).
 pub fn sum_squares(x: &Tensor) -> Result<f64> {
-    float_dispatch!("sum_squares", x, |F| Ok(cpu::elementwise::sum_squares::<F>(x.as_slice()?)))
+    if on_cuda(x) {
+        return launch::sum(x.cuda("sum_squares")?, x.numel(), true);
+    }
+    cpu_float!("sum_squares", x, |F| Ok(cpu::elementwise::sum_squares::<F>(x.as_slice()?)))
 }
 
-/// Sum of all elements, accumulated in f64 (for losses).
+/// Sum of all elements, accumulated in f64 (for losses). Like [`sum_squares`].
 pub fn sum(x: &Tensor) -> Result<f64> {
-    float_dispatch!("sum", x, |F| Ok(cpu::elementwise::sum::<F>(x.as_slice()?)))
+    if on_cuda(x) {
+        return launch::sum(x.cuda("sum")?, x.numel(), false);
+    }
+    cpu_float!("sum", x, |F| Ok(cpu::elementwise::sum::<F>(x.as_slice()?)))
 }
 
 // ---------------------------------------------------------------- matmul, linear
@@ -160,7 +205,7 @@ pub fn sum(x: &Tensor) -> Result<f64> {
 /// out (M, N) = (accumulate ? out : 0) + op(a) @ op(b).
 /// Each tensor is seen as a matrix (leading dims flattened, last dim = columns):
 /// op(a) is `a` (M, K), or `a` stored (K, M) when `trans_a`; op(b) is `b` (K, N),
-/// or `b` stored (N, K) when `trans_b`.
+/// or `b` stored (N, K) when `trans_b`. fp32 accumulation on every backend.
 pub fn matmul(out: &mut Tensor, a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool, accumulate: bool) -> Result<()> {
     const OP: &str = "matmul";
     same_kind(OP, out, &[a, b])?;
@@ -179,7 +224,10 @@ pub fn matmul(out: &mut Tensor, a: &Tensor, b: &Tensor, trans_a: bool, trans_b: 
             ),
         });
     }
-    float_dispatch!(OP, out, |F| {
+    if on_cuda(out) {
+        return launch::matmul(out.cuda_mut(OP)?, a.cuda(OP)?, b.cuda(OP)?, m, n, k, trans_a, trans_b, accumulate);
+    }
+    cpu_float!(OP, out, |F| {
         cpu::matmul::matmul::<F>(
             out.as_mut_slice()?,
             a.as_slice()?,
@@ -198,22 +246,23 @@ pub fn matmul(out: &mut Tensor, a: &Tensor, b: &Tensor, trans_a: bool, trans_b: 
 /// out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias (OC).
 pub fn linear_forward(out: &mut Tensor, inp: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<()> {
     matmul(out, inp, weight, false, true, false)?;
-    if let Some(bias) = bias {
-        const OP: &str = "linear_forward";
-        same_kind(OP, out, &[bias])?;
-        let (_, oc) = out.shape().as_rows_cols();
-        expect_numel(OP, "bias", bias, oc)?;
-        float_dispatch!(OP, out, |F| {
-            let b = bias.as_slice::<F>()?;
-            for row in out.as_mut_slice::<F>()?.chunks_mut(oc) {
-                for (o, &b) in row.iter_mut().zip(b) {
-                    *o += b;
-                }
-            }
-            Ok(())
-        })?;
+    let Some(bias) = bias else { return Ok(()) };
+    const OP: &str = "linear_forward";
+    same_kind(OP, out, &[bias])?;
+    let (rows, oc) = out.shape().as_rows_cols();
+    expect_numel(OP, "bias", bias, oc)?;
+    if on_cuda(out) {
+        return launch::add_bias(out.cuda_mut(OP)?, bias.cuda(OP)?, rows, oc);
     }
-    Ok(())
+    cpu_float!(OP, out, |F| {
+        let b = bias.as_slice::<F>()?;
+        for row in out.as_mut_slice::<F>()?.chunks_mut(oc) {
+            for (o, &b) in row.iter_mut().zip(b) {
+                *o += b;
+            }
+        }
+        Ok(())
+    })
 }
 
 /// The backward of [`linear_forward`]: dinp (N, C) = dout @ weight (overwritten);
@@ -228,23 +277,24 @@ pub fn linear_backward(
 ) -> Result<()> {
     matmul(dinp, dout, weight, false, false, false)?;
     matmul(dweight, dout, inp, true, false, true)?;
-    if let Some(dbias) = dbias {
-        const OP: &str = "linear_backward";
-        same_kind(OP, dbias, &[dout])?;
-        let (_, oc) = dout.shape().as_rows_cols();
-        expect_numel(OP, "dbias", dbias, oc)?;
-        float_dispatch!(OP, dbias, |F| {
-            let db = dbias.as_mut_slice::<F>()?;
-            // Serial over rows, in order: deterministic and cheap next to the GEMMs.
-            for row in dout.as_slice::<F>()?.chunks(oc) {
-                for (d, &g) in db.iter_mut().zip(row) {
-                    *d += g;
-                }
-            }
-            Ok(())
-        })?;
+    let Some(dbias) = dbias else { return Ok(()) };
+    const OP: &str = "linear_backward";
+    same_kind(OP, dbias, &[dout])?;
+    let (rows, oc) = dout.shape().as_rows_cols();
+    expect_numel(OP, "dbias", dbias, oc)?;
+    if on_cuda(dbias) {
+        return launch::bias_grad(dbias.cuda_mut(OP)?, dout.cuda(OP)?, rows, oc);
     }
-    Ok(())
+    cpu_float!(OP, dbias, |F| {
+        let db = dbias.as_mut_slice::<F>()?;
+        // Serial over rows, in order: deterministic and cheap next to the GEMMs.
+        for row in dout.as_slice::<F>()?.chunks(oc) {
+            for (d, &g) in db.iter_mut().zip(row) {
+                *d += g;
+            }
+        }
+        Ok(())
+    })
 }
 
 // ---------------------------------------------------------------- layernorm
@@ -261,14 +311,28 @@ pub fn layernorm_forward(
     eps: f64,
 ) -> Result<()> {
     const OP: &str = "layernorm_forward";
-    same_kind(OP, out, &[mean, rstd, inp, weight, bias])?;
+    same_kind(OP, out, &[inp, weight, bias])?;
+    stats_kind(OP, out, &[mean, rstd])?;
     let (n, c) = inp.shape().as_rows_cols();
     expect_numel(OP, "out", out, n * c)?;
     expect_numel(OP, "mean", mean, n)?;
     expect_numel(OP, "rstd", rstd, n)?;
     expect_numel(OP, "weight", weight, c)?;
     expect_numel(OP, "bias", bias, c)?;
-    float_dispatch!(OP, out, |F| {
+    if on_cuda(out) {
+        return launch::layernorm_forward(
+            out.cuda_mut(OP)?,
+            mean.cuda_mut(OP)?,
+            rstd.cuda_mut(OP)?,
+            inp.cuda(OP)?,
+            weight.cuda(OP)?,
+            bias.cuda(OP)?,
+            n,
+            c,
+            eps,
+        );
+    }
+    cpu_float!(OP, out, |F| {
         cpu::layernorm::forward::<F>(
             out.as_mut_slice()?,
             mean.as_mut_slice()?,
@@ -297,7 +361,8 @@ pub fn layernorm_backward(
     rstd: &Tensor,
 ) -> Result<()> {
     const OP: &str = "layernorm_backward";
-    same_kind(OP, dinp, &[dweight, dbias, dout, inp, weight, mean, rstd])?;
+    same_kind(OP, dinp, &[dweight, dbias, dout, inp, weight])?;
+    stats_kind(OP, dinp, &[mean, rstd])?;
     let (n, c) = inp.shape().as_rows_cols();
     expect_numel(OP, "dinp", dinp, n * c)?;
     expect_numel(OP, "dout", dout, n * c)?;
@@ -306,7 +371,21 @@ pub fn layernorm_backward(
     expect_numel(OP, "weight", weight, c)?;
     expect_numel(OP, "mean", mean, n)?;
     expect_numel(OP, "rstd", rstd, n)?;
-    float_dispatch!(OP, dinp, |F| {
+    if on_cuda(dinp) {
+        return launch::layernorm_backward(
+            dinp.cuda_mut(OP)?,
+            dweight.cuda_mut(OP)?,
+            dbias.cuda_mut(OP)?,
+            dout.cuda(OP)?,
+            inp.cuda(OP)?,
+            weight.cuda(OP)?,
+            mean.cuda(OP)?,
+            rstd.cuda(OP)?,
+            n,
+            c,
+        );
+    }
+    cpu_float!(OP, dinp, |F| {
         cpu::layernorm::backward::<F>(
             dinp.as_mut_slice()?,
             dweight.as_mut_slice()?,
@@ -326,9 +405,14 @@ pub fn layernorm_backward(
 
 /// out = GELU(inp), tanh approximation.
 pub fn gelu_forward(out: &mut Tensor, inp: &Tensor) -> Result<()> {
-    same_kind("gelu_forward", out, &[inp])?;
-    expect_numel("gelu_forward", "inp", inp, out.numel())?;
-    float_dispatch!("gelu_forward", out, |F| {
+    const OP: &str = "gelu_forward";
+    same_kind(OP, out, &[inp])?;
+    expect_numel(OP, "inp", inp, out.numel())?;
+    let n = out.numel();
+    if on_cuda(out) {
+        return launch::gelu_forward(out.cuda_mut(OP)?, inp.cuda(OP)?, n);
+    }
+    cpu_float!(OP, out, |F| {
         cpu::gelu::forward::<F>(out.as_mut_slice()?, inp.as_slice()?);
         Ok(())
     })
@@ -336,10 +420,15 @@ pub fn gelu_forward(out: &mut Tensor, inp: &Tensor) -> Result<()> {
 
 /// dinp = dout * GELU'(inp) (overwritten).
 pub fn gelu_backward(dinp: &mut Tensor, inp: &Tensor, dout: &Tensor) -> Result<()> {
-    same_kind("gelu_backward", dinp, &[inp, dout])?;
-    expect_numel("gelu_backward", "inp", inp, dinp.numel())?;
-    expect_numel("gelu_backward", "dout", dout, dinp.numel())?;
-    float_dispatch!("gelu_backward", dinp, |F| {
+    const OP: &str = "gelu_backward";
+    same_kind(OP, dinp, &[inp, dout])?;
+    expect_numel(OP, "inp", inp, dinp.numel())?;
+    expect_numel(OP, "dout", dout, dinp.numel())?;
+    let n = dinp.numel();
+    if on_cuda(dinp) {
+        return launch::gelu_backward(dinp.cuda_mut(OP)?, inp.cuda(OP)?, dout.cuda(OP)?, n);
+    }
+    cpu_float!(OP, dinp, |F| {
         cpu::gelu::backward::<F>(dinp.as_mut_slice()?, inp.as_slice()?, dout.as_slice()?);
         Ok(())
     })
@@ -367,20 +456,36 @@ fn attention_dims(
 /// lse (B, n_head, T) receives each query's log-sum-exp for the backward.
 pub fn attention_forward(out: &mut Tensor, lse: &mut Tensor, qkv: &Tensor, n_head: usize, causal: bool) -> Result<()> {
     const OP: &str = "attention_forward";
-    same_kind(OP, out, &[lse, qkv])?;
+    same_kind(OP, out, &[qkv])?;
+    stats_kind(OP, out, &[lse])?;
     let (b, d) = attention_dims(OP, qkv, n_head, causal)?;
     expect_dims(OP, "out", out, &[b, d.t, d.c])?;
     expect_dims(OP, "lse", lse, &[b, n_head, d.t])?;
-    float_dispatch!(OP, out, |F| {
+    if on_cuda(out) {
+        return launch::attention_forward(
+            out.cuda_mut(OP)?,
+            lse.cuda_mut(OP)?,
+            qkv.cuda(OP)?,
+            b,
+            d.t,
+            d.c,
+            n_head,
+            causal,
+        );
+    }
+    cpu_float!(OP, out, |F| {
         cpu::attention::forward::<F>(out.as_mut_slice()?, lse.as_mut_slice()?, qkv.as_slice()?, d);
         Ok(())
     })
 }
 
 /// Backward of [`attention_forward`]: dqkv (B, T, 3C) overwritten, from dout and
-/// the forward's qkv, out and lse.
+/// the forward's qkv, out and lse. delta (B, n_head, T) receives each row's
+/// sum(dout * out) (the softmax backward's D), a workspace the caller owns.
+#[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     dqkv: &mut Tensor,
+    delta: &mut Tensor,
     dout: &Tensor,
     qkv: &Tensor,
     out: &Tensor,
@@ -389,15 +494,33 @@ pub fn attention_backward(
     causal: bool,
 ) -> Result<()> {
     const OP: &str = "attention_backward";
-    same_kind(OP, dqkv, &[dout, qkv, out, lse])?;
+    same_kind(OP, dqkv, &[dout, qkv, out])?;
+    stats_kind(OP, dqkv, &[lse, delta])?;
     let (b, d) = attention_dims(OP, qkv, n_head, causal)?;
     expect_dims(OP, "dqkv", dqkv, qkv.dims())?;
     expect_dims(OP, "dout", dout, &[b, d.t, d.c])?;
     expect_dims(OP, "out", out, &[b, d.t, d.c])?;
     expect_dims(OP, "lse", lse, &[b, n_head, d.t])?;
-    float_dispatch!(OP, dqkv, |F| {
+    expect_dims(OP, "delta", delta, &[b, n_head, d.t])?;
+    if on_cuda(dqkv) {
+        return launch::attention_backward(
+            dqkv.cuda_mut(OP)?,
+            dout.cuda(OP)?,
+            qkv.cuda(OP)?,
+            out.cuda(OP)?,
+            lse.cuda(OP)?,
+            delta.cuda_mut(OP)?,
+            b,
+            d.t,
+            d.c,
+            n_head,
+            causal,
+        );
+    }
+    cpu_float!(OP, dqkv, |F| {
         cpu::attention::backward::<F>(
             dqkv.as_mut_slice()?,
+            delta.as_mut_slice()?,
             dout.as_slice()?,
             qkv.as_slice()?,
             out.as_slice()?,
@@ -410,11 +533,72 @@ pub fn attention_backward(
 
 // ---------------------------------------------------------------- embedding
 
+/// Which batch positions hold each distinct token, built on the host from the
+/// token ids (which arrive from the host anyway) and uploaded with them, so the
+/// embedding backward sums every token's gradients in a fixed order: no float
+/// atomics, deterministic results. Buffers are sized once for B*T positions.
+#[derive(Debug)]
+pub struct TokenIndex {
+    /// Distinct token ids, ascending (first `distinct` entries used).
+    ids: Tensor,
+    /// Bucket u covers order[starts[u] .. starts[u + 1]].
+    starts: Tensor,
+    /// Positions sorted by (token, position).
+    order: Tensor,
+    distinct: usize,
+    host_pairs: Vec<(u32, u32)>,
+    host_ids: Vec<u32>,
+    host_starts: Vec<u32>,
+    host_order: Vec<u32>,
+}
+
+impl TokenIndex {
+    pub fn new(positions: usize, device: &Device) -> Result<Self> {
+        Ok(TokenIndex {
+            ids: Tensor::zeros([positions], DType::U32, device)?,
+            starts: Tensor::zeros([positions + 1], DType::U32, device)?,
+            order: Tensor::zeros([positions], DType::U32, device)?,
+            distinct: 0,
+            host_pairs: Vec::with_capacity(positions),
+            host_ids: vec![0; positions],
+            host_starts: vec![0; positions + 1],
+            host_order: vec![0; positions],
+        })
+    }
+
+    /// Rebuilds the index for a new batch of host token ids.
+    pub fn update(&mut self, tokens: &[u32]) -> Result<()> {
+        if tokens.len() != self.host_order.len() {
+            return Err(Error::Shape {
+                op: "TokenIndex::update",
+                msg: format!("{} tokens for an index of {} positions", tokens.len(), self.host_order.len()),
+            });
+        }
+        self.host_pairs.clear();
+        self.host_pairs.extend(tokens.iter().enumerate().map(|(p, &t)| (t, p as u32)));
+        self.host_pairs.sort_unstable();
+        let mut u = 0;
+        for (k, &(tok, pos)) in self.host_pairs.iter().enumerate() {
+            if k == 0 || tok != self.host_pairs[k - 1].0 {
+                self.host_ids[u] = tok;
+                self.host_starts[u] = k as u32;
+                u += 1;
+            }
+            self.host_order[k] = pos;
+        }
+        self.host_starts[u..].fill(tokens.len() as u32);
+        self.distinct = u;
+        self.ids.copy_from_slice(&self.host_ids)?;
+        self.starts.copy_from_slice(&self.host_starts)?;
+        self.order.copy_from_slice(&self.host_order)
+    }
+}
+
 /// out (B, T, C) = wte[tokens] + wpe[0..T]; tokens (B, T) u32.
 pub fn embedding_forward(out: &mut Tensor, tokens: &Tensor, wte: &Tensor, wpe: &Tensor) -> Result<()> {
     const OP: &str = "embedding_forward";
     same_kind(OP, out, &[wte, wpe])?;
-    expect_u32(OP, tokens)?;
+    expect_ids(OP, tokens, out)?;
     let [b, t] = tokens.dims() else {
         return Err(Error::Shape { op: OP, msg: format!("tokens must be (B, T), got {}", tokens.shape()) });
     };
@@ -425,31 +609,57 @@ pub fn embedding_forward(out: &mut Tensor, tokens: &Tensor, wte: &Tensor, wpe: &
         return Err(Error::Shape { op: OP, msg: format!("wte {} / wpe {} for T = {t}", wte.shape(), wpe.shape()) });
     }
     expect_dims(OP, "out", out, &[b, t, c])?;
+    if on_cuda(out) {
+        // Ids were checked on the host by whoever uploaded them (the data loader
+        // checks every shard against the vocabulary).
+        return launch::embedding_forward(
+            out.cuda_mut(OP)?,
+            tokens.cuda(OP)?,
+            wte.cuda(OP)?,
+            wpe.cuda(OP)?,
+            b * t,
+            t,
+            c,
+        );
+    }
     let ids = tokens.as_slice::<u32>()?;
     check_ids(OP, ids, vocab)?;
-    float_dispatch!(OP, out, |F| {
+    cpu_float!(OP, out, |F| {
         cpu::embedding::forward::<F>(out.as_mut_slice()?, ids, wte.as_slice()?, wpe.as_slice()?, t, c);
         Ok(())
     })
 }
 
-/// dwte[tokens] += dout; dwpe[0..T] += dout summed over the batch.
-pub fn embedding_backward(dwte: &mut Tensor, dwpe: &mut Tensor, dout: &Tensor, tokens: &Tensor) -> Result<()> {
+/// dwte[tokens] += dout; dwpe[0..T] += dout summed over the batch. `index`
+/// must have been updated with these tokens.
+pub fn embedding_backward(
+    dwte: &mut Tensor,
+    dwpe: &mut Tensor,
+    dout: &Tensor,
+    tokens: &Tensor,
+    index: &TokenIndex,
+) -> Result<()> {
     const OP: &str = "embedding_backward";
     same_kind(OP, dwte, &[dwpe, dout])?;
-    expect_u32(OP, tokens)?;
+    expect_ids(OP, tokens, dwte)?;
     let [b, t] = tokens.dims() else {
         return Err(Error::Shape { op: OP, msg: format!("tokens must be (B, T), got {}", tokens.shape()) });
     };
+    let (b, t) = (*b, *t);
     let (vocab, c) = dwte.shape().as_rows_cols();
-    expect_dims(OP, "dout", dout, &[*b, *t, c])?;
-    if dwpe.shape().as_rows_cols().0 < *t {
+    expect_dims(OP, "dout", dout, &[b, t, c])?;
+    expect_numel(OP, "index", &index.order, b * t)?;
+    if dwpe.shape().as_rows_cols().0 < t {
         return Err(Error::Shape { op: OP, msg: format!("dwpe {} shorter than T = {t}", dwpe.shape()) });
+    }
+    if on_cuda(dwte) {
+        let (dwte, dwpe) = (dwte.cuda_mut(OP)?, dwpe.cuda_mut(OP)?);
+        let (ids, starts, order) = (index.ids.cuda(OP)?, index.starts.cuda(OP)?, index.order.cuda(OP)?);
+        return launch::embedding_backward(dwte, dwpe, dout.cuda(OP)?, ids, starts, order, index.distinct, b, t, c);
     }
     let ids = tokens.as_slice::<u32>()?;
     check_ids(OP, ids, vocab)?;
-    let t = *t;
-    float_dispatch!(OP, dwte, |F| {
+    cpu_float!(OP, dwte, |F| {
         cpu::embedding::backward::<F>(dwte.as_mut_slice()?, dwpe.as_mut_slice()?, dout.as_slice()?, ids, t, c);
         Ok(())
     })
@@ -469,17 +679,28 @@ pub fn softmax_cross_entropy(
     grad_scale: Option<f64>,
 ) -> Result<()> {
     const OP: &str = "softmax_cross_entropy";
-    same_kind(OP, logits, &[losses])?;
-    expect_u32(OP, targets)?;
+    stats_kind(OP, logits, &[losses])?;
+    expect_ids(OP, targets, logits)?;
     let (n, vp) = logits.shape().as_rows_cols();
     if vocab_size == 0 || vocab_size > vp {
         return Err(Error::Shape { op: OP, msg: format!("vocab_size {vocab_size} vs logits {}", logits.shape()) });
     }
     expect_numel(OP, "losses", losses, n)?;
     expect_numel(OP, "targets", targets, n)?;
+    if on_cuda(logits) {
+        return launch::cross_entropy(
+            logits.cuda_mut(OP)?,
+            losses.cuda_mut(OP)?,
+            targets.cuda(OP)?,
+            n,
+            vp,
+            vocab_size,
+            grad_scale,
+        );
+    }
     let ids = targets.as_slice::<u32>()?;
     check_ids(OP, ids, vocab_size)?;
-    float_dispatch!(OP, logits, |F| {
+    cpu_float!(OP, logits, |F| {
         cpu::cross_entropy::forward_backward::<F>(
             logits.as_mut_slice()?,
             losses.as_mut_slice()?,
@@ -502,7 +723,11 @@ pub fn adamw_update(param: &mut Tensor, grad: &Tensor, m: &mut Tensor, v: &mut T
     for (name, t) in [("grad", grad), ("m", &*m), ("v", &*v)] {
         expect_numel(OP, name, t, param.numel())?;
     }
-    float_dispatch!(OP, param, |F| {
+    let n = param.numel();
+    if on_cuda(param) {
+        return launch::adamw(param.cuda_mut(OP)?, grad.cuda(OP)?, m.cuda_mut(OP)?, v.cuda_mut(OP)?, n, h);
+    }
+    cpu_float!(OP, param, |F| {
         cpu::adamw::update::<F>(param.as_mut_slice()?, grad.as_slice()?, m.as_mut_slice()?, v.as_mut_slice()?, h);
         Ok(())
     })

@@ -1,10 +1,12 @@
+use crate::cuda::CudaStorage;
 use crate::{DType, Device, Element};
 
 /// The bytes behind a tensor, per backend. Ops match on this enum to choose an
-/// implementation; the CUDA backend adds a `Cuda` variant.
-#[derive(Debug, Clone)]
+/// implementation.
+#[derive(Debug)]
 pub enum Storage {
     Cpu(CpuStorage),
+    Cuda(CudaStorage),
 }
 
 /// Host memory, one variant per dtype.
@@ -92,12 +94,23 @@ impl Storage {
     pub fn device(&self) -> Device {
         match self {
             Storage::Cpu(_) => Device::Cpu,
+            Storage::Cuda(s) => Device::Cuda(s.device.clone()),
         }
     }
 
     pub fn dtype(&self) -> DType {
         match self {
             Storage::Cpu(s) => s.dtype(),
+            Storage::Cuda(s) => s.dtype(),
+        }
+    }
+
+    /// Both on the CPU, or both on the same GPU (without cloning device handles).
+    pub fn same_device(&self, other: &Storage) -> bool {
+        match (self, other) {
+            (Storage::Cpu(_), Storage::Cpu(_)) => true,
+            (Storage::Cuda(a), Storage::Cuda(b)) => a.device == b.device,
+            _ => false,
         }
     }
 }

@@ -25,11 +25,11 @@ fn rng(seed: u64) -> ChaCha8Rng {
 fn randn(r: &mut ChaCha8Rng, dims: &[usize]) -> Tensor {
     let n: usize = dims.iter().product();
     let v: Vec<f64> = (0..n).map(|_| r.random::<f64>() * 2.0 - 1.0).collect();
-    Tensor::from_vec(v, dims, Device::Cpu).unwrap()
+    Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
 }
 
 fn zeros(dims: &[usize]) -> Tensor {
-    Tensor::zeros(dims, trainer_core::DType::F64, Device::Cpu).unwrap()
+    Tensor::zeros(dims, trainer_core::DType::F64, &Device::Cpu).unwrap()
 }
 
 fn dot(a: &Tensor, b: &Tensor) -> f64 {
@@ -42,9 +42,9 @@ fn check(name: &str, x: &Tensor, analytic: &Tensor, loss: impl Fn(&Tensor) -> f6
     let a = analytic.as_slice::<f64>().unwrap();
     let mut worst = 0.0f64;
     for (i, &ai) in a.iter().enumerate() {
-        let mut xp = x.clone();
+        let mut xp = x.try_clone().unwrap();
         xp.as_mut_slice::<f64>().unwrap()[i] += H;
-        let mut xm = x.clone();
+        let mut xm = x.try_clone().unwrap();
         xm.as_mut_slice::<f64>().unwrap()[i] -= H;
         let numeric = (loss(&xp) - loss(&xm)) / (2.0 * H);
         let err = (ai - numeric).abs() / numeric.abs().max(1.0);
@@ -67,11 +67,11 @@ fn linear_backward_matches_finite_differences() {
     };
     let (mut dx, mut dw, mut db) = (zeros(&[n, c]), randn(&mut r, &[oc, c]), randn(&mut r, &[oc]));
     // Parameter gradients accumulate: start from nonzero values and subtract them.
-    let (dw0, db0) = (dw.clone(), db.clone());
+    let (dw0, db0) = (dw.try_clone().unwrap(), db.try_clone().unwrap());
     ops::linear_backward(&mut dx, &mut dw, Some(&mut db), &dy, &x, &w).unwrap();
     let sub = |a: &Tensor, b: &Tensor| {
-        let v = a.to_vec_f64().iter().zip(b.to_vec_f64()).map(|(x, y)| x - y).collect::<Vec<_>>();
-        Tensor::from_vec(v, a.dims(), Device::Cpu).unwrap()
+        let v = a.to_vec_f64().unwrap().iter().zip(b.to_vec_f64().unwrap()).map(|(x, y)| x - y).collect::<Vec<_>>();
+        Tensor::from_vec(v, a.dims(), &Device::Cpu).unwrap()
     };
     check("linear dinp", &x, &dx, |x| fwd(x, &w, &b));
     check("linear dweight", &w, &sub(&dw, &dw0), |w| fwd(&x, w, &b));
@@ -86,9 +86,9 @@ fn matmul_transposes_match_naive_product() {
         let a = randn(&mut r, &if ta { [k, m] } else { [m, k] });
         let b = randn(&mut r, &if tb { [n, k] } else { [k, n] });
         let mut out = randn(&mut r, &[m, n]);
-        let before = out.to_vec_f64();
+        let before = out.to_vec_f64().unwrap();
         ops::matmul(&mut out, &a, &b, ta, tb, true).unwrap();
-        let (av, bv) = (a.to_vec_f64(), b.to_vec_f64());
+        let (av, bv) = (a.to_vec_f64().unwrap(), b.to_vec_f64().unwrap());
         for i in 0..m {
             for j in 0..n {
                 let mut s = before[i * n + j];
@@ -97,7 +97,7 @@ fn matmul_transposes_match_naive_product() {
                     let y = if tb { bv[j * k + p] } else { bv[p * n + j] };
                     s += x * y;
                 }
-                let got = out.to_vec_f64()[i * n + j];
+                let got = out.to_vec_f64().unwrap()[i * n + j];
                 assert!((got - s).abs() < 1e-12, "ta={ta} tb={tb} ({i},{j}): {got} vs {s}");
             }
         }
@@ -125,10 +125,10 @@ fn layernorm_backward_matches_finite_differences() {
     check("layernorm dbias", &b, &db, |b| fwd(&x, &w, b).0);
 
     // dinp accumulates into the residual gradient already there.
-    let mut dx2 = Tensor::from_vec(vec![1.0f64; n * c], [n, c], Device::Cpu).unwrap();
+    let mut dx2 = Tensor::from_vec(vec![1.0f64; n * c], [n, c], &Device::Cpu).unwrap();
     let (mut dw2, mut db2) = (zeros(&[c]), zeros(&[c]));
     ops::layernorm_backward(&mut dx2, &mut dw2, &mut db2, &dy, &x, &w, &mean, &rstd).unwrap();
-    for (a, b) in dx2.to_vec_f64().iter().zip(dx.to_vec_f64()) {
+    for (a, b) in dx2.to_vec_f64().unwrap().iter().zip(dx.to_vec_f64().unwrap()) {
         assert!((a - 1.0 - b).abs() < 1e-12);
     }
 }
@@ -159,7 +159,8 @@ fn attention_case(causal: bool, seed: u64) {
     };
     let (y, lse) = fwd(&qkv);
     let mut dqkv = randn(&mut r, &[b, t, 3 * c]); // overwritten, so garbage is fine
-    ops::attention_backward(&mut dqkv, &dy, &qkv, &y, &lse, nh, causal).unwrap();
+    let mut delta = zeros(&[b, nh, t]);
+    ops::attention_backward(&mut dqkv, &mut delta, &dy, &qkv, &y, &lse, nh, causal).unwrap();
     check(if causal { "attention(causal) dqkv" } else { "attention dqkv" }, &qkv, &dqkv, |q| dot(&fwd(q).0, &dy));
 }
 
@@ -174,7 +175,7 @@ fn causal_attention_ignores_the_future() {
     let mut r = rng(7);
     let (b, t, nh, c) = (1, 6, 2, 8);
     let qkv = randn(&mut r, &[b, t, 3 * c]);
-    let mut qkv2 = qkv.clone();
+    let mut qkv2 = qkv.try_clone().unwrap();
     // Change every k and v of the last position: earlier outputs must not move.
     for j in c..3 * c {
         qkv2.as_mut_slice::<f64>().unwrap()[(t - 1) * 3 * c + j] += 1.0;
@@ -182,7 +183,7 @@ fn causal_attention_ignores_the_future() {
     let run = |q: &Tensor| {
         let (mut y, mut lse) = (zeros(&[b, t, c]), zeros(&[b, nh, t]));
         ops::attention_forward(&mut y, &mut lse, q, nh, true).unwrap();
-        y.to_vec_f64()
+        y.to_vec_f64().unwrap()
     };
     let (y1, y2) = (run(&qkv), run(&qkv2));
     assert_eq!(y1[..(t - 1) * c], y2[..(t - 1) * c]);
@@ -194,7 +195,7 @@ fn embedding_backward_matches_finite_differences() {
     let mut r = rng(8);
     let (b, t, c, v, max_t) = (2, 3, 4, 5, 4);
     // Token 1 repeats: its gradient must be the sum of both uses.
-    let tokens = Tensor::from_vec(vec![1u32, 4, 1, 0, 2, 3], [b, t], Device::Cpu).unwrap();
+    let tokens = Tensor::from_vec(vec![1u32, 4, 1, 0, 2, 3], [b, t], &Device::Cpu).unwrap();
     let (wte, wpe, dy) = (randn(&mut r, &[v, c]), randn(&mut r, &[max_t, c]), randn(&mut r, &[b, t, c]));
     let fwd = |wte: &Tensor, wpe: &Tensor| {
         let mut y = zeros(&[b, t, c]);
@@ -202,11 +203,13 @@ fn embedding_backward_matches_finite_differences() {
         dot(&y, &dy)
     };
     let (mut dwte, mut dwpe) = (zeros(&[v, c]), zeros(&[max_t, c]));
-    ops::embedding_backward(&mut dwte, &mut dwpe, &dy, &tokens).unwrap();
+    let mut index = ops::TokenIndex::new(b * t, &Device::Cpu).unwrap();
+    index.update(tokens.as_slice::<u32>().unwrap()).unwrap();
+    ops::embedding_backward(&mut dwte, &mut dwpe, &dy, &tokens, &index).unwrap();
     check("embedding dwte", &wte, &dwte, |w| fwd(w, &wpe));
     check("embedding dwpe", &wpe, &dwpe, |w| fwd(&wte, w));
 
-    let bad = Tensor::from_vec(vec![0u32, 5], [1, 2], Device::Cpu).unwrap();
+    let bad = Tensor::from_vec(vec![0u32, 5], [1, 2], &Device::Cpu).unwrap();
     let mut y = zeros(&[1, 2, c]);
     let err = ops::embedding_forward(&mut y, &bad, &wte, &wpe).unwrap_err().to_string();
     assert!(err.contains("index 5") && err.contains("< 5"), "{err}");
@@ -217,22 +220,22 @@ fn cross_entropy_gradient_matches_finite_differences_and_skips_padding() {
     let mut r = rng(9);
     let (n, v, vp) = (4, 5, 8);
     let logits = randn(&mut r, &[n, vp]);
-    let targets = Tensor::from_vec(vec![0u32, 4, 2, 4], [n], Device::Cpu).unwrap();
+    let targets = Tensor::from_vec(vec![0u32, 4, 2, 4], [n], &Device::Cpu).unwrap();
     let scale = 0.25; // e.g. 1 / (B*T)
     let loss = |l: &Tensor| {
-        let (mut l, mut losses) = (l.clone(), zeros(&[n]));
+        let (mut l, mut losses) = (l.try_clone().unwrap(), zeros(&[n]));
         ops::softmax_cross_entropy(&mut l, &mut losses, &targets, v, None).unwrap();
         scale * ops::sum(&losses).unwrap()
     };
-    let mut grad = logits.clone();
+    let mut grad = logits.try_clone().unwrap();
     let mut losses = zeros(&[n]);
     ops::softmax_cross_entropy(&mut grad, &mut losses, &targets, v, Some(scale)).unwrap();
     check("cross_entropy dlogits", &logits, &grad, loss);
-    for row in grad.to_vec_f64().chunks(vp) {
+    for row in grad.to_vec_f64().unwrap().chunks(vp) {
         assert!(row[v..].iter().all(|&g| g == 0.0), "padded columns get no gradient");
     }
     // The loss ignores padded logits entirely.
-    let mut shifted = logits.clone();
+    let mut shifted = logits.try_clone().unwrap();
     shifted.as_mut_slice::<f64>().unwrap()[vp - 1] += 100.0;
     assert_eq!(loss(&logits), loss(&shifted));
 }
@@ -245,12 +248,12 @@ fn adamw_matches_scalar_reference() {
     let (mut m, mut v) = (zeros(&[n]), zeros(&[n]));
     let h =
         |step| AdamWHyper { lr: 0.01, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step, grad_scale: 0.5 };
-    let (mut rp, mut rm, mut rv) = (p.to_vec_f64(), vec![0.0; n], vec![0.0; n]);
+    let (mut rp, mut rm, mut rv) = (p.to_vec_f64().unwrap(), vec![0.0; n], vec![0.0; n]);
     for step in 1..=3u64 {
         ops::adamw_update(&mut p, &g, &mut m, &mut v, h(step)).unwrap();
         let hh = h(step);
         let (b1, b2, lr, wd) = (hh.beta1, hh.beta2, hh.lr, hh.weight_decay);
-        for (i, &gi) in g.to_vec_f64().iter().enumerate() {
+        for (i, &gi) in g.to_vec_f64().unwrap().iter().enumerate() {
             let gi = gi * 0.5;
             rm[i] = b1 * rm[i] + (1.0 - b1) * gi;
             rv[i] = b2 * rv[i] + (1.0 - b2) * gi * gi;
@@ -259,7 +262,7 @@ fn adamw_matches_scalar_reference() {
             rp[i] = rp[i] * (1.0 - lr * wd) - lr * mhat / (vhat.sqrt() + 1e-8);
         }
     }
-    for (a, b) in p.to_vec_f64().iter().zip(&rp) {
+    for (a, b) in p.to_vec_f64().unwrap().iter().zip(&rp) {
         assert!((a - b).abs() < 1e-12, "{a} vs {b}");
     }
 }
@@ -272,11 +275,11 @@ fn f32_ops_agree_with_f64() {
     let (w, b) = (randn(&mut r, &[9]), randn(&mut r, &[9]));
     let run = |dt| {
         let (x, w, b) = (x.to_dtype(dt).unwrap(), w.to_dtype(dt).unwrap(), b.to_dtype(dt).unwrap());
-        let mut y = Tensor::zeros([4, 9], dt, Device::Cpu).unwrap();
+        let mut y = Tensor::zeros([4, 9], dt, &Device::Cpu).unwrap();
         let (mut m, mut s) =
-            (Tensor::zeros([4], dt, Device::Cpu).unwrap(), Tensor::zeros([4], dt, Device::Cpu).unwrap());
+            (Tensor::zeros([4], dt, &Device::Cpu).unwrap(), Tensor::zeros([4], dt, &Device::Cpu).unwrap());
         ops::layernorm_forward(&mut y, &mut m, &mut s, &x, &w, &b, 1e-5).unwrap();
-        y.to_vec_f64()
+        y.to_vec_f64().unwrap()
     };
     let (a, b) = (run(trainer_core::DType::F32), run(trainer_core::DType::F64));
     for (x, y) in a.iter().zip(&b) {
@@ -284,7 +287,7 @@ fn f32_ops_agree_with_f64() {
     }
     // Half types are storage-only on the CPU: a clear error, not garbage.
     let h = x.to_dtype(trainer_core::DType::BF16).unwrap();
-    let mut y = Tensor::zeros([4, 9], trainer_core::DType::BF16, Device::Cpu).unwrap();
+    let mut y = Tensor::zeros([4, 9], trainer_core::DType::BF16, &Device::Cpu).unwrap();
     let err = ops::gelu_forward(&mut y, &h).unwrap_err().to_string();
     assert!(err.contains("bf16") && err.contains("cpu"), "{err}");
 }

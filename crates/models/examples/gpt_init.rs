@@ -22,7 +22,7 @@ fn main() -> Result<()> {
         n_head: n_head as usize,
         n_embd: n_embd as usize,
     };
-    let mut model = Gpt::new(config, DType::F32, Device::Cpu)?;
+    let mut model = Gpt::new(config, DType::F32, &Device::Cpu)?;
     model.init(seed)?;
     model.save_weights(&PathBuf::from(out))?;
     Ok(())

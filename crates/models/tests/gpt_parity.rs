@@ -48,10 +48,10 @@ impl Golden {
     fn ids(&self, name: &str) -> Vec<u32> {
         self.tensor(name).to_vec::<u32>().unwrap()
     }
-    fn model(&self, dtype: DType) -> Gpt {
-        let mut m = Gpt::new(self.config.clone(), dtype, Device::Cpu).unwrap();
+    fn model(&self, dtype: DType, device: &Device) -> Gpt {
+        let mut m = Gpt::new(self.config.clone(), dtype, device).unwrap();
         for p in m.params_mut() {
-            let src = self.tensor(&format!("param.{}", p.name)).to_dtype(dtype).unwrap();
+            let src = self.tensor(&format!("param.{}", p.name)).to_dtype(dtype).unwrap().to_device(device).unwrap();
             trainer_core::ops::copy(&mut p.value, &src).unwrap();
         }
         m
@@ -72,41 +72,41 @@ fn assert_close(what: &str, ours: &[f64], reference: &[f64], tol: f64) {
     assert!(e <= tol, "{what}: relative error {e:e} exceeds {tol:e}");
 }
 
-fn check_forward_backward(dtype: DType, tol_tensor: f64, tol_loss: f64) {
+fn check_forward_backward(device: &Device, dtype: DType, tol_tensor: f64, tol_loss: f64) {
     let g = golden().unwrap();
-    let mut model = g.model(dtype);
+    let mut model = g.model(dtype, device);
     let (tokens, targets) = (g.ids("input.tokens"), g.ids("input.targets"));
     let mut acts = model.new_acts(g.b, g.t).unwrap();
 
     let loss = model.forward(&mut acts, &tokens, Some(&targets)).unwrap().unwrap();
-    let ref_loss = g.tensor("out.loss").to_vec_f64()[0];
+    let ref_loss = g.tensor("out.loss").to_vec_f64().unwrap()[0];
     assert_close(&format!("{dtype} loss"), &[loss], &[ref_loss], tol_loss);
 
     // Our logits are padded to a multiple of 128; the reference has the real vocabulary.
     let (v, vp) = (g.config.vocab_size, g.config.padded_vocab_size());
-    let logits: Vec<f64> = acts.logits.to_vec_f64().chunks(vp).flat_map(|r| r[..v].to_vec()).collect();
-    assert_close(&format!("{dtype} logits"), &logits, &g.tensor("out.logits").to_vec_f64(), tol_tensor);
+    let logits: Vec<f64> = acts.logits.to_vec_f64().unwrap().chunks(vp).flat_map(|r| r[..v].to_vec()).collect();
+    assert_close(&format!("{dtype} logits"), &logits, &g.tensor("out.logits").to_vec_f64().unwrap(), tol_tensor);
 
     model.zero_grad().unwrap();
     model.forward_backward(&mut acts, &tokens, &targets, 1.0).unwrap();
     for p in model.params() {
-        let reference = g.tensor(&format!("grad.{}", p.name)).to_vec_f64();
-        assert_close(&format!("{dtype} grad {}", p.name), &p.grad.to_vec_f64(), &reference, tol_tensor);
+        let reference = g.tensor(&format!("grad.{}", p.name)).to_vec_f64().unwrap();
+        assert_close(&format!("{dtype} grad {}", p.name), &p.grad.to_vec_f64().unwrap(), &reference, tol_tensor);
     }
-    let wte_grad = model.wte.grad.to_vec_f64();
+    let wte_grad = model.wte.grad.to_vec_f64().unwrap();
     assert!(wte_grad[v * g.config.n_embd..].iter().all(|&x| x == 0.0), "padded embedding rows get no gradient");
 }
 
-fn check_training_steps(dtype: DType, tol_loss: f64) {
+fn check_training_steps(device: &Device, dtype: DType, tol_loss: f64) {
     let g = golden().unwrap();
-    let mut model = g.model(dtype);
+    let mut model = g.model(dtype, device);
     let (tokens, targets) = (g.ids("input.tokens"), g.ids("input.targets"));
     let mut acts = model.new_acts(g.b, g.t).unwrap();
     let o = &g.opt;
     let f = |k: &str| o[k].as_f64().unwrap();
     let cfg = AdamWConfig { beta1: f("beta1"), beta2: f("beta2"), eps: f("eps"), weight_decay: f("weight_decay") };
     let mut opt = AdamW::new(cfg, &model.params()).unwrap();
-    let reference = g.tensor("steps.losses").to_vec_f64();
+    let reference = g.tensor("steps.losses").to_vec_f64().unwrap();
     let mut losses = Vec::new();
     for _ in 0..reference.len() {
         model.zero_grad().unwrap();
@@ -123,34 +123,34 @@ fn check_training_steps(dtype: DType, tol_loss: f64) {
 
 #[test]
 fn f64_matches_pytorch_tightly() {
-    check_forward_backward(DType::F64, 1e-12, 1e-13);
+    check_forward_backward(&Device::Cpu, DType::F64, 1e-12, 1e-13);
 }
 
 #[test]
 fn f32_matches_pytorch() {
-    check_forward_backward(DType::F32, 1e-4, 1e-5);
+    check_forward_backward(&Device::Cpu, DType::F32, 1e-4, 1e-5);
 }
 
 #[test]
 fn f64_adamw_steps_match_pytorch() {
-    check_training_steps(DType::F64, 1e-12);
+    check_training_steps(&Device::Cpu, DType::F64, 1e-12);
 }
 
 #[test]
 fn f32_adamw_steps_match_pytorch() {
-    check_training_steps(DType::F32, 1e-5);
+    check_training_steps(&Device::Cpu, DType::F32, 1e-5);
 }
 
 #[test]
 fn weights_round_trip_and_mismatches_are_named() {
     let g = golden().unwrap();
-    let model = g.model(DType::F32);
+    let model = g.model(DType::F32, &Device::Cpu);
     let dir = std::env::temp_dir().join(format!("gpt_parity_{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("w.safetensors");
     model.save_weights(&path).unwrap();
     assert_eq!(Gpt::config_from_weights(&path).unwrap(), g.config);
-    let mut back = Gpt::new(g.config.clone(), DType::F32, Device::Cpu).unwrap();
+    let mut back = Gpt::new(g.config.clone(), DType::F32, &Device::Cpu).unwrap();
     back.load_weights(&path).unwrap();
     for (a, b) in model.params().iter().zip(back.params()) {
         assert_eq!(a.value.to_vec::<f32>().unwrap(), b.value.to_vec::<f32>().unwrap(), "{}", a.name);
@@ -158,9 +158,24 @@ fn weights_round_trip_and_mismatches_are_named() {
     // A model of another shape refuses the file and names the tensor.
     let mut other = g.config.clone();
     other.n_embd = 48;
-    let mut wrong = Gpt::new(other, DType::F32, Device::Cpu).unwrap();
+    let mut wrong = Gpt::new(other, DType::F32, &Device::Cpu).unwrap();
     let err = wrong.load_weights(&path).unwrap_err().to_string();
     assert!(err.contains("transformer.wte.weight") && err.contains("w.safetensors"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
     let _ = &g.path;
+}
+
+/// The same checks on the GPU in f32, with the same bars as the CPU's f32 run
+/// (only summation order differs). Skips with a message where there is no GPU.
+#[test]
+fn cuda_f32_matches_pytorch() {
+    let device = match Device::cuda(0) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            return;
+        }
+    };
+    check_forward_backward(&device, DType::F32, 1e-4, 1e-5);
+    check_training_steps(&device, DType::F32, 1e-5);
 }

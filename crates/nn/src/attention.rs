@@ -23,20 +23,23 @@ pub struct AttentionActs {
     pub y: Tensor,
     /// (B, n_head, T): log-sum-exp of each query's scores.
     pub lse: Tensor,
+    /// (B, n_head, T): the backward's per-row sum(dout * out) (a workspace).
+    pub delta: Tensor,
 }
 
 impl AttentionActs {
-    pub fn new(b: usize, t: usize, c: usize, n_head: usize, dtype: DType, device: Device) -> Result<Self> {
+    pub fn new(b: usize, t: usize, c: usize, n_head: usize, dtype: DType, device: &Device) -> Result<Self> {
         Ok(AttentionActs {
             qkv: Tensor::zeros([b, t, 3 * c], dtype, device)?,
             y: Tensor::zeros([b, t, c], dtype, device)?,
-            lse: Tensor::zeros([b, n_head, t], dtype, device)?,
+            lse: Tensor::zeros([b, n_head, t], dtype.stats_dtype(), device)?,
+            delta: Tensor::zeros([b, n_head, t], dtype.stats_dtype(), device)?,
         })
     }
 }
 
 impl SelfAttention {
-    pub fn new(name: &str, c: usize, n_head: usize, causal: bool, dtype: DType, device: Device) -> Result<Self> {
+    pub fn new(name: &str, c: usize, n_head: usize, causal: bool, dtype: DType, device: &Device) -> Result<Self> {
         Ok(SelfAttention {
             c_attn: Linear::new(&format!("{name}.c_attn"), c, 3 * c, true, dtype, device)?,
             c_proj: Linear::new(&format!("{name}.c_proj"), c, c, true, dtype, device)?,
@@ -58,12 +61,12 @@ impl SelfAttention {
         dinp: &mut Tensor,
         dout: &Tensor,
         inp: &Tensor,
-        acts: &AttentionActs,
+        acts: &mut AttentionActs,
         dy: &mut Tensor,
         dqkv: &mut Tensor,
     ) -> Result<()> {
         self.c_proj.backward(dy, dout, &acts.y)?;
-        ops::attention_backward(dqkv, dy, &acts.qkv, &acts.y, &acts.lse, self.n_head, self.causal)?;
+        ops::attention_backward(dqkv, &mut acts.delta, dy, &acts.qkv, &acts.y, &acts.lse, self.n_head, self.causal)?;
         self.c_attn.backward(dinp, dqkv, inp)
     }
 }

@@ -46,7 +46,7 @@ pub struct BlockGrads {
 }
 
 impl BlockGrads {
-    pub fn new(b: usize, t: usize, c: usize, hidden: usize, dtype: DType, device: Device) -> Result<Self> {
+    pub fn new(b: usize, t: usize, c: usize, hidden: usize, dtype: DType, device: &Device) -> Result<Self> {
         Ok(BlockGrads {
             dln: Tensor::zeros([b, t, c], dtype, device)?,
             dy: Tensor::zeros([b, t, c], dtype, device)?,
@@ -59,7 +59,7 @@ impl BlockGrads {
 
 impl Block {
     /// `name` prefixes parameter names, e.g. "transformer.h.3".
-    pub fn new(name: &str, c: usize, n_head: usize, causal: bool, dtype: DType, device: Device) -> Result<Self> {
+    pub fn new(name: &str, c: usize, n_head: usize, causal: bool, dtype: DType, device: &Device) -> Result<Self> {
         Ok(Block {
             ln_1: LayerNorm::new(&format!("{name}.ln_1"), c, dtype, device)?,
             attn: SelfAttention::new(&format!("{name}.attn"), c, n_head, causal, dtype, device)?,
@@ -68,7 +68,7 @@ impl Block {
         })
     }
 
-    pub fn new_acts(&self, b: usize, t: usize, dtype: DType, device: Device) -> Result<BlockActs> {
+    pub fn new_acts(&self, b: usize, t: usize, dtype: DType, device: &Device) -> Result<BlockActs> {
         let c = self.ln_1.weight.value.numel();
         let bt = |w| Tensor::zeros([b, t, w], dtype, device);
         Ok(BlockActs {
@@ -98,12 +98,18 @@ impl Block {
     /// The residual stream's gradient flows through in place: on entry `dresid`
     /// holds dL/d(out), on return dL/dx. Each branch's LayerNorm backward adds its
     /// contribution to it, which is exactly the residual connection's backward.
-    pub fn backward(&mut self, dresid: &mut Tensor, x: &Tensor, acts: &BlockActs, g: &mut BlockGrads) -> Result<()> {
+    pub fn backward(
+        &mut self,
+        dresid: &mut Tensor,
+        x: &Tensor,
+        acts: &mut BlockActs,
+        g: &mut BlockGrads,
+    ) -> Result<()> {
         // out = r + mlp(ln_2(r))
         self.mlp.backward(&mut g.dln, dresid, &acts.ln2, &acts.mlp, &mut g.dgelu, &mut g.dfc)?;
         self.ln_2.backward(dresid, &g.dln, &acts.resid_mid, &acts.ln2_stats)?;
         // r = x + attn(ln_1(x))
-        self.attn.backward(&mut g.dln, dresid, &acts.ln1, &acts.attn, &mut g.dy, &mut g.dqkv)?;
+        self.attn.backward(&mut g.dln, dresid, &acts.ln1, &mut acts.attn, &mut g.dy, &mut g.dqkv)?;
         self.ln_1.backward(dresid, &g.dln, x, &acts.ln1_stats)
     }
 }

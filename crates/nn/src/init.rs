@@ -24,6 +24,6 @@ pub fn constant(param: &mut Param, value: f64) -> Result<()> {
 }
 
 fn set_from_f64(t: &mut Tensor, v: Vec<f64>) -> Result<()> {
-    let src = Tensor::from_vec(v, t.dims(), Device::Cpu)?.to_dtype(t.dtype())?;
+    let src = Tensor::from_vec(v, t.dims(), &Device::Cpu)?.to_dtype(t.dtype())?.to_device(&t.device())?;
     ops::copy(t, &src)
 }

@@ -18,13 +18,15 @@ pub struct LayerNormStats {
 }
 
 impl LayerNormStats {
-    pub fn new(rows: usize, dtype: DType, device: Device) -> Result<Self> {
+    /// `dtype` is the activations'; statistics use its `stats_dtype`.
+    pub fn new(rows: usize, dtype: DType, device: &Device) -> Result<Self> {
+        let dtype = dtype.stats_dtype();
         Ok(LayerNormStats { mean: Tensor::zeros([rows], dtype, device)?, rstd: Tensor::zeros([rows], dtype, device)? })
     }
 }
 
 impl LayerNorm {
-    pub fn new(name: &str, c: usize, dtype: DType, device: Device) -> Result<Self> {
+    pub fn new(name: &str, c: usize, dtype: DType, device: &Device) -> Result<Self> {
         Ok(LayerNorm {
             weight: Param::zeros(format!("{name}.weight"), &[c], dtype, device)?,
             bias: Param::zeros(format!("{name}.bias"), &[c], dtype, device)?,

@@ -10,7 +10,7 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn new(name: &str, inp: usize, out: usize, bias: bool, dtype: DType, device: Device) -> Result<Self> {
+    pub fn new(name: &str, inp: usize, out: usize, bias: bool, dtype: DType, device: &Device) -> Result<Self> {
         Ok(Linear {
             weight: Param::zeros(format!("{name}.weight"), &[out, inp], dtype, device)?,
             bias: if bias { Some(Param::zeros(format!("{name}.bias"), &[out], dtype, device)?) } else { None },

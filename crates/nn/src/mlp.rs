@@ -19,7 +19,7 @@ pub struct MlpActs {
 }
 
 impl MlpActs {
-    pub fn new(b: usize, t: usize, hidden: usize, dtype: DType, device: Device) -> Result<Self> {
+    pub fn new(b: usize, t: usize, hidden: usize, dtype: DType, device: &Device) -> Result<Self> {
         Ok(MlpActs {
             fc: Tensor::zeros([b, t, hidden], dtype, device)?,
             fc_gelu: Tensor::zeros([b, t, hidden], dtype, device)?,
@@ -28,7 +28,7 @@ impl MlpActs {
 }
 
 impl Mlp {
-    pub fn new(name: &str, c: usize, hidden: usize, dtype: DType, device: Device) -> Result<Self> {
+    pub fn new(name: &str, c: usize, hidden: usize, dtype: DType, device: &Device) -> Result<Self> {
         Ok(Mlp {
             c_fc: Linear::new(&format!("{name}.c_fc"), c, hidden, true, dtype, device)?,
             c_proj: Linear::new(&format!("{name}.c_proj"), hidden, c, true, dtype, device)?,

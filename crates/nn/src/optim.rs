@@ -27,7 +27,7 @@ impl AdamW {
         let moments = params
             .iter()
             .map(|p| {
-                let z = || Tensor::zeros(p.value.dims(), p.value.dtype(), p.value.device());
+                let z = || Tensor::zeros(p.value.dims(), p.value.dtype(), &p.value.device());
                 Ok((z()?, z()?))
             })
             .collect::<Result<_>>()?;

@@ -1,7 +1,7 @@
 use trainer_core::{DType, Device, Result, Tensor, ops};
 
 /// A trainable tensor and its gradient (same shape, dtype and device).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Param {
     /// Stable name, used in checkpoints and for matching other frameworks' weights.
     pub name: String,
@@ -11,7 +11,7 @@ pub struct Param {
 
 impl Param {
     /// A zero-initialized parameter; models fill it with their init scheme.
-    pub fn zeros(name: impl Into<String>, dims: &[usize], dtype: DType, device: Device) -> Result<Self> {
+    pub fn zeros(name: impl Into<String>, dims: &[usize], dtype: DType, device: &Device) -> Result<Self> {
         Ok(Param {
             name: name.into(),
             value: Tensor::zeros(dims, dtype, device)?,

@@ -1,12 +1,11 @@
 use std::path::Path;
 
-use trainer_core::Device;
 use trainer_data::BatchLoader;
 use trainer_models::gpt::{Gpt, GptActs};
 
 use crate::Result;
 use crate::config::Config;
-use crate::trainer::{check_device, compute_dtype, device_of, open_loader};
+use crate::trainer::{compute_dtype, open_device, open_loader};
 
 #[derive(Debug, Clone, Copy)]
 pub struct EvalReport {
@@ -34,10 +33,9 @@ pub fn evaluate(model: &Gpt, acts: &mut GptActs, loader: &mut BatchLoader, batch
 /// `trainer eval`: the model in `weights` (its shape comes from the file) on the
 /// config's validation data.
 pub fn evaluate_weights(cfg: &Config, weights: &Path) -> Result<EvalReport> {
-    check_device(cfg)?;
+    let device = open_device(cfg)?;
     let gpt = Gpt::config_from_weights(weights)?;
-    let device: Device = device_of(cfg);
-    let mut model = Gpt::new(gpt, compute_dtype(cfg), device)?;
+    let mut model = Gpt::new(gpt, compute_dtype(cfg), &device)?;
     model.load_weights(weights)?;
     let pattern =
         cfg.data.val.as_deref().ok_or_else(|| cfg.error("data.val is not set: evaluation needs validation shards"))?;

@@ -26,25 +26,11 @@ pub struct TrainSummary {
     pub weights: PathBuf,
 }
 
-pub(crate) fn device_of(cfg: &Config) -> Device {
+/// The configured device, or an error naming the key when it cannot be used.
+pub(crate) fn open_device(cfg: &Config) -> Result<Device> {
     match cfg.training.device {
-        DeviceKind::Cpu => Device::Cpu,
-        DeviceKind::Cuda => Device::Cuda(0),
-    }
-}
-
-/// Fails early, naming the key, when the configured device cannot be used.
-pub(crate) fn check_device(cfg: &Config) -> Result<()> {
-    let device = device_of(cfg);
-    trainer_core::Tensor::zeros([1], DType::F32, device)
-        .map(drop)
-        .map_err(|e| cfg.error(format!("training.device = \"{}\": {e}", device_name(cfg.training.device))))
-}
-
-fn device_name(d: DeviceKind) -> &'static str {
-    match d {
-        DeviceKind::Cpu => "cpu",
-        DeviceKind::Cuda => "cuda",
+        DeviceKind::Cpu => Ok(Device::Cpu),
+        DeviceKind::Cuda => Device::cuda(0).map_err(|e| cfg.error(format!("training.device = \"cuda\": {e}"))),
     }
 }
 
@@ -82,7 +68,7 @@ pub(crate) fn open_loader(
 
 pub fn train(cfg: &Config) -> Result<TrainSummary> {
     let gpt = cfg.gpt().map_err(|msg| cfg.error(msg))?;
-    check_device(cfg)?;
+    let device = open_device(cfg)?;
     let t_cfg = &cfg.training;
     let (b, t, accum) = (t_cfg.micro_batch_size, t_cfg.seq_len, t_cfg.grad_accum_steps);
 
@@ -93,7 +79,7 @@ pub fn train(cfg: &Config) -> Result<TrainSummary> {
         None => None,
     };
 
-    let mut model = Gpt::new(gpt.clone(), compute_dtype(cfg), device_of(cfg))?;
+    let mut model = Gpt::new(gpt.clone(), compute_dtype(cfg), &device)?;
     model.init(t_cfg.seed)?;
     let mut acts = model.new_acts(b, t)?;
     let o = &cfg.optimizer;

@@ -67,14 +67,24 @@ pub(crate) fn forward<F: Float>(out: &mut [F], lse: &mut [F], qkv: &[F], d: Dims
     );
 }
 
-/// dqkv (B, T, 3C) = dL/dqkv, overwritten. Uses the forward's out and lse.
-pub(crate) fn backward<F: Float>(dqkv: &mut [F], dout: &[F], qkv: &[F], out: &[F], lse: &[F], d: Dims) {
+/// dqkv (B, T, 3C) = dL/dqkv, overwritten. Uses the forward's out and lse;
+/// delta (B, H, T) receives each row's D = dout . out.
+pub(crate) fn backward<F: Float>(
+    dqkv: &mut [F],
+    delta: &mut [F],
+    dout: &[F],
+    qkv: &[F],
+    out: &[F],
+    lse: &[F],
+    d: Dims,
+) {
     let (t, c, nh, hs) = (d.t, d.c, d.n_head, d.head_size());
     let scale = F::one() / F::from_usize(hs).sqrt();
     dqkv.par_chunks_mut(t * 3 * c)
+        .zip(delta.par_chunks_mut(nh * t))
         .zip(dout.par_chunks(t * c).zip(out.par_chunks(t * c)))
         .zip(qkv.par_chunks(t * 3 * c).zip(lse.par_chunks(nh * t)))
-        .for_each(|((dqkv, (dout, out)), (qkv, lse))| {
+        .for_each(|(((dqkv, delta), (dout, out)), (qkv, lse))| {
             dqkv.fill(F::zero());
             let mut p = vec![F::zero(); t];
             let mut dp = vec![F::zero(); t];
@@ -86,6 +96,7 @@ pub(crate) fn backward<F: Float>(dqkv: &mut [F], dout: &[F], qkv: &[F], out: &[F
                     let dout_i = &dout[i * c + h * hs..][..hs];
                     // D_i = sum_j P_ij dP_ij = dout_i . out_i (softmax backward identity).
                     let big_d = dot(dout_i, &out[i * c + h * hs..][..hs]);
+                    delta[h * t + i] = big_d;
                     for j in 0..end {
                         let k = &qkv[j * 3 * c + ko..][..hs];
                         let v = &qkv[j * 3 * c + vo..][..hs];

@@ -3,6 +3,7 @@ use std::path::Path;
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use trainer_core::ops::TokenIndex;
 use trainer_core::{DType, Device, Tensor, io, ops};
 use trainer_nn::{Block, BlockActs, BlockGrads, LayerNorm, LayerNormStats, Module, Param, init};
 
@@ -40,8 +41,10 @@ pub struct GptActs {
     pub lnf_stats: LayerNormStats,
     /// (B*T, Vp). After a backward this holds dL/dlogits instead.
     pub logits: Tensor,
-    /// (B*T) per-position losses.
+    /// (B*T) per-position losses (f32 beside bf16 activations).
     pub losses: Tensor,
+    /// Positions of each distinct token, for the deterministic embedding backward.
+    pub token_index: TokenIndex,
     /// (B, T, C): the residual stream's gradient, flowing down through the blocks.
     pub dresid: Tensor,
     /// (B, T, C): gradient into the final LayerNorm's output.
@@ -58,7 +61,7 @@ impl GptActs {
 
 impl Gpt {
     /// A model with every parameter zero; call [`Gpt::init`] or load weights.
-    pub fn new(config: GptConfig, dtype: DType, device: Device) -> Result<Self> {
+    pub fn new(config: GptConfig, dtype: DType, device: &Device) -> Result<Self> {
         config.validate()?;
         let (c, vp) = (config.n_embd, config.padded_vocab_size());
         let blocks = (0..config.n_layer)
@@ -71,7 +74,7 @@ impl Gpt {
             ln_f: LayerNorm::new("transformer.ln_f", c, dtype, device)?,
             config,
             dtype,
-            device,
+            device: device.clone(),
         })
     }
 
@@ -105,8 +108,8 @@ impl Gpt {
         self.dtype
     }
 
-    pub fn device(&self) -> Device {
-        self.device
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// Activation buffers for micro-batches of (b, t).
@@ -117,7 +120,7 @@ impl Gpt {
                 self.config.block_size
             )));
         }
-        let (c, vp, dt, dev) = (self.config.n_embd, self.config.padded_vocab_size(), self.dtype, self.device);
+        let (c, vp, dt, dev) = (self.config.n_embd, self.config.padded_vocab_size(), self.dtype, &self.device);
         Ok(GptActs {
             b,
             t,
@@ -128,7 +131,8 @@ impl Gpt {
             lnf: Tensor::zeros([b, t, c], dt, dev)?,
             lnf_stats: LayerNormStats::new(b * t, dt, dev)?,
             logits: Tensor::zeros([b * t, vp], dt, dev)?,
-            losses: Tensor::zeros([b * t], dt, dev)?,
+            losses: Tensor::zeros([b * t], dt.stats_dtype(), dev)?,
+            token_index: TokenIndex::new(b * t, dev)?,
             dresid: Tensor::zeros([b, t, c], dt, dev)?,
             dlnf: Tensor::zeros([b, t, c], dt, dev)?,
             grads: BlockGrads::new(b, t, c, 4 * c, dt, dev)?,
@@ -169,6 +173,7 @@ impl Gpt {
     ) -> Result<()> {
         self.forward_to_logits(acts, tokens)?;
         acts.targets.copy_from_slice(targets)?;
+        acts.token_index.update(tokens)?;
         let grad_scale = loss_scale / (acts.b * acts.t) as f64;
         // Fused: losses out, and logits overwritten by dL/dlogits.
         ops::softmax_cross_entropy(
@@ -198,7 +203,7 @@ impl Gpt {
 
     /// Backward from dL/dlogits (in acts.logits) down to the embeddings.
     fn backward(&mut self, acts: &mut GptActs) -> Result<()> {
-        let GptActs { tokens, encoded, blocks, lnf, lnf_stats, logits, dresid, dlnf, grads, .. } = acts;
+        let GptActs { tokens, encoded, blocks, lnf, lnf_stats, logits, dresid, dlnf, grads, token_index, .. } = acts;
         // LM head: dlnf = dlogits @ wte; dwte += dlogits^T @ lnf.
         ops::linear_backward(dlnf, &mut self.wte.grad, None, logits, lnf, &self.wte.value)?;
         // The residual stream's gradient starts at zero and collects every branch.
@@ -206,10 +211,11 @@ impl Gpt {
         let last = blocks.last().map_or(&*encoded, |a| &a.out);
         self.ln_f.backward(dresid, dlnf, last, lnf_stats)?;
         for i in (0..self.blocks.len()).rev() {
-            let x = if i == 0 { &*encoded } else { &blocks[i - 1].out };
-            self.blocks[i].backward(dresid, x, &blocks[i], grads)?;
+            let (before, rest) = blocks.split_at_mut(i);
+            let x = before.last().map_or(&*encoded, |prev| &prev.out);
+            self.blocks[i].backward(dresid, x, &mut rest[0], grads)?;
         }
-        ops::embedding_backward(&mut self.wte.grad, &mut self.wpe.grad, dresid, tokens)?;
+        ops::embedding_backward(&mut self.wte.grad, &mut self.wpe.grad, dresid, tokens, token_index)?;
         Ok(())
     }
 
@@ -217,7 +223,9 @@ impl Gpt {
     /// safetensors file, atomically.
     pub fn save_weights(&self, path: &Path) -> Result<()> {
         let params = self.params();
-        let named: Vec<(&str, &Tensor)> = params.iter().map(|p| (p.name.as_str(), &p.value)).collect();
+        let host: Vec<Tensor> =
+            params.iter().map(|p| p.value.to_device(&Device::Cpu)).collect::<trainer_core::Result<_>>()?;
+        let named: Vec<(&str, &Tensor)> = params.iter().zip(&host).map(|(p, t)| (p.name.as_str(), t)).collect();
         let config = serde_json::to_string(&self.config).map_err(|e| Error::Config(e.to_string()))?;
         let meta = BTreeMap::from([("gpt_config".to_string(), config)]);
         io::save(path, &named, Some(meta))?;
@@ -253,7 +261,7 @@ impl Gpt {
             if !t.dtype().is_float() {
                 return Err(err(format!("tensor {} has dtype {}, expected a float", p.name, t.dtype())));
             }
-            staged.push(t.to_dtype(self.dtype)?);
+            staged.push(t.to_dtype(self.dtype)?.to_device(&self.device)?);
         }
         if let Some(extra) = loaded.tensors.keys().next() {
             return Err(err(format!("tensor {extra} is not a parameter of this model")));

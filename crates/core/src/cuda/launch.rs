@@ -1,0 +1,481 @@
+//! Launchers: one function per op, called by `ops` after it has checked
+//! shapes, dtypes and devices. Kernels receive raw device pointers and sizes;
+//! every launch goes on the device's single stream, so ops are ordered without
+//! host synchronization.
+
+use cudarc::cublas::{Gemm, GemmConfig, sys::cublasOperation_t};
+use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
+
+use super::{CudaData, CudaDevice, CudaStorage, cuda_err};
+use crate::{DType, Error, Result};
+
+/// Threads per block for one-dimensional kernels.
+const BLOCK: u32 = 256;
+/// Grid-stride kernels need no more blocks than this to fill any current GPU.
+const MAX_BLOCKS: usize = 132 * 32;
+
+/// A kernel argument. Pointers travel as 64-bit device addresses.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Arg {
+    Ptr(u64),
+    I64(i64),
+    I32(i32),
+    U32(u32),
+    F32(f32),
+    Dims(AttnDims),
+}
+
+/// Mirrors `struct Dims` in kernels/attention.cu.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AttnDims {
+    pub t: i32,
+    pub h: i32,
+    pub hs: i32,
+    pub scale: f32,
+    pub causal: i32,
+}
+
+// SAFETY: AttnDims is plain old data with the C layout of the kernel's struct.
+unsafe impl DeviceRepr for AttnDims {}
+
+fn suffix(s: &CudaStorage) -> Result<&'static str> {
+    match s.dtype() {
+        DType::F32 => Ok("f32"),
+        DType::BF16 => Ok("bf16"),
+        other => Err(Error::Unsupported { op: "cuda kernel", dtype: other, device: "cuda".into() }),
+    }
+}
+
+/// The device address of a buffer.
+fn ptr(s: &CudaStorage) -> Arg {
+    let stream = s.device.stream();
+    let raw = match &s.data {
+        CudaData::F32(v) => v.device_ptr(stream).0,
+        CudaData::BF16(v) => v.device_ptr(stream).0,
+        CudaData::U32(v) => v.device_ptr(stream).0,
+    };
+    Arg::Ptr(raw)
+}
+
+/// The device address of a buffer the kernel writes.
+fn ptr_mut(s: &mut CudaStorage) -> Arg {
+    let stream = s.device.stream().clone();
+    let raw = match &mut s.data {
+        CudaData::F32(v) => v.device_ptr_mut(&stream).0,
+        CudaData::BF16(v) => v.device_ptr_mut(&stream).0,
+        CudaData::U32(v) => v.device_ptr_mut(&stream).0,
+    };
+    Arg::Ptr(raw)
+}
+
+fn grid_1d(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(BLOCK as usize).clamp(1, MAX_BLOCKS) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn launch(dev: &CudaDevice, module: &'static str, name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+    let f = dev.function(module, name)?;
+    let stream = dev.stream();
+    let mut b = stream.launch_builder(&f);
+    for a in args {
+        match a {
+            Arg::Ptr(v) => b.arg(v),
+            Arg::I64(v) => b.arg(v),
+            Arg::I32(v) => b.arg(v),
+            Arg::U32(v) => b.arg(v),
+            Arg::F32(v) => b.arg(v),
+            Arg::Dims(v) => b.arg(v),
+        };
+    }
+    // SAFETY: each launcher below passes exactly the arguments, in order and
+    // type, of the extern "C" kernel it names in kernels/*.cu, and `ops`
+    // checked that every buffer holds the elements the kernel indexes. Outputs
+    // come from `&mut` tensors, so no buffer is written while aliased.
+    unsafe { b.launch(cfg) }.map_err(|e| cuda_err(format!("launching {name}"), e))?;
+    Ok(())
+}
+
+fn n64(n: usize) -> Arg {
+    Arg::I64(n as i64)
+}
+
+// ------------------------------------------------------------------ elementwise
+
+pub(crate) fn fill(out: &mut CudaStorage, value: f64, n: usize) -> Result<()> {
+    let dev = out.device.clone();
+    if let CudaData::U32(_) = out.data {
+        return launch(&dev, "elementwise", "fill_u32", grid_1d(n), &[ptr_mut(out), Arg::U32(value as u32), n64(n)]);
+    }
+    let name = format!("fill_{}", suffix(out)?);
+    launch(&dev, "elementwise", &name, grid_1d(n), &[ptr_mut(out), Arg::F32(value as f32), n64(n)])
+}
+
+pub(crate) fn copy(dst: &mut CudaStorage, src: &CudaStorage) -> Result<()> {
+    let stream = dst.device.stream().clone();
+    let e = |e| cuda_err("device-to-device copy", e);
+    match (&mut dst.data, &src.data) {
+        (CudaData::F32(d), CudaData::F32(s)) => stream.memcpy_dtod(s, d).map_err(e),
+        (CudaData::BF16(d), CudaData::BF16(s)) => stream.memcpy_dtod(s, d).map_err(e),
+        (CudaData::U32(d), CudaData::U32(s)) => stream.memcpy_dtod(s, d).map_err(e),
+        _ => Err(Error::DType { op: "copy", expected: dst.dtype(), got: src.dtype() }),
+    }
+}
+
+pub(crate) fn add(out: &mut CudaStorage, a: &CudaStorage, b: &CudaStorage, n: usize) -> Result<()> {
+    let (dev, name) = (out.device.clone(), format!("add_{}", suffix(out)?));
+    launch(&dev, "elementwise", &name, grid_1d(n), &[ptr_mut(out), ptr(a), ptr(b), n64(n)])
+}
+
+pub(crate) fn add_assign(acc: &mut CudaStorage, x: &CudaStorage, n: usize) -> Result<()> {
+    let (dev, name) = (acc.device.clone(), format!("add_assign_{}", suffix(acc)?));
+    launch(&dev, "elementwise", &name, grid_1d(n), &[ptr_mut(acc), ptr(x), n64(n)])
+}
+
+pub(crate) fn scale(x: &mut CudaStorage, s: f64, n: usize) -> Result<()> {
+    let (dev, name) = (x.device.clone(), format!("scale_{}", suffix(x)?));
+    launch(&dev, "elementwise", &name, grid_1d(n), &[ptr_mut(x), Arg::F32(s as f32), n64(n)])
+}
+
+pub(crate) fn gelu_forward(out: &mut CudaStorage, inp: &CudaStorage, n: usize) -> Result<()> {
+    let (dev, name) = (out.device.clone(), format!("gelu_forward_{}", suffix(out)?));
+    launch(&dev, "elementwise", &name, grid_1d(n), &[ptr_mut(out), ptr(inp), n64(n)])
+}
+
+pub(crate) fn gelu_backward(dinp: &mut CudaStorage, inp: &CudaStorage, dout: &CudaStorage, n: usize) -> Result<()> {
+    let (dev, name) = (dinp.device.clone(), format!("gelu_backward_{}", suffix(dinp)?));
+    launch(&dev, "elementwise", &name, grid_1d(n), &[ptr_mut(dinp), ptr(inp), ptr(dout), n64(n)])
+}
+
+pub(crate) fn add_bias(out: &mut CudaStorage, bias: &CudaStorage, rows: usize, cols: usize) -> Result<()> {
+    let (dev, name) = (out.device.clone(), format!("add_bias_{}", suffix(out)?));
+    launch(&dev, "elementwise", &name, grid_1d(rows * cols), &[ptr_mut(out), ptr(bias), n64(rows), n64(cols)])
+}
+
+fn column_reduce_cfg(cols: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (cols.div_ceil(32).max(1) as u32, 1, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 }
+}
+
+pub(crate) fn bias_grad(dbias: &mut CudaStorage, dout: &CudaStorage, rows: usize, cols: usize) -> Result<()> {
+    let (dev, name) = (dbias.device.clone(), format!("bias_grad_{}", suffix(dbias)?));
+    launch(&dev, "elementwise", &name, column_reduce_cfg(cols), &[ptr_mut(dbias), ptr(dout), n64(rows), n64(cols)])
+}
+
+// ------------------------------------------------------------------ reductions
+
+/// Elements per block of the partial-sum kernels: fixed, so the summation
+/// order (and the result) does not depend on the GPU.
+const REDUCE_CHUNK: usize = 1 << 16;
+
+/// Sum (or sum of squares) of all elements, in f64 on the host from per-chunk
+/// float partials. Waits for the device: the caller needs the value.
+pub(crate) fn sum(x: &CudaStorage, n: usize, squares: bool) -> Result<f64> {
+    if n == 0 {
+        return Ok(0.0);
+    }
+    let blocks = n.div_ceil(REDUCE_CHUNK);
+    let dev = x.device.clone();
+    let mut partials = CudaStorage::zeros(&dev, DType::F32, blocks)?;
+    let name = format!("{}_partials_{}", if squares { "sumsq" } else { "sum" }, suffix(x)?);
+    let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    launch(&dev, "reduce", &name, cfg, &[ptr_mut(&mut partials), ptr(x), n64(n), n64(REDUCE_CHUNK)])?;
+    match partials.to_host()? {
+        crate::CpuStorage::F32(v) => Ok(v.iter().map(|&p| p as f64).sum()),
+        _ => unreachable!("partials are allocated as f32"),
+    }
+}
+
+// ------------------------------------------------------------------ matmul
+
+/// out (m, n) = [out +] op(a) (m, k) @ op(b) (k, n), row-major, via cuBLAS.
+/// cuBLAS is column-major, so it computes out^T = op(b)^T @ op(a)^T: a
+/// row-major matrix is its own transpose read column-major.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul(
+    out: &mut CudaStorage,
+    a: &CudaStorage,
+    b: &CudaStorage,
+    m: usize,
+    n: usize,
+    k: usize,
+    trans_a: bool,
+    trans_b: bool,
+    accumulate: bool,
+) -> Result<()> {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let dim = |v: usize| i32::try_from(v).map_err(|_| cuda_err("matmul", format!("dimension {v} exceeds i32")));
+    let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+    let (mi, ni, ki) = (dim(m)?, dim(n)?, dim(k)?);
+    let lda = if trans_b { ki } else { ni };
+    let ldb = if trans_a { mi } else { ki };
+    let dev = out.device.clone();
+    let blas = dev.blas();
+    let e = |e| cuda_err("cuBLAS gemm", e);
+    macro_rules! gemm {
+        ($o:expr, $a:expr, $b:expr, $one:expr, $zero:expr) => {{
+            let cfg = GemmConfig {
+                transa: op(trans_b),
+                transb: op(trans_a),
+                m: ni,
+                n: mi,
+                k: ki,
+                alpha: $one,
+                lda,
+                ldb,
+                beta: if accumulate { $one } else { $zero },
+                ldc: ni,
+            };
+            // SAFETY: `ops::matmul` checked that a, b and out hold m*k, k*n and
+            // m*n elements; the leading dimensions above describe exactly those
+            // row-major layouts, so cuBLAS reads and writes within bounds.
+            unsafe { blas.gemm(cfg, $b, $a, $o) }.map_err(e)
+        }};
+    }
+    match (&mut out.data, &a.data, &b.data) {
+        (CudaData::F32(o), CudaData::F32(x), CudaData::F32(y)) => gemm!(o, x, y, 1.0f32, 0.0f32),
+        (CudaData::BF16(o), CudaData::BF16(x), CudaData::BF16(y)) => {
+            gemm!(o, x, y, half::bf16::ONE, half::bf16::ZERO)
+        }
+        _ => Err(Error::Unsupported { op: "matmul", dtype: out.dtype(), device: "cuda".into() }),
+    }
+}
+
+// ------------------------------------------------------------------ layernorm
+
+/// Rows per block in the warp-per-row kernels (block 256 = 8 warps).
+const ROWS_PER_BLOCK: usize = 8;
+
+fn warp_rows_cfg(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(ROWS_PER_BLOCK).max(1) as u32, 1, 1),
+        block_dim: (32 * ROWS_PER_BLOCK as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn layernorm_forward(
+    out: &mut CudaStorage,
+    mean: &mut CudaStorage,
+    rstd: &mut CudaStorage,
+    inp: &CudaStorage,
+    weight: &CudaStorage,
+    bias: &CudaStorage,
+    rows: usize,
+    c: usize,
+    eps: f64,
+) -> Result<()> {
+    let (dev, name) = (out.device.clone(), format!("layernorm_forward_{}", suffix(out)?));
+    let args = [
+        ptr_mut(out),
+        ptr_mut(mean),
+        ptr_mut(rstd),
+        ptr(inp),
+        ptr(weight),
+        ptr(bias),
+        n64(rows),
+        Arg::I32(c as i32),
+        Arg::F32(eps as f32),
+    ];
+    launch(&dev, "layernorm", &name, warp_rows_cfg(rows), &args)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn layernorm_backward(
+    dinp: &mut CudaStorage,
+    dweight: &mut CudaStorage,
+    dbias: &mut CudaStorage,
+    dout: &CudaStorage,
+    inp: &CudaStorage,
+    weight: &CudaStorage,
+    mean: &CudaStorage,
+    rstd: &CudaStorage,
+    rows: usize,
+    c: usize,
+) -> Result<()> {
+    let dev = dinp.device.clone();
+    let s = suffix(dinp)?;
+    let args = [ptr_mut(dinp), ptr(dout), ptr(inp), ptr(weight), ptr(mean), ptr(rstd), n64(rows), Arg::I32(c as i32)];
+    launch(&dev, "layernorm", &format!("layernorm_backward_input_{s}"), warp_rows_cfg(rows), &args)?;
+    let args = [ptr_mut(dweight), ptr_mut(dbias), ptr(dout), ptr(inp), ptr(mean), ptr(rstd), n64(rows), n64(c)];
+    launch(&dev, "layernorm", &format!("layernorm_backward_params_{s}"), column_reduce_cfg(c), &args)
+}
+
+// ------------------------------------------------------------------ embedding
+
+pub(crate) fn embedding_forward(
+    out: &mut CudaStorage,
+    tokens: &CudaStorage,
+    wte: &CudaStorage,
+    wpe: &CudaStorage,
+    bt: usize,
+    t: usize,
+    c: usize,
+) -> Result<()> {
+    let (dev, name) = (out.device.clone(), format!("embedding_forward_{}", suffix(out)?));
+    let args = [ptr_mut(out), ptr(tokens), ptr(wte), ptr(wpe), n64(bt), Arg::I32(t as i32), Arg::I32(c as i32)];
+    launch(&dev, "embedding", &name, grid_1d(bt * c), &args)
+}
+
+/// dwte via the token index (ids, starts, order) with `distinct` buckets; dwpe by columns.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn embedding_backward(
+    dwte: &mut CudaStorage,
+    dwpe: &mut CudaStorage,
+    dout: &CudaStorage,
+    ids: &CudaStorage,
+    starts: &CudaStorage,
+    order: &CudaStorage,
+    distinct: usize,
+    b: usize,
+    t: usize,
+    c: usize,
+) -> Result<()> {
+    let dev = dwte.device.clone();
+    let s = suffix(dwte)?;
+    let args = [ptr_mut(dwpe), ptr(dout), Arg::I32(b as i32), Arg::I32(t as i32), Arg::I32(c as i32)];
+    launch(&dev, "embedding", &format!("embedding_backward_wpe_{s}"), grid_1d(t * c), &args)?;
+    if distinct == 0 {
+        return Ok(());
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (distinct as u32, 1, 1),
+        block_dim: (c.next_multiple_of(32).min(1024) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let args = [ptr_mut(dwte), ptr(dout), ptr(ids), ptr(starts), ptr(order), Arg::I32(c as i32)];
+    launch(&dev, "embedding", &format!("embedding_backward_wte_{s}"), cfg, &args)
+}
+
+// ------------------------------------------------------------------ loss
+
+pub(crate) fn cross_entropy(
+    logits: &mut CudaStorage,
+    losses: &mut CudaStorage,
+    targets: &CudaStorage,
+    rows: usize,
+    vp: usize,
+    v: usize,
+    grad_scale: Option<f64>,
+) -> Result<()> {
+    let (dev, name) = (logits.device.clone(), format!("cross_entropy_{}", suffix(logits)?));
+    let cfg = LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+    let args = [
+        ptr_mut(logits),
+        ptr_mut(losses),
+        ptr(targets),
+        n64(vp),
+        n64(v),
+        Arg::F32(grad_scale.unwrap_or(0.0) as f32),
+        Arg::I32(grad_scale.is_some() as i32),
+    ];
+    if rows == 0 {
+        return Ok(());
+    }
+    launch(&dev, "cross_entropy", &name, cfg, &args)
+}
+
+// ------------------------------------------------------------------ optimizer
+
+pub(crate) fn adamw(
+    param: &mut CudaStorage,
+    grad: &CudaStorage,
+    m: &mut CudaStorage,
+    v: &mut CudaStorage,
+    n: usize,
+    h: crate::ops::AdamWHyper,
+) -> Result<()> {
+    if suffix(param)? != "f32" {
+        return Err(Error::Unsupported { op: "adamw_update", dtype: param.dtype(), device: "cuda".into() });
+    }
+    let dev = param.device.clone();
+    let bc1 = 1.0 - h.beta1.powi(h.step as i32);
+    let bc2_sqrt = (1.0 - h.beta2.powi(h.step as i32)).sqrt();
+    let args = [
+        ptr_mut(param),
+        ptr(grad),
+        ptr_mut(m),
+        ptr_mut(v),
+        n64(n),
+        Arg::F32((1.0 - h.lr * h.weight_decay) as f32),
+        Arg::F32((1.0 - h.beta1) as f32),
+        Arg::F32(h.beta2 as f32),
+        Arg::F32((1.0 - h.beta2) as f32),
+        Arg::F32((h.lr / bc1) as f32),
+        Arg::F32(bc2_sqrt as f32),
+        Arg::F32(h.eps as f32),
+        Arg::F32(h.grad_scale as f32),
+    ];
+    launch(&dev, "adamw", "adamw_f32", grid_1d(n), &args)
+}
+
+// ------------------------------------------------------------------ attention
+
+const ATTN_ROWS: u32 = 8;
+
+fn attn_setup(b: usize, t: usize, c: usize, n_head: usize, causal: bool) -> Result<(AttnDims, usize, LaunchConfig)> {
+    let hs = c / n_head;
+    let r = hs.div_ceil(32);
+    if r == 0 || r > 4 {
+        return Err(Error::Shape {
+            op: "attention (cuda)",
+            msg: format!("head size {hs} is not supported: it must be between 1 and 128"),
+        });
+    }
+    let dims = AttnDims {
+        t: t as i32,
+        h: n_head as i32,
+        hs: hs as i32,
+        scale: 1.0 / (hs as f32).sqrt(),
+        causal: causal as i32,
+    };
+    let cfg = LaunchConfig {
+        grid_dim: ((t as u32).div_ceil(ATTN_ROWS), (b * n_head) as u32, 1),
+        block_dim: (32 * ATTN_ROWS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    Ok((dims, r, cfg))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_forward(
+    out: &mut CudaStorage,
+    lse: &mut CudaStorage,
+    qkv: &CudaStorage,
+    b: usize,
+    t: usize,
+    c: usize,
+    n_head: usize,
+    causal: bool,
+) -> Result<()> {
+    let (dims, r, cfg) = attn_setup(b, t, c, n_head, causal)?;
+    let (dev, name) = (out.device.clone(), format!("attention_forward_{}_r{r}", suffix(out)?));
+    launch(&dev, "attention", &name, cfg, &[ptr_mut(out), ptr_mut(lse), ptr(qkv), Arg::Dims(dims)])
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_backward(
+    dqkv: &mut CudaStorage,
+    dout: &CudaStorage,
+    qkv: &CudaStorage,
+    out: &CudaStorage,
+    lse: &CudaStorage,
+    delta: &mut CudaStorage,
+    b: usize,
+    t: usize,
+    c: usize,
+    n_head: usize,
+    causal: bool,
+) -> Result<()> {
+    let (dims, r, cfg) = attn_setup(b, t, c, n_head, causal)?;
+    let dev = dqkv.device.clone();
+    let s = suffix(dqkv)?;
+    let rows = b * n_head * t;
+    let args = [ptr_mut(delta), ptr(out), ptr(dout), Arg::Dims(dims), n64(rows)];
+    launch(&dev, "attention", &format!("attention_delta_{s}"), warp_rows_cfg(rows), &args)?;
+    let args = [ptr_mut(dqkv), ptr(dout), ptr(qkv), ptr(lse), ptr(delta), Arg::Dims(dims)];
+    launch(&dev, "attention", &format!("attention_backward_dq_{s}_r{r}"), cfg, &args)?;
+    launch(&dev, "attention", &format!("attention_backward_dkv_{s}_r{r}"), cfg, &args)
+}

@@ -1,0 +1,228 @@
+//! The CUDA backend: a device (context, stream, cuBLAS), device storage, kernels
+//! compiled by NVRTC from `kernels/*.cu`, and the launchers behind `ops`.
+//!
+//! Everything is loaded at run time (cudarc's dynamic loading): a machine with
+//! no CUDA builds and runs the CPU path, and asking it for a GPU is a clear
+//! error, never a panic.
+
+pub mod compile;
+pub(crate) mod launch;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
+
+use crate::{DType, Error, Result};
+
+pub(crate) fn cuda_err(context: impl Into<String>, e: impl fmt::Display) -> Error {
+    Error::Cuda { context: context.into(), msg: e.to_string() }
+}
+
+/// One GPU: its context, the stream every op runs on (so ops are ordered
+/// without host synchronization), a cuBLAS handle bound to that stream, and
+/// the kernel modules loaded so far. Cloning shares all of it.
+#[derive(Clone)]
+pub struct CudaDevice {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    ordinal: usize,
+    name: String,
+    compute_capability: (i32, i32),
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+}
+
+impl fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CudaDevice({}: {}, sm_{}{})", self.inner.ordinal, self.inner.name, self.cc().0, self.cc().1)
+    }
+}
+
+impl PartialEq for CudaDevice {
+    fn eq(&self, other: &Self) -> bool {
+        self.inner.ordinal == other.inner.ordinal
+    }
+}
+
+impl CudaDevice {
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let unavailable = |reason: String| Error::DeviceUnavailable { device: format!("cuda:{ordinal}"), reason };
+        // SAFETY: only probes whether the driver library can be opened.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(unavailable("no CUDA driver (libcuda.so) found on this machine".into()));
+        }
+        let count = CudaContext::device_count().map_err(|e| unavailable(format!("CUDA driver: {e}")))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(unavailable(format!("this machine has {count} CUDA device(s)")));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| unavailable(e.to_string()))?;
+        // SAFETY: every op runs on this device's one stream, in program order,
+        // so cudarc's per-buffer events (which order work across streams) are
+        // not needed; turning them off saves two driver calls per kernel launch.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        // SAFETY: only probes whether the cuBLAS library can be opened.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(unavailable("cuBLAS (libcublas.so) not found".into()));
+        }
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| unavailable(format!("cuBLAS: {e}")))?;
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let compute_capability = ctx.compute_capability().map_err(|e| unavailable(e.to_string()))?;
+        Ok(CudaDevice {
+            inner: Arc::new(Inner {
+                ordinal,
+                name,
+                compute_capability,
+                ctx,
+                stream,
+                blas,
+                modules: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.inner.ordinal
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    fn cc(&self) -> (i32, i32) {
+        self.inner.compute_capability
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.inner.stream.synchronize().map_err(|e| cuda_err("synchronize", e))
+    }
+
+    pub(crate) fn stream(&self) -> &Arc<CudaStream> {
+        &self.inner.stream
+    }
+
+    pub(crate) fn blas(&self) -> &CudaBlas {
+        &self.inner.blas
+    }
+
+    /// A kernel of one of the `kernels/*.cu` modules, compiling (or loading
+    /// from the disk cache) and loading the module on first use.
+    pub(crate) fn function(&self, module: &'static str, name: &str) -> Result<CudaFunction> {
+        let m = {
+            let mut modules = self.inner.modules.lock().map_err(|_| cuda_err("module cache", "poisoned lock"))?;
+            match modules.get(module) {
+                Some(m) => m.clone(),
+                None => {
+                    let ptx = compile::module_ptx(module, self.cc())?;
+                    let m = self.inner.ctx.load_module(ptx).map_err(|e| cuda_err(format!("loading {module}"), e))?;
+                    modules.insert(module, m.clone());
+                    m
+                }
+            }
+        };
+        m.load_function(name).map_err(|e| cuda_err(format!("kernel {name} in {module}"), e))
+    }
+}
+
+/// Device memory, one variant per dtype the GPU path computes with.
+#[derive(Debug)]
+pub enum CudaData {
+    F32(CudaSlice<f32>),
+    BF16(CudaSlice<half::bf16>),
+    U32(CudaSlice<u32>),
+}
+
+/// A tensor's bytes on a GPU, and the device that owns them.
+#[derive(Debug)]
+pub struct CudaStorage {
+    pub(crate) data: CudaData,
+    pub(crate) device: CudaDevice,
+}
+
+impl CudaStorage {
+    pub(crate) fn zeros(device: &CudaDevice, dtype: DType, n: usize) -> Result<Self> {
+        let s = device.stream();
+        let alloc = |e| cuda_err(format!("allocating {n} x {dtype}"), e);
+        let data = match dtype {
+            DType::F32 => CudaData::F32(s.alloc_zeros(n).map_err(alloc)?),
+            DType::BF16 => CudaData::BF16(s.alloc_zeros(n).map_err(alloc)?),
+            DType::U32 => CudaData::U32(s.alloc_zeros(n).map_err(alloc)?),
+            other => {
+                return Err(Error::Unsupported {
+                    op: "allocation",
+                    dtype: other,
+                    device: format!("cuda:{}", device.ordinal()),
+                });
+            }
+        };
+        Ok(CudaStorage { data, device: device.clone() })
+    }
+
+    pub(crate) fn dtype(&self) -> DType {
+        match self.data {
+            CudaData::F32(_) => DType::F32,
+            CudaData::BF16(_) => DType::BF16,
+            CudaData::U32(_) => DType::U32,
+        }
+    }
+
+    pub(crate) fn try_clone(&self) -> Result<Self> {
+        let s = self.device.stream();
+        let e = |e| cuda_err("device-to-device copy", e);
+        let data = match &self.data {
+            CudaData::F32(v) => CudaData::F32(s.clone_dtod(v).map_err(e)?),
+            CudaData::BF16(v) => CudaData::BF16(s.clone_dtod(v).map_err(e)?),
+            CudaData::U32(v) => CudaData::U32(s.clone_dtod(v).map_err(e)?),
+        };
+        Ok(CudaStorage { data, device: self.device.clone() })
+    }
+
+    /// Uploads host data of a supported dtype.
+    pub(crate) fn from_host(device: &CudaDevice, cpu: &crate::CpuStorage) -> Result<Self> {
+        let s = device.stream();
+        let e = |e| cuda_err("host-to-device copy", e);
+        let data = match cpu {
+            crate::CpuStorage::F32(v) => CudaData::F32(s.clone_htod(v).map_err(e)?),
+            crate::CpuStorage::BF16(v) => CudaData::BF16(s.clone_htod(v).map_err(e)?),
+            crate::CpuStorage::U32(v) => CudaData::U32(s.clone_htod(v).map_err(e)?),
+            other => {
+                return Err(Error::Unsupported {
+                    op: "upload",
+                    dtype: other.dtype(),
+                    device: format!("cuda:{}", device.ordinal()),
+                });
+            }
+        };
+        Ok(CudaStorage { data, device: device.clone() })
+    }
+
+    /// Downloads to host memory (waits for the stream).
+    pub(crate) fn to_host(&self) -> Result<crate::CpuStorage> {
+        let s = self.device.stream();
+        let e = |e| cuda_err("device-to-host copy", e);
+        Ok(match &self.data {
+            CudaData::F32(v) => crate::CpuStorage::F32(s.clone_dtoh(v).map_err(e)?),
+            CudaData::BF16(v) => crate::CpuStorage::BF16(s.clone_dtoh(v).map_err(e)?),
+            CudaData::U32(v) => crate::CpuStorage::U32(s.clone_dtoh(v).map_err(e)?),
+        })
+    }
+
+    /// Overwrites with host data of the same dtype and length.
+    pub(crate) fn copy_from_host(&mut self, cpu: &crate::CpuStorage) -> Result<()> {
+        let s = self.device.stream().clone();
+        let e = |e| cuda_err("host-to-device copy", e);
+        match (&mut self.data, cpu) {
+            (CudaData::F32(d), crate::CpuStorage::F32(v)) => s.memcpy_htod(v, d).map_err(e),
+            (CudaData::BF16(d), crate::CpuStorage::BF16(v)) => s.memcpy_htod(v, d).map_err(e),
+            (CudaData::U32(d), crate::CpuStorage::U32(v)) => s.memcpy_htod(v, d).map_err(e),
+            _ => Err(Error::DType { op: "copy_from_slice", expected: self.dtype(), got: cpu.dtype() }),
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! Every CUDA op against the CPU reference on fresh random inputs of several
+//! shapes, awkward ones included (T not a multiple of the tile, odd vocabulary,
+//! head sizes 8 to 128). Outputs are poisoned with NaN first, so an element a
+//! kernel forgets to write fails the comparison.
+//!
+//! Tolerances, as max |gpu - cpu| / max |cpu| per tensor:
+//! - f32: 1e-5. Both sides compute in f32; only summation order differs
+//!   (~1e-7 relative per op, ~1e-6 after reductions over a few thousand terms).
+//! - bf16 inputs and outputs (fp32 inside): 1e-2. bf16 keeps 8 mantissa bits, so
+//!   each rounding is up to 2^-9 = 2e-3 relative; a few of them stack.
+//!
+//! These tests need a GPU: without one they print why and pass (CI has none;
+//! they run on the GPU machine).
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use trainer_core::ops::{self, AdamWHyper, TokenIndex};
+use trainer_core::{DType, Device, Tensor};
+
+fn gpu() -> Option<Device> {
+    match Device::cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            None
+        }
+    }
+}
+
+fn randn(r: &mut ChaCha8Rng, dims: &[usize], scale: f32) -> Tensor {
+    let n: usize = dims.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| (r.random::<f32>() * 2.0 - 1.0) * scale).collect();
+    Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+}
+
+fn up(t: &Tensor, dev: &Device, dtype: DType) -> Tensor {
+    t.to_dtype(dtype).unwrap().to_device(dev).unwrap()
+}
+
+/// A GPU tensor of `dims` filled with NaN (u32: all ones).
+fn poisoned(dims: &[usize], dtype: DType, dev: &Device) -> Tensor {
+    let mut t = Tensor::zeros(dims, dtype, dev).unwrap();
+    ops::fill(&mut t, if dtype == DType::U32 { u32::MAX as f64 } else { f64::NAN }).unwrap();
+    t
+}
+
+fn zeros(dims: &[usize]) -> Tensor {
+    Tensor::zeros(dims, DType::F32, &Device::Cpu).unwrap()
+}
+
+fn cpu_copy(t: &Tensor) -> Tensor {
+    t.try_clone().unwrap()
+}
+
+fn check(what: &str, gpu: &Tensor, cpu: &Tensor, tol: f64) {
+    let (a, b) = (gpu.to_vec_f64().unwrap(), cpu.to_vec_f64().unwrap());
+    assert_eq!(a.len(), b.len(), "{what}: sizes");
+    assert!(a.iter().all(|x| x.is_finite()), "{what}: non-finite output (unwritten or overflow)");
+    let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    let scale = b.iter().map(|y| y.abs()).fold(0.0, f64::max).max(1e-30);
+    let e = diff / scale;
+    eprintln!("{what}: rel err {e:.2e} (tol {tol:.0e})");
+    assert!(e <= tol, "{what}: relative error {e:e} exceeds {tol:e}");
+}
+
+const F32_TOL: f64 = 1e-5;
+const BF16_TOL: f64 = 1e-2;
+
+#[test]
+fn elementwise_and_reductions() {
+    let Some(dev) = gpu() else { return };
+    let mut r = ChaCha8Rng::seed_from_u64(1);
+    for n in [1usize, 1000, 65_537, 300_001] {
+        let (a, b) = (randn(&mut r, &[n], 1.0), randn(&mut r, &[n], 1.0));
+        for dt in [DType::F32, DType::BF16] {
+            let tol = if dt == DType::F32 { F32_TOL } else { BF16_TOL };
+            let (ga, gb) = (up(&a, &dev, dt), up(&b, &dev, dt));
+            let (ca, cb) = (up(&a, &Device::Cpu, DType::F32), up(&b, &Device::Cpu, DType::F32));
+            let (ca, cb) = (
+                ca.to_dtype(dt).unwrap().to_dtype(DType::F32).unwrap(),
+                cb.to_dtype(dt).unwrap().to_dtype(DType::F32).unwrap(),
+            );
+            let mut out = poisoned(&[n], dt, &dev);
+            ops::add(&mut out, &ga, &gb).unwrap();
+            let mut want = zeros(&[n]);
+            ops::add(&mut want, &ca, &cb).unwrap();
+            check(&format!("add {dt} n={n}"), &out, &want, tol);
+            ops::add_assign(&mut out, &ga).unwrap();
+            ops::add_assign(&mut want, &ca).unwrap();
+            ops::scale(&mut out, 0.5).unwrap();
+            ops::scale(&mut want, 0.5).unwrap();
+            check(&format!("add_assign+scale {dt} n={n}"), &out, &want, tol);
+            let (s, s_ref) = (ops::sum(&ga).unwrap(), ops::sum(&ca).unwrap());
+            let (q, q_ref) = (ops::sum_squares(&ga).unwrap(), ops::sum_squares(&ca).unwrap());
+            let mag = ops::sum_squares(&ca).unwrap().sqrt().max(1.0);
+            assert!((s - s_ref).abs() / mag < 1e-5, "sum {dt} n={n}: {s} vs {s_ref}");
+            assert!((q - q_ref).abs() / q_ref.max(1e-30) < 1e-5, "sum_squares {dt} n={n}: {q} vs {q_ref}");
+            let mut c = Tensor::zeros([n], dt, &dev).unwrap();
+            ops::copy(&mut c, &ga).unwrap();
+            check(&format!("copy {dt} n={n}"), &c, &ca, 0.0);
+        }
+    }
+}
+
+#[test]
+fn matmul_all_transposes() {
+    let Some(dev) = gpu() else { return };
+    let mut r = ChaCha8Rng::seed_from_u64(2);
+    for (m, n, k) in [(1, 1, 1), (67, 33, 129), (256, 384, 96), (1000, 50, 7)] {
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            for acc in [false, true] {
+                let a = randn(&mut r, &if ta { [k, m] } else { [m, k] }, 1.0);
+                let b = randn(&mut r, &if tb { [n, k] } else { [k, n] }, 1.0);
+                let init = randn(&mut r, &[m, n], 1.0);
+                for dt in [DType::F32, DType::BF16] {
+                    let (tol, cast) = if dt == DType::F32 { (F32_TOL, false) } else { (BF16_TOL, true) };
+                    let round = |t: &Tensor| {
+                        if cast { t.to_dtype(dt).unwrap().to_dtype(DType::F32).unwrap() } else { cpu_copy(t) }
+                    };
+                    let mut want = round(&init);
+                    ops::matmul(&mut want, &round(&a), &round(&b), ta, tb, acc).unwrap();
+                    let mut out = if acc { up(&init, &dev, dt) } else { poisoned(&[m, n], dt, &dev) };
+                    ops::matmul(&mut out, &up(&a, &dev, dt), &up(&b, &dev, dt), ta, tb, acc).unwrap();
+                    check(&format!("matmul {dt} {m}x{n}x{k} ta={ta} tb={tb} acc={acc}"), &out, &want, tol);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn linear_layernorm_gelu() {
+    let Some(dev) = gpu() else { return };
+    let mut r = ChaCha8Rng::seed_from_u64(3);
+    for (rows, c, oc) in [(1, 32, 96), (67, 96, 50), (512, 768, 3072)] {
+        let (x, w, b, dy) = (
+            randn(&mut r, &[rows, c], 1.0),
+            randn(&mut r, &[oc, c], 0.1),
+            randn(&mut r, &[oc], 0.1),
+            randn(&mut r, &[rows, oc], 1.0),
+        );
+        // Linear forward and backward (dW and db accumulate onto existing values).
+        let mut y = zeros(&[rows, oc]);
+        ops::linear_forward(&mut y, &x, &w, Some(&b)).unwrap();
+        let mut gy = poisoned(&[rows, oc], DType::F32, &dev);
+        ops::linear_forward(
+            &mut gy,
+            &up(&x, &dev, DType::F32),
+            &up(&w, &dev, DType::F32),
+            Some(&up(&b, &dev, DType::F32)),
+        )
+        .unwrap();
+        check(&format!("linear_forward {rows}x{c}->{oc}"), &gy, &y, F32_TOL);
+        let (dw0, db0) = (randn(&mut r, &[oc, c], 1.0), randn(&mut r, &[oc], 1.0));
+        let (mut dx, mut dw, mut db) = (zeros(&[rows, c]), cpu_copy(&dw0), cpu_copy(&db0));
+        ops::linear_backward(&mut dx, &mut dw, Some(&mut db), &dy, &x, &w).unwrap();
+        let (mut gdx, mut gdw, mut gdb) =
+            (poisoned(&[rows, c], DType::F32, &dev), up(&dw0, &dev, DType::F32), up(&db0, &dev, DType::F32));
+        ops::linear_backward(
+            &mut gdx,
+            &mut gdw,
+            Some(&mut gdb),
+            &up(&dy, &dev, DType::F32),
+            &up(&x, &dev, DType::F32),
+            &up(&w, &dev, DType::F32),
+        )
+        .unwrap();
+        check("linear dinp", &gdx, &dx, F32_TOL);
+        check("linear dweight", &gdw, &dw, F32_TOL);
+        check("linear dbias", &gdb, &db, F32_TOL);
+
+        // LayerNorm forward and backward (dinp accumulates).
+        let (g, beta, dln) = (randn(&mut r, &[c], 1.0), randn(&mut r, &[c], 1.0), randn(&mut r, &[rows, c], 1.0));
+        let (mut o, mut mean, mut rstd) = (zeros(&[rows, c]), zeros(&[rows]), zeros(&[rows]));
+        ops::layernorm_forward(&mut o, &mut mean, &mut rstd, &x, &g, &beta, 1e-5).unwrap();
+        let (mut go, mut gmean, mut grstd) = (
+            poisoned(&[rows, c], DType::F32, &dev),
+            poisoned(&[rows], DType::F32, &dev),
+            poisoned(&[rows], DType::F32, &dev),
+        );
+        let (gx, gg, gbeta) = (up(&x, &dev, DType::F32), up(&g, &dev, DType::F32), up(&beta, &dev, DType::F32));
+        ops::layernorm_forward(&mut go, &mut gmean, &mut grstd, &gx, &gg, &gbeta, 1e-5).unwrap();
+        check(&format!("layernorm_forward {rows}x{c}"), &go, &o, F32_TOL);
+        check("layernorm mean", &gmean, &mean, F32_TOL);
+        check("layernorm rstd", &grstd, &rstd, F32_TOL);
+        let resid = randn(&mut r, &[rows, c], 1.0);
+        let (mut dx, mut dg, mut dbeta) = (cpu_copy(&resid), zeros(&[c]), zeros(&[c]));
+        ops::layernorm_backward(&mut dx, &mut dg, &mut dbeta, &dln, &x, &g, &mean, &rstd).unwrap();
+        let (mut gdx, mut gdg, mut gdbeta) =
+            (up(&resid, &dev, DType::F32), up(&zeros(&[c]), &dev, DType::F32), up(&zeros(&[c]), &dev, DType::F32));
+        ops::layernorm_backward(&mut gdx, &mut gdg, &mut gdbeta, &up(&dln, &dev, DType::F32), &gx, &gg, &gmean, &grstd)
+            .unwrap();
+        check("layernorm dinp", &gdx, &dx, F32_TOL);
+        check("layernorm dweight", &gdg, &dg, F32_TOL);
+        check("layernorm dbias", &gdbeta, &dbeta, F32_TOL);
+
+        // GELU forward and backward.
+        let (mut gl, mut dgl) = (zeros(&[rows, c]), zeros(&[rows, c]));
+        ops::gelu_forward(&mut gl, &x).unwrap();
+        ops::gelu_backward(&mut dgl, &x, &dln).unwrap();
+        let (mut ggl, mut gdgl) = (poisoned(&[rows, c], DType::F32, &dev), poisoned(&[rows, c], DType::F32, &dev));
+        ops::gelu_forward(&mut ggl, &gx).unwrap();
+        ops::gelu_backward(&mut gdgl, &gx, &up(&dln, &dev, DType::F32)).unwrap();
+        check("gelu_forward", &ggl, &gl, F32_TOL);
+        check("gelu_backward", &gdgl, &dgl, F32_TOL);
+    }
+}
+
+#[test]
+fn attention_forward_backward() {
+    let Some(dev) = gpu() else { return };
+    let mut r = ChaCha8Rng::seed_from_u64(4);
+    // (B, T, n_head, head size): tiles of 32 keys and 8 rows; T = 67 and 1 are ragged.
+    for (b, t, nh, hs) in [(2, 67, 4, 8), (1, 1, 2, 32), (2, 130, 3, 64), (1, 100, 2, 128), (2, 64, 2, 96)] {
+        let c = nh * hs;
+        for causal in [true, false] {
+            let (qkv, dy) = (randn(&mut r, &[b, t, 3 * c], 1.0), randn(&mut r, &[b, t, c], 1.0));
+            let (mut y, mut lse) = (zeros(&[b, t, c]), zeros(&[b, nh, t]));
+            ops::attention_forward(&mut y, &mut lse, &qkv, nh, causal).unwrap();
+            let (mut dqkv, mut delta) = (zeros(&[b, t, 3 * c]), zeros(&[b, nh, t]));
+            ops::attention_backward(&mut dqkv, &mut delta, &dy, &qkv, &y, &lse, nh, causal).unwrap();
+            for dt in [DType::F32, DType::BF16] {
+                let tol = if dt == DType::F32 { F32_TOL } else { BF16_TOL };
+                let what = format!("attention {dt} B={b} T={t} H={nh} hs={hs} causal={causal}");
+                let gq = up(&qkv, &dev, dt);
+                let (mut gy, mut glse) = (poisoned(&[b, t, c], dt, &dev), poisoned(&[b, nh, t], DType::F32, &dev));
+                ops::attention_forward(&mut gy, &mut glse, &gq, nh, causal).unwrap();
+                check(&format!("{what} out"), &gy, &y, tol);
+                check(&format!("{what} lse"), &glse, &lse, tol);
+                let (mut gd, mut gdelta) =
+                    (poisoned(&[b, t, 3 * c], dt, &dev), poisoned(&[b, nh, t], DType::F32, &dev));
+                ops::attention_backward(&mut gd, &mut gdelta, &up(&dy, &dev, dt), &gq, &gy, &glse, nh, causal).unwrap();
+                check(&format!("{what} dqkv"), &gd, &dqkv, tol);
+                check(&format!("{what} delta"), &gdelta, &delta, tol);
+            }
+        }
+    }
+}
+
+#[test]
+fn embedding_forward_backward_deterministic() {
+    let Some(dev) = gpu() else { return };
+    let mut r = ChaCha8Rng::seed_from_u64(5);
+    let (b, t, c, v, max_t) = (4, 37, 96, 101, 64);
+    // Few distinct ids so tokens repeat many times.
+    let ids: Vec<u32> = (0..b * t).map(|_| r.random_range(0..12u32) * 8).collect();
+    let tokens = Tensor::from_vec(ids.clone(), [b, t], &Device::Cpu).unwrap();
+    let (wte, wpe, dy) = (randn(&mut r, &[v, c], 1.0), randn(&mut r, &[max_t, c], 1.0), randn(&mut r, &[b, t, c], 1.0));
+    let mut y = zeros(&[b, t, c]);
+    ops::embedding_forward(&mut y, &tokens, &wte, &wpe).unwrap();
+    let mut index = TokenIndex::new(b * t, &Device::Cpu).unwrap();
+    index.update(&ids).unwrap();
+    let (mut dwte, mut dwpe) = (zeros(&[v, c]), zeros(&[max_t, c]));
+    ops::embedding_backward(&mut dwte, &mut dwpe, &dy, &tokens, &index).unwrap();
+
+    let gtok = tokens.to_device(&dev).unwrap();
+    let mut gy = poisoned(&[b, t, c], DType::F32, &dev);
+    ops::embedding_forward(&mut gy, &gtok, &up(&wte, &dev, DType::F32), &up(&wpe, &dev, DType::F32)).unwrap();
+    check("embedding_forward", &gy, &y, F32_TOL);
+    let mut gindex = TokenIndex::new(b * t, &dev).unwrap();
+    gindex.update(&ids).unwrap();
+    let run = || {
+        let (mut gdwte, mut gdwpe) = (up(&zeros(&[v, c]), &dev, DType::F32), up(&zeros(&[max_t, c]), &dev, DType::F32));
+        ops::embedding_backward(&mut gdwte, &mut gdwpe, &up(&dy, &dev, DType::F32), &gtok, &gindex).unwrap();
+        (gdwte, gdwpe)
+    };
+    let (g1, p1) = run();
+    check("embedding dwte", &g1, &dwte, F32_TOL);
+    check("embedding dwpe", &p1, &dwpe, F32_TOL);
+    let (g2, _) = run();
+    assert_eq!(g1.to_vec::<f32>().unwrap(), g2.to_vec::<f32>().unwrap(), "bit-identical run to run");
+}
+
+#[test]
+fn cross_entropy_padded_vocab() {
+    let Some(dev) = gpu() else { return };
+    let mut r = ChaCha8Rng::seed_from_u64(6);
+    for (n, v, vp) in [(1, 5, 128), (67, 997, 1024), (256, 50257, 50304)] {
+        let logits = randn(&mut r, &[n, vp], 4.0);
+        let targets: Vec<u32> = (0..n).map(|_| r.random_range(0..v as u32)).collect();
+        let tg = Tensor::from_vec(targets, [n], &Device::Cpu).unwrap();
+        for grad in [None, Some(1.0 / n as f64)] {
+            let (mut l, mut losses) = (cpu_copy(&logits), zeros(&[n]));
+            ops::softmax_cross_entropy(&mut l, &mut losses, &tg, v, grad).unwrap();
+            for dt in [DType::F32, DType::BF16] {
+                let tol = if dt == DType::F32 { F32_TOL } else { BF16_TOL };
+                let (mut gl, mut glosses) = (up(&logits, &dev, dt), poisoned(&[n], DType::F32, &dev));
+                ops::softmax_cross_entropy(&mut gl, &mut glosses, &tg.to_device(&dev).unwrap(), v, grad).unwrap();
+                let what = format!("cross_entropy {dt} n={n} v={v} grad={}", grad.is_some());
+                check(&format!("{what} losses"), &glosses, &losses, tol);
+                if grad.is_some() {
+                    check(&format!("{what} dlogits"), &gl, &l, tol);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn adamw_matches_cpu() {
+    let Some(dev) = gpu() else { return };
+    let mut r = ChaCha8Rng::seed_from_u64(7);
+    let n = 100_003;
+    let (p, g) = (randn(&mut r, &[n], 1.0), randn(&mut r, &[n], 1.0));
+    let (mut cp, mut cm, mut cv) = (cpu_copy(&p), zeros(&[n]), zeros(&[n]));
+    let (mut gp, mut gm, mut gv) =
+        (up(&p, &dev, DType::F32), up(&zeros(&[n]), &dev, DType::F32), up(&zeros(&[n]), &dev, DType::F32));
+    let gg = up(&g, &dev, DType::F32);
+    for step in 1..=5 {
+        let h = AdamWHyper { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step, grad_scale: 0.7 };
+        ops::adamw_update(&mut cp, &g, &mut cm, &mut cv, h).unwrap();
+        ops::adamw_update(&mut gp, &gg, &mut gm, &mut gv, h).unwrap();
+    }
+    check("adamw param", &gp, &cp, F32_TOL);
+    check("adamw m", &gm, &cm, F32_TOL);
+    check("adamw v", &gv, &cv, F32_TOL);
+}

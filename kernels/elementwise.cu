@@ -1,0 +1,76 @@
+// Elementwise kernels: fill, add, add-assign, scale, casts, bias add and
+// bias gradient, GELU (tanh approximation) forward and backward.
+
+#define GELU_SCALE 0.7978845608028654f  // sqrt(2 / pi)
+#define GELU_CUBIC 0.044715f
+
+template <typename T> __device__ void fill_impl(T* out, float v, i64 n) { GRID_STRIDE(i, n) out[i] = from_float<T>(v); }
+
+template <typename T> __device__ void add_impl(T* out, const T* a, const T* b, i64 n) {
+    GRID_STRIDE(i, n) out[i] = from_float<T>(to_float(a[i]) + to_float(b[i]));
+}
+
+template <typename T> __device__ void add_assign_impl(T* acc, const T* x, i64 n) {
+    GRID_STRIDE(i, n) acc[i] = from_float<T>(to_float(acc[i]) + to_float(x[i]));
+}
+
+template <typename T> __device__ void scale_impl(T* x, float s, i64 n) {
+    GRID_STRIDE(i, n) x[i] = from_float<T>(to_float(x[i]) * s);
+}
+
+// out (rows, cols) += bias (cols)
+template <typename T> __device__ void add_bias_impl(T* out, const T* bias, i64 rows, i64 cols) {
+    GRID_STRIDE(i, rows * cols) out[i] = from_float<T>(to_float(out[i]) + to_float(bias[i % cols]));
+}
+
+// dbias (cols) += column sums of dout (rows, cols)
+template <typename T> __device__ void bias_grad_impl(T* dbias, const T* dout, i64 rows, i64 cols) {
+#define BG_VALUE(r, c) to_float(dout[(r) * cols + (c)])
+#define BG_OUT(c, t) dbias[c] = from_float<T>(to_float(dbias[c]) + (t))
+    COLUMN_REDUCE(BG_OUT, rows, cols, BG_VALUE)
+#undef BG_VALUE
+#undef BG_OUT
+}
+
+template <typename T> __device__ void gelu_forward_impl(T* out, const T* inp, i64 n) {
+    GRID_STRIDE(i, n) {
+        const float x = to_float(inp[i]);
+        const float u = GELU_SCALE * (x + GELU_CUBIC * x * x * x);
+        out[i] = from_float<T>(0.5f * x * (1.f + tanhf(u)));
+    }
+}
+
+// dinp = dout * gelu'(inp), overwritten
+template <typename T> __device__ void gelu_backward_impl(T* dinp, const T* inp, const T* dout, i64 n) {
+    GRID_STRIDE(i, n) {
+        const float x = to_float(inp[i]);
+        const float u = GELU_SCALE * (x + GELU_CUBIC * x * x * x);
+        const float th = tanhf(u);
+        const float sech2 = 1.f - th * th;
+        const float local = 0.5f * (1.f + th) + 0.5f * x * sech2 * GELU_SCALE * (1.f + 3.f * GELU_CUBIC * x * x);
+        dinp[i] = from_float<T>(local * to_float(dout[i]));
+    }
+}
+
+#define ELEMENTWISE(T, S)                                                                                         \
+    extern "C" __global__ void fill_##S(T* out, float v, i64 n) { fill_impl<T>(out, v, n); }                       \
+    extern "C" __global__ void add_##S(T* out, const T* a, const T* b, i64 n) { add_impl<T>(out, a, b, n); }      \
+    extern "C" __global__ void add_assign_##S(T* acc, const T* x, i64 n) { add_assign_impl<T>(acc, x, n); }      \
+    extern "C" __global__ void scale_##S(T* x, float s, i64 n) { scale_impl<T>(x, s, n); }                        \
+    extern "C" __global__ void add_bias_##S(T* out, const T* bias, i64 rows, i64 cols) {                         \
+        add_bias_impl<T>(out, bias, rows, cols);                                                                   \
+    }                                                                                                              \
+    extern "C" __global__ void bias_grad_##S(T* dbias, const T* dout, i64 rows, i64 cols) {                      \
+        bias_grad_impl<T>(dbias, dout, rows, cols);                                                                \
+    }                                                                                                              \
+    extern "C" __global__ void gelu_forward_##S(T* out, const T* inp, i64 n) { gelu_forward_impl<T>(out, inp, n); } \
+    extern "C" __global__ void gelu_backward_##S(T* dinp, const T* inp, const T* dout, i64 n) {                  \
+        gelu_backward_impl<T>(dinp, inp, dout, n);                                                                 \
+    }
+
+ELEMENTWISE(float, f32)
+ELEMENTWISE(bf16, bf16)
+
+extern "C" __global__ void fill_u32(unsigned* out, unsigned v, i64 n) { GRID_STRIDE(i, n) out[i] = v; }
+extern "C" __global__ void cast_f32_bf16(bf16* out, const float* in, i64 n) { GRID_STRIDE(i, n) out[i] = __float2bfloat16_rn(in[i]); }
+extern "C" __global__ void cast_bf16_f32(float* out, const bf16* in, i64 n) { GRID_STRIDE(i, n) out[i] = __bfloat162float(in[i]); }
