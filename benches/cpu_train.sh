@@ -17,6 +17,6 @@ run() { # name, then trainer arguments
 echo "cores: $(nproc)  cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 run "tiny B=8 T=128 (150 steps)" configs/tiny.toml
 run "gpt2-124m B=4 T=1024 (4 steps)" configs/gpt2-124m.toml --set training.device='"cpu"' \
-  --set training.micro_batch_size=4 --set training.grad_accum_steps=1 \
+  --set training.dtype='"fp32"' --set training.micro_batch_size=4 --set training.grad_accum_steps=1 \
   --set training.max_steps=4 --set eval.interval=0 --set eval.batches=1 \
   --set data.train='"data/kjv/shards/train_*.bin"' --set data.val='"data/kjv/shards/val_*.bin"'

@@ -87,12 +87,13 @@ fn run_train(job: &JobArgs) -> Result<()> {
     let s = train(&cfg)?;
     let val = |v: Option<f64>| v.map_or("none".to_string(), |v| format!("{v:.4}"));
     println!(
-        "done steps={} train_loss={:.4} first_val_loss={} val_loss={} avg_tok_per_s={:.0} weights={}",
+        "done steps={} train_loss={:.4} first_val_loss={} val_loss={} avg_tok_per_s={:.0}{} weights={}",
         s.steps,
         s.final_train_loss,
         val(s.first_val_loss),
         val(s.final_val_loss),
         s.tokens_per_second,
+        s.peak_memory.map_or(String::new(), |b| format!(" peak_mem_gb={:.2}", b as f64 / 1e9)),
         s.weights.display()
     );
     Ok(())

@@ -310,10 +310,27 @@ fn adamw_matches_cpu() {
     let gg = up(&g, &dev, DType::F32);
     for step in 1..=5 {
         let h = AdamWHyper { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step, grad_scale: 0.7 };
-        ops::adamw_update(&mut cp, &g, &mut cm, &mut cv, h).unwrap();
-        ops::adamw_update(&mut gp, &gg, &mut gm, &mut gv, h).unwrap();
+        ops::adamw_update(&mut cp, None, &g, &mut cm, &mut cv, h).unwrap();
+        ops::adamw_update(&mut gp, None, &gg, &mut gm, &mut gv, h).unwrap();
     }
     check("adamw param", &gp, &cp, F32_TOL);
     check("adamw m", &gm, &cm, F32_TOL);
     check("adamw v", &gv, &cv, F32_TOL);
+
+    // Mixed precision: bf16 param and grad, f32 master and moments. The
+    // reference runs in f32 on the bf16-rounded gradient from the same master.
+    let gb = g.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
+    let (mut cp, mut cm, mut cv) = (cpu_copy(&p), zeros(&[n]), zeros(&[n]));
+    let mut gmaster = up(&p, &dev, DType::F32);
+    let (mut gp, mut gm, mut gv) =
+        (up(&p, &dev, DType::BF16), up(&zeros(&[n]), &dev, DType::F32), up(&zeros(&[n]), &dev, DType::F32));
+    let ggb = up(&g, &dev, DType::BF16);
+    for step in 1..=5 {
+        let h = AdamWHyper { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step, grad_scale: 0.7 };
+        ops::adamw_update(&mut cp, None, &gb, &mut cm, &mut cv, h).unwrap();
+        ops::adamw_update(&mut gp, Some(&mut gmaster), &ggb, &mut gm, &mut gv, h).unwrap();
+    }
+    check("adamw bf16 master", &gmaster, &cp, F32_TOL);
+    check("adamw bf16 param", &gp, &cp, BF16_TOL);
+    check("adamw bf16 m", &gm, &cm, F32_TOL);
 }

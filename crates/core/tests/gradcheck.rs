@@ -250,7 +250,7 @@ fn adamw_matches_scalar_reference() {
         |step| AdamWHyper { lr: 0.01, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step, grad_scale: 0.5 };
     let (mut rp, mut rm, mut rv) = (p.to_vec_f64().unwrap(), vec![0.0; n], vec![0.0; n]);
     for step in 1..=3u64 {
-        ops::adamw_update(&mut p, &g, &mut m, &mut v, h(step)).unwrap();
+        ops::adamw_update(&mut p, None, &g, &mut m, &mut v, h(step)).unwrap();
         let hh = h(step);
         let (b1, b2, lr, wd) = (hh.beta1, hh.beta2, hh.lr, hh.weight_decay);
         for (i, &gi) in g.to_vec_f64().unwrap().iter().enumerate() {

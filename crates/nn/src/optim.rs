@@ -12,26 +12,29 @@ pub struct AdamWConfig {
 }
 
 /// AdamW with bias correction; weight decay only where [`Param::decays`].
-/// Holds first and second moments for each parameter, matched by position in
-/// the model's fixed parameter order.
+/// Holds the state of each parameter, matched by position in the model's fixed
+/// parameter order: first and second moments, always f32 (or f64), and for a
+/// half-precision parameter its f32 master copy, which the update runs on.
 #[derive(Debug)]
 pub struct AdamW {
     pub config: AdamWConfig,
     moments: Vec<(Tensor, Tensor)>,
+    masters: Vec<Option<Tensor>>,
     /// Number of updates done so far.
     pub step: u64,
 }
 
 impl AdamW {
     pub fn new(config: AdamWConfig, params: &[&Param]) -> Result<Self> {
-        let moments = params
-            .iter()
-            .map(|p| {
-                let z = || Tensor::zeros(p.value.dims(), p.value.dtype(), &p.value.device());
-                Ok((z()?, z()?))
-            })
-            .collect::<Result<_>>()?;
-        Ok(AdamW { config, moments, step: 0 })
+        let mut moments = Vec::with_capacity(params.len());
+        let mut masters = Vec::with_capacity(params.len());
+        for p in params {
+            let state_dtype = p.value.dtype().stats_dtype();
+            let z = || Tensor::zeros(p.value.dims(), state_dtype, &p.value.device());
+            moments.push((z()?, z()?));
+            masters.push(if state_dtype == p.value.dtype() { None } else { Some(p.value.to_dtype(state_dtype)?) });
+        }
+        Ok(AdamW { config, moments, masters, step: 0 })
     }
 
     /// One update of every parameter; gradients are multiplied by `grad_scale`
@@ -39,7 +42,7 @@ impl AdamW {
     pub fn update(&mut self, params: Vec<&mut Param>, lr: f64, grad_scale: f64) -> Result<()> {
         assert_eq!(params.len(), self.moments.len(), "AdamW built for a different parameter list");
         self.step += 1;
-        for (p, (m, v)) in params.into_iter().zip(&mut self.moments) {
+        for ((p, (m, v)), master) in params.into_iter().zip(&mut self.moments).zip(&mut self.masters) {
             let h = ops::AdamWHyper {
                 lr,
                 beta1: self.config.beta1,
@@ -49,19 +52,16 @@ impl AdamW {
                 step: self.step,
                 grad_scale,
             };
-            ops::adamw_update(&mut p.value, &p.grad, m, v, h)?;
+            ops::adamw_update(&mut p.value, master.as_mut(), &p.grad, m, v, h)?;
         }
         Ok(())
     }
 }
 
-/// The L2 norm of all gradients together.
+/// The L2 norm of all gradients together (one host synchronization on a GPU).
 pub fn global_grad_norm(params: &[&Param]) -> Result<f64> {
-    let mut sq = 0.0;
-    for p in params {
-        sq += ops::sum_squares(&p.grad)?;
-    }
-    Ok(sq.sqrt())
+    let grads: Vec<&Tensor> = params.iter().map(|p| &p.grad).collect();
+    Ok(ops::sum_squares_all(&grads)?.sqrt())
 }
 
 /// The factor that scales gradients to a global norm of at most `max_norm`

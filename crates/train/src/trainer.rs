@@ -23,6 +23,8 @@ pub struct TrainSummary {
     pub final_val_loss: Option<f64>,
     /// Mean training throughput, excluding the first step (warm-up) and evaluation.
     pub tokens_per_second: f64,
+    /// Peak bytes held by tensors on the GPU (None on the CPU).
+    pub peak_memory: Option<usize>,
     pub weights: PathBuf,
 }
 
@@ -74,7 +76,7 @@ pub fn train(cfg: &Config) -> Result<TrainSummary> {
 
     // Data first: a missing or corrupt shard should fail before any model work.
     let mut train_loader = open_loader("data.train", &cfg.data.train, gpt.vocab_size, b, t, t_cfg.seed, true)?;
-    let mut val_loader = match &cfg.data.val {
+    let mut val_loader = match cfg.data.val.as_deref().filter(|p| !p.is_empty()) {
         Some(p) => Some(open_loader("data.val", p, gpt.vocab_size, b, t, t_cfg.seed, false)?),
         None => None,
     };
@@ -101,6 +103,12 @@ pub fn train(cfg: &Config) -> Result<TrainSummary> {
     let run_dir = PathBuf::from(&cfg.logging.run_dir);
     let mut metrics = Metrics::open(&run_dir)?;
     let tokens_per_step = b * t * accum;
+    // Model FLOPs utilization against the GPU's bf16 peak, as the peer benchmark computes it.
+    let flops_per_step = gpt.flops_per_token(t) * tokens_per_step as f64;
+    let peak_flops = match &device {
+        Device::Cuda(d) => d.bf16_peak_flops(),
+        Device::Cpu => None,
+    };
     println!(
         "model=gpt params={} n_layer={} n_head={} n_embd={} vocab={} device={} dtype={} tokens_per_step={} \
          train_batches_per_epoch={} metrics={}",
@@ -166,13 +174,17 @@ pub fn train(cfg: &Config) -> Result<TrainSummary> {
         }
         last_loss = loss;
         if step % cfg.logging.interval == 0 || step == t_cfg.max_steps {
-            metrics.log(&[
+            let mut record = vec![
                 ("step", Value::Int(step)),
                 ("train_loss", Value::Fixed(loss, 4)),
                 ("lr", Value::Sci(lr)),
                 ("grad_norm", Value::Fixed(norm, 4)),
                 ("tok_per_s", Value::Fixed(tokens_per_step as f64 / secs, 0)),
-            ])?;
+            ];
+            if let Some(peak) = peak_flops {
+                record.push(("mfu", Value::Fixed(flops_per_step / secs / peak, 3)));
+            }
+            metrics.log(&record)?;
         }
         let eval_now = cfg.eval.interval > 0 && step % cfg.eval.interval == 0;
         if eval_now || step == t_cfg.max_steps {
@@ -187,6 +199,10 @@ pub fn train(cfg: &Config) -> Result<TrainSummary> {
         first_val_loss: first_val,
         final_val_loss: last_val,
         tokens_per_second: if timed_secs > 0.0 { timed_tokens as f64 / timed_secs } else { f64::NAN },
+        peak_memory: match &device {
+            Device::Cuda(d) => Some(d.memory_stats().1),
+            Device::Cpu => None,
+        },
         weights,
     })
 }

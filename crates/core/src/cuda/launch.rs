@@ -167,18 +167,31 @@ pub(crate) fn bias_grad(dbias: &mut CudaStorage, dout: &CudaStorage, rows: usize
 /// order (and the result) does not depend on the GPU.
 const REDUCE_CHUNK: usize = 1 << 16;
 
-/// Sum (or sum of squares) of all elements, in f64 on the host from per-chunk
-/// float partials. Waits for the device: the caller needs the value.
-pub(crate) fn sum(x: &CudaStorage, n: usize, squares: bool) -> Result<f64> {
-    if n == 0 {
+/// Sum (or sum of squares) over all elements of all `xs` (each with its
+/// element count), in f64 on the host from per-chunk float partials: one
+/// launch per tensor into one partials buffer, one download. Waits for the
+/// device: the caller needs the value.
+pub(crate) fn sum(xs: &[(&CudaStorage, usize)], squares: bool) -> Result<f64> {
+    let blocks: Vec<usize> = xs.iter().map(|(_, n)| n.div_ceil(REDUCE_CHUNK)).collect();
+    let total: usize = blocks.iter().sum();
+    let Some((first, _)) = xs.first() else { return Ok(0.0) };
+    if total == 0 {
         return Ok(0.0);
     }
-    let blocks = n.div_ceil(REDUCE_CHUNK);
-    let dev = x.device.clone();
-    let mut partials = CudaStorage::zeros(&dev, DType::F32, blocks)?;
-    let name = format!("{}_partials_{}", if squares { "sumsq" } else { "sum" }, suffix(x)?);
-    let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-    launch(&dev, "reduce", &name, cfg, &[ptr_mut(&mut partials), ptr(x), n64(n), n64(REDUCE_CHUNK)])?;
+    let dev = first.device.clone();
+    let mut partials = CudaStorage::zeros(&dev, DType::F32, total)?;
+    let Arg::Ptr(base) = ptr_mut(&mut partials) else { unreachable!("ptr_mut gives a pointer") };
+    let mut offset = 0;
+    for ((x, n), nb) in xs.iter().zip(&blocks) {
+        if *nb == 0 {
+            continue;
+        }
+        let name = format!("{}_partials_{}", if squares { "sumsq" } else { "sum" }, suffix(x)?);
+        let cfg = LaunchConfig { grid_dim: (*nb as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+        let out = Arg::Ptr(base + 4 * offset as u64);
+        launch(&dev, "reduce", &name, cfg, &[out, ptr(x), n64(*n), n64(REDUCE_CHUNK)])?;
+        offset += nb;
+    }
     match partials.to_host()? {
         crate::CpuStorage::F32(v) => Ok(v.iter().map(|&p| p as f64).sum()),
         _ => unreachable!("partials are allocated as f32"),
@@ -379,22 +392,27 @@ pub(crate) fn cross_entropy(
 
 // ------------------------------------------------------------------ optimizer
 
+/// f32 parameters update in place; bf16 ones through their f32 `master` copy.
 pub(crate) fn adamw(
     param: &mut CudaStorage,
+    master: Option<&mut CudaStorage>,
     grad: &CudaStorage,
     m: &mut CudaStorage,
     v: &mut CudaStorage,
     n: usize,
     h: crate::ops::AdamWHyper,
 ) -> Result<()> {
-    if suffix(param)? != "f32" {
-        return Err(Error::Unsupported { op: "adamw_update", dtype: param.dtype(), device: "cuda".into() });
-    }
     let dev = param.device.clone();
     let bc1 = 1.0 - h.beta1.powi(h.step as i32);
     let bc2_sqrt = (1.0 - h.beta2.powi(h.step as i32)).sqrt();
-    let args = [
-        ptr_mut(param),
+    let (name, head) = match (param.dtype(), master) {
+        (DType::F32, None) => ("adamw_f32", vec![ptr_mut(param)]),
+        (DType::BF16, Some(master)) => ("adamw_bf16", vec![ptr_mut(master), ptr_mut(param)]),
+        (dtype, _) => {
+            return Err(Error::Unsupported { op: "adamw_update (master weights)", dtype, device: "cuda".into() });
+        }
+    };
+    let tail = [
         ptr(grad),
         ptr_mut(m),
         ptr_mut(v),
@@ -408,7 +426,8 @@ pub(crate) fn adamw(
         Arg::F32(h.eps as f32),
         Arg::F32(h.grad_scale as f32),
     ];
-    launch(&dev, "adamw", "adamw_f32", grid_1d(n), &args)
+    let args: Vec<Arg> = head.into_iter().chain(tail).collect();
+    launch(&dev, "adamw", name, grid_1d(n), &args)
 }
 
 // ------------------------------------------------------------------ attention

@@ -10,6 +10,7 @@ pub(crate) mod launch;
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::CudaBlas;
@@ -37,6 +38,9 @@ struct Inner {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    /// Bytes held by live tensors on this device, and the most ever held.
+    allocated: AtomicUsize,
+    peak: AtomicUsize,
 }
 
 impl fmt::Debug for CudaDevice {
@@ -84,6 +88,8 @@ impl CudaDevice {
                 stream,
                 blas,
                 modules: Mutex::new(HashMap::new()),
+                allocated: AtomicUsize::new(0),
+                peak: AtomicUsize::new(0),
             }),
         })
     }
@@ -98,6 +104,27 @@ impl CudaDevice {
 
     fn cc(&self) -> (i32, i32) {
         self.inner.compute_capability
+    }
+
+    /// Dense bf16 tensor-core peak in FLOP/s, for MFU, where known: the
+    /// datasheet figures the peer benchmark uses (H100/H200 SXM 989e12, A100 312e12).
+    pub fn bf16_peak_flops(&self) -> Option<f64> {
+        match self.cc() {
+            (9, 0) => Some(989e12),
+            (8, 0) => Some(312e12),
+            _ => None,
+        }
+    }
+
+    /// (bytes held by tensors now, the most held at once so far): what
+    /// PyTorch reports as memory_allocated and max_memory_allocated.
+    pub fn memory_stats(&self) -> (usize, usize) {
+        (self.inner.allocated.load(Ordering::Relaxed), self.inner.peak.load(Ordering::Relaxed))
+    }
+
+    fn track_alloc(&self, bytes: usize) {
+        let now = self.inner.allocated.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.inner.peak.fetch_max(now, Ordering::Relaxed);
     }
 
     pub fn synchronize(&self) -> Result<()> {
@@ -146,7 +173,27 @@ pub struct CudaStorage {
     pub(crate) device: CudaDevice,
 }
 
+impl Drop for CudaStorage {
+    fn drop(&mut self) {
+        self.device.inner.allocated.fetch_sub(self.bytes(), Ordering::Relaxed);
+    }
+}
+
 impl CudaStorage {
+    fn new(data: CudaData, device: &CudaDevice) -> Self {
+        let s = CudaStorage { data, device: device.clone() };
+        device.track_alloc(s.bytes());
+        s
+    }
+
+    fn bytes(&self) -> usize {
+        match &self.data {
+            CudaData::F32(v) => v.num_bytes(),
+            CudaData::BF16(v) => v.num_bytes(),
+            CudaData::U32(v) => v.num_bytes(),
+        }
+    }
+
     pub(crate) fn zeros(device: &CudaDevice, dtype: DType, n: usize) -> Result<Self> {
         let s = device.stream();
         let alloc = |e| cuda_err(format!("allocating {n} x {dtype}"), e);
@@ -162,7 +209,7 @@ impl CudaStorage {
                 });
             }
         };
-        Ok(CudaStorage { data, device: device.clone() })
+        Ok(CudaStorage::new(data, device))
     }
 
     pub(crate) fn dtype(&self) -> DType {
@@ -181,7 +228,7 @@ impl CudaStorage {
             CudaData::BF16(v) => CudaData::BF16(s.clone_dtod(v).map_err(e)?),
             CudaData::U32(v) => CudaData::U32(s.clone_dtod(v).map_err(e)?),
         };
-        Ok(CudaStorage { data, device: self.device.clone() })
+        Ok(CudaStorage::new(data, &self.device))
     }
 
     /// Uploads host data of a supported dtype.
@@ -200,7 +247,7 @@ impl CudaStorage {
                 });
             }
         };
-        Ok(CudaStorage { data, device: device.clone() })
+        Ok(CudaStorage::new(data, device))
     }
 
     /// Downloads to host memory (waits for the stream).

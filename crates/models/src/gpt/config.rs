@@ -80,13 +80,13 @@ impl GptConfig {
         self.padded_vocab_size() * c + self.block_size * c + self.n_layer * per_block + 2 * c
     }
 
-    /// Training FLOPs per token at sequence length t (forward + backward = 3x
-    /// forward), counting matmuls and attention: 6N + 6 L C T (causal attention
-    /// does half of the 12 L C T a full one would). N excludes the position
-    /// embedding (a lookup, no FLOPs) but includes the tied LM head.
+    /// Training FLOPs per token at sequence length t, PaLM's count as the peer
+    /// benchmark (../shared/bench/torch_gpt_bench.py) uses it for MFU:
+    /// 6N + 12 L C T, with N the parameters without the position table (a
+    /// lookup) but with the tied LM head. (It counts causal attention in full.)
     pub fn flops_per_token(&self, t: usize) -> f64 {
         let n = (self.num_params() - self.block_size * self.n_embd) as f64;
-        6.0 * n + 6.0 * (self.n_layer * self.n_embd * t) as f64
+        6.0 * n + 12.0 * (self.n_layer * self.n_embd * t) as f64
     }
 }
 
