@@ -50,21 +50,37 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 #define GRID_STRIDE(i, n) \
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)gridDim.x * blockDim.x)
 
-// Column sums over rows in a fixed order: block (32, 8), grid.x = ceil(cols / 32).
-// Thread (x, y) sums rows y, y + 8, ... of column blockIdx.x * 32 + x; then row
-// group 0 adds the 8 partials in order. `value(r, c)` gives the term for (r, c).
-#define COLUMN_REDUCE(acc_out, rows, cols, value)                       \
-    {                                                                   \
-        __shared__ float partial_[8][33];                               \
-        const i64 c_ = (i64)blockIdx.x * 32 + threadIdx.x;              \
-        float s_ = 0.f;                                                 \
-        if (c_ < (cols))                                                \
-            for (i64 r_ = threadIdx.y; r_ < (rows); r_ += 8) s_ += value(r_, c_); \
-        partial_[threadIdx.y][threadIdx.x] = s_;                        \
-        __syncthreads();                                                \
-        if (threadIdx.y == 0 && c_ < (cols)) {                          \
-            float t_ = 0.f;                                             \
-            for (int y_ = 0; y_ < 8; ++y_) t_ += partial_[y_][threadIdx.x]; \
-            acc_out(c_, t_);                                            \
-        }                                                               \
+// Column sums in two deterministic stages. Stage 1, block (32, 8), grid
+// (ceil(cols / 32), ceil(rows / COLUMN_CHUNK)): block (x, y) sums rows
+// [y * COLUMN_CHUNK, (y + 1) * COLUMN_CHUNK) of 32 columns, thread (tx, ty) taking
+// every 8th row from ty, then row group 0 adds the 8 partials in order and
+// writes partials[blockIdx.y * cols + c]. Stage 2 (column_finish) adds each
+// column's chunk partials in chunk order. `value(r, c)` gives the term.
+#define COLUMN_CHUNK 256
+#define COLUMN_PARTIALS(partials, rows, cols, value)                            \
+    {                                                                           \
+        __shared__ float partial_[8][33];                                       \
+        const i64 c_ = (i64)blockIdx.x * 32 + threadIdx.x;                      \
+        const i64 r0_ = (i64)blockIdx.y * COLUMN_CHUNK;                         \
+        const i64 r1_ = min(r0_ + COLUMN_CHUNK, (i64)(rows));                   \
+        float s_ = 0.f;                                                         \
+        if (c_ < (cols))                                                        \
+            for (i64 r_ = r0_ + threadIdx.y; r_ < r1_; r_ += 8) s_ += value(r_, c_); \
+        partial_[threadIdx.y][threadIdx.x] = s_;                                \
+        __syncthreads();                                                        \
+        if (threadIdx.y == 0 && c_ < (cols)) {                                  \
+            float t_ = 0.f;                                                     \
+            for (int y_ = 0; y_ < 8; ++y_) t_ += partial_[y_][threadIdx.x];     \
+            (partials)[(i64)blockIdx.y * (cols) + c_] = t_;                     \
+        }                                                                       \
     }
+
+// dst[c] += sum over chunks of partials[chunk * cols + c], chunks in order.
+template <typename T>
+__device__ void column_finish_impl(T* dst, const float* partials, i64 chunks, i64 cols) {
+    GRID_STRIDE(c, cols) {
+        float s = 0.f;
+        for (i64 k = 0; k < chunks; ++k) s += partials[k * cols + c];
+        dst[c] = from_float<T>(to_float(dst[c]) + s);
+    }
+}

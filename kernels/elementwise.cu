@@ -23,13 +23,11 @@ template <typename T> __device__ void add_bias_impl(T* out, const T* bias, i64 r
     GRID_STRIDE(i, rows * cols) out[i] = from_float<T>(to_float(out[i]) + to_float(bias[i % cols]));
 }
 
-// dbias (cols) += column sums of dout (rows, cols)
-template <typename T> __device__ void bias_grad_impl(T* dbias, const T* dout, i64 rows, i64 cols) {
+// Stage 1 of dbias (cols) += column sums of dout (rows, cols); column_finish adds.
+template <typename T> __device__ void bias_grad_partials_impl(float* partials, const T* dout, i64 rows, i64 cols) {
 #define BG_VALUE(r, c) to_float(dout[(r) * cols + (c)])
-#define BG_OUT(c, t) dbias[c] = from_float<T>(to_float(dbias[c]) + (t))
-    COLUMN_REDUCE(BG_OUT, rows, cols, BG_VALUE)
+    COLUMN_PARTIALS(partials, rows, cols, BG_VALUE)
 #undef BG_VALUE
-#undef BG_OUT
 }
 
 template <typename T> __device__ void gelu_forward_impl(T* out, const T* inp, i64 n) {
@@ -60,8 +58,11 @@ template <typename T> __device__ void gelu_backward_impl(T* dinp, const T* inp, 
     extern "C" __global__ void add_bias_##S(T* out, const T* bias, i64 rows, i64 cols) {                         \
         add_bias_impl<T>(out, bias, rows, cols);                                                                   \
     }                                                                                                              \
-    extern "C" __global__ void bias_grad_##S(T* dbias, const T* dout, i64 rows, i64 cols) {                      \
-        bias_grad_impl<T>(dbias, dout, rows, cols);                                                                \
+    extern "C" __global__ void bias_grad_partials_##S(float* partials, const T* dout, i64 rows, i64 cols) {      \
+        bias_grad_partials_impl<T>(partials, dout, rows, cols);                                                    \
+    }                                                                                                              \
+    extern "C" __global__ void column_finish_##S(T* dst, const float* partials, i64 chunks, i64 cols) {          \
+        column_finish_impl<T>(dst, partials, chunks, cols);                                                        \
     }                                                                                                              \
     extern "C" __global__ void gelu_forward_##S(T* out, const T* inp, i64 n) { gelu_forward_impl<T>(out, inp, n); } \
     extern "C" __global__ void gelu_backward_##S(T* dinp, const T* inp, const T* dout, i64 n) {                  \

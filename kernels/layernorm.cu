@@ -51,17 +51,17 @@ __device__ void layernorm_backward_input_impl(T* dinp, const T* dout, const T* i
     }
 }
 
-// dweight += sum_r dout * norm; dbias += sum_r dout (block (32, 8), grid ceil(C / 32)).
+// Stage 1 of dweight += sum_r dout * norm and dbias += sum_r dout: partials for
+// dweight in partials[0 .. chunks*C), for dbias in partials[chunks*C ..).
+// Block (32, 8), grid (ceil(C / 32), chunks); column_finish adds each half.
 template <typename T>
-__device__ void layernorm_backward_params_impl(T* dweight, T* dbias, const T* dout, const T* inp, const float* mean,
+__device__ void layernorm_params_partials_impl(float* partials, const T* dout, const T* inp, const float* mean,
                                                const float* rstd, i64 rows, i64 C) {
 #define LN_DW(r, c) (to_float(dout[(r) * C + (c)]) * (to_float(inp[(r) * C + (c)]) - mean[r]) * rstd[r])
 #define LN_DB(r, c) to_float(dout[(r) * C + (c)])
-#define LN_DW_OUT(c, t) dweight[c] = from_float<T>(to_float(dweight[c]) + (t))
-#define LN_DB_OUT(c, t) dbias[c] = from_float<T>(to_float(dbias[c]) + (t))
-    COLUMN_REDUCE(LN_DW_OUT, rows, C, LN_DW)
+    COLUMN_PARTIALS(partials, rows, C, LN_DW)
     __syncthreads();
-    COLUMN_REDUCE(LN_DB_OUT, rows, C, LN_DB)
+    COLUMN_PARTIALS(partials + (i64)gridDim.y * C, rows, C, LN_DB)
 }
 
 #define LAYERNORM(T, S)                                                                                             \
@@ -73,9 +73,9 @@ __device__ void layernorm_backward_params_impl(T* dweight, T* dbias, const T* do
                                                             const float* mean, const float* rstd, i64 rows, int C) { \
         layernorm_backward_input_impl<T>(dinp, dout, inp, w, mean, rstd, rows, C);                                   \
     }                                                                                                               \
-    extern "C" __global__ void layernorm_backward_params_##S(T* dw, T* db, const T* dout, const T* inp,            \
+    extern "C" __global__ void layernorm_params_partials_##S(float* partials, const T* dout, const T* inp,         \
                                                              const float* mean, const float* rstd, i64 rows, i64 C) { \
-        layernorm_backward_params_impl<T>(dw, db, dout, inp, mean, rstd, rows, C);                                  \
+        layernorm_params_partials_impl<T>(partials, dout, inp, mean, rstd, rows, C);                                \
     }
 
 LAYERNORM(float, f32)

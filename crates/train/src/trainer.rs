@@ -191,6 +191,20 @@ pub fn train(cfg: &Config) -> Result<TrainSummary> {
             run_eval(step, &model, &mut acts, &mut metrics)?;
         }
     }
+    if let Device::Cuda(d) = &device {
+        let profile = d.kernel_profile();
+        if !profile.is_empty() {
+            let total: f64 = profile.iter().map(|p| p.2).sum();
+            println!(
+                "kernel profile ({} steps, each launch timed alone): total {:.1} ms",
+                t_cfg.max_steps,
+                total * 1e3
+            );
+            for (name, calls, secs) in &profile {
+                println!("  {:>6.1}% {:>10.3} ms {:>7} calls  {name}", 100.0 * secs / total, secs * 1e3, calls);
+            }
+        }
+    }
     let weights = run_dir.join("model.safetensors");
     model.save_weights(&weights)?;
     Ok(TrainSummary {

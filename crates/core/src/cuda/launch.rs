@@ -88,12 +88,13 @@ fn launch(dev: &CudaDevice, module: &'static str, name: &str, cfg: LaunchConfig,
             Arg::Dims(v) => b.arg(v),
         };
     }
-    // SAFETY: each launcher below passes exactly the arguments, in order and
-    // type, of the extern "C" kernel it names in kernels/*.cu, and `ops`
-    // checked that every buffer holds the elements the kernel indexes. Outputs
-    // come from `&mut` tensors, so no buffer is written while aliased.
-    unsafe { b.launch(cfg) }.map_err(|e| cuda_err(format!("launching {name}"), e))?;
-    Ok(())
+    dev.timed(name, || {
+        // SAFETY: each launcher below passes exactly the arguments, in order and
+        // type, of the extern "C" kernel it names in kernels/*.cu, and `ops`
+        // checked that every buffer holds the elements the kernel indexes.
+        // Outputs come from `&mut` tensors, so no buffer is written while aliased.
+        unsafe { b.launch(cfg) }.map(drop).map_err(|e| cuda_err(format!("launching {name}"), e))
+    })
 }
 
 fn n64(n: usize) -> Arg {
@@ -152,13 +153,35 @@ pub(crate) fn add_bias(out: &mut CudaStorage, bias: &CudaStorage, rows: usize, c
     launch(&dev, "elementwise", &name, grid_1d(rows * cols), &[ptr_mut(out), ptr(bias), n64(rows), n64(cols)])
 }
 
-fn column_reduce_cfg(cols: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (cols.div_ceil(32).max(1) as u32, 1, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 }
+/// Rows per stage-1 block of the column reductions (COLUMN_CHUNK in common.cuh).
+const COLUMN_CHUNK: usize = 256;
+
+fn column_chunks(rows: usize) -> usize {
+    rows.div_ceil(COLUMN_CHUNK).max(1)
+}
+
+fn column_partials_cfg(rows: usize, cols: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (cols.div_ceil(32).max(1) as u32, column_chunks(rows) as u32, 1),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Stage 2 of a column reduction: dst (cols) += the chunk partials at `partials`.
+fn column_finish(dev: &CudaDevice, dst: &mut CudaStorage, partials: u64, chunks: usize, cols: usize) -> Result<()> {
+    let name = format!("column_finish_{}", suffix(dst)?);
+    launch(dev, "elementwise", &name, grid_1d(cols), &[ptr_mut(dst), Arg::Ptr(partials), n64(chunks), n64(cols)])
 }
 
 pub(crate) fn bias_grad(dbias: &mut CudaStorage, dout: &CudaStorage, rows: usize, cols: usize) -> Result<()> {
-    let (dev, name) = (dbias.device.clone(), format!("bias_grad_{}", suffix(dbias)?));
-    launch(&dev, "elementwise", &name, column_reduce_cfg(cols), &[ptr_mut(dbias), ptr(dout), n64(rows), n64(cols)])
+    let (dev, s) = (dbias.device.clone(), suffix(dbias)?);
+    let chunks = column_chunks(rows);
+    dev.with_scratch(chunks * cols, |partials| {
+        let args = [Arg::Ptr(partials), ptr(dout), n64(rows), n64(cols)];
+        launch(&dev, "elementwise", &format!("bias_grad_partials_{s}"), column_partials_cfg(rows, cols), &args)?;
+        column_finish(&dev, dbias, partials, chunks, cols)
+    })
 }
 
 // ------------------------------------------------------------------ reductions
@@ -240,10 +263,14 @@ pub(crate) fn matmul(
                 beta: if accumulate { $one } else { $zero },
                 ldc: ni,
             };
-            // SAFETY: `ops::matmul` checked that a, b and out hold m*k, k*n and
-            // m*n elements; the leading dimensions above describe exactly those
-            // row-major layouts, so cuBLAS reads and writes within bounds.
-            unsafe { blas.gemm(cfg, $b, $a, $o) }.map_err(e)
+            let name =
+                format!("cublas_gemm {m}x{n}x{k} ta={} tb={} acc={}", trans_a as u8, trans_b as u8, accumulate as u8);
+            dev.timed(&name, || {
+                // SAFETY: `ops::matmul` checked that a, b and out hold m*k, k*n and
+                // m*n elements; the leading dimensions above describe exactly those
+                // row-major layouts, so cuBLAS reads and writes within bounds.
+                unsafe { blas.gemm(cfg, $b, $a, $o) }.map_err(e)
+            })
         }};
     }
     match (&mut out.data, &a.data, &b.data) {
@@ -312,8 +339,13 @@ pub(crate) fn layernorm_backward(
     let s = suffix(dinp)?;
     let args = [ptr_mut(dinp), ptr(dout), ptr(inp), ptr(weight), ptr(mean), ptr(rstd), n64(rows), Arg::I32(c as i32)];
     launch(&dev, "layernorm", &format!("layernorm_backward_input_{s}"), warp_rows_cfg(rows), &args)?;
-    let args = [ptr_mut(dweight), ptr_mut(dbias), ptr(dout), ptr(inp), ptr(mean), ptr(rstd), n64(rows), n64(c)];
-    launch(&dev, "layernorm", &format!("layernorm_backward_params_{s}"), column_reduce_cfg(c), &args)
+    let chunks = column_chunks(rows);
+    dev.with_scratch(2 * chunks * c, |partials| {
+        let args = [Arg::Ptr(partials), ptr(dout), ptr(inp), ptr(mean), ptr(rstd), n64(rows), n64(c)];
+        launch(&dev, "layernorm", &format!("layernorm_params_partials_{s}"), column_partials_cfg(rows, c), &args)?;
+        column_finish(&dev, dweight, partials, chunks, c)?;
+        column_finish(&dev, dbias, partials + 4 * (chunks * c) as u64, chunks, c)
+    })
 }
 
 // ------------------------------------------------------------------ embedding

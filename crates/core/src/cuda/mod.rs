@@ -41,6 +41,13 @@ struct Inner {
     /// Bytes held by live tensors on this device, and the most ever held.
     allocated: AtomicUsize,
     peak: AtomicUsize,
+    /// With TRAINER_PROFILE_KERNELS=1: per kernel, (calls, seconds), each launch
+    /// timed between two stream synchronizations (so profiling slows the run).
+    profile: Option<Mutex<HashMap<String, (u64, f64)>>>,
+    /// Workspace for multi-stage kernels, grown on demand and then reused: ops
+    /// run in order on the one stream, so one buffer serves them all and the
+    /// steady-state step allocates nothing.
+    scratch: Mutex<Option<CudaSlice<f32>>>,
 }
 
 impl fmt::Debug for CudaDevice {
@@ -90,6 +97,8 @@ impl CudaDevice {
                 modules: Mutex::new(HashMap::new()),
                 allocated: AtomicUsize::new(0),
                 peak: AtomicUsize::new(0),
+                profile: std::env::var_os("TRAINER_PROFILE_KERNELS").map(|_| Mutex::new(HashMap::new())),
+                scratch: Mutex::new(None),
             }),
         })
     }
@@ -120,6 +129,51 @@ impl CudaDevice {
     /// PyTorch reports as memory_allocated and max_memory_allocated.
     pub fn memory_stats(&self) -> (usize, usize) {
         (self.inner.allocated.load(Ordering::Relaxed), self.inner.peak.load(Ordering::Relaxed))
+    }
+
+    /// Runs `work` (one kernel launch or library call named `name`); when
+    /// profiling, times it between stream synchronizations.
+    pub(crate) fn timed(&self, name: &str, work: impl FnOnce() -> Result<()>) -> Result<()> {
+        let Some(profile) = &self.inner.profile else { return work() };
+        self.synchronize()?;
+        let start = std::time::Instant::now();
+        work()?;
+        self.synchronize()?;
+        let secs = start.elapsed().as_secs_f64();
+        let mut p = profile.lock().map_err(|_| cuda_err("profile", "poisoned lock"))?;
+        let e = p.entry(name.to_string()).or_insert((0, 0.0));
+        e.0 += 1;
+        e.1 += secs;
+        Ok(())
+    }
+
+    /// Runs `f` with the device address of at least `floats` f32 of scratch.
+    /// Whatever `f` launches must be done with the scratch by the time the next
+    /// op is queued, which stream order guarantees.
+    pub(crate) fn with_scratch<R>(&self, floats: usize, f: impl FnOnce(u64) -> Result<R>) -> Result<R> {
+        use cudarc::driver::DevicePtrMut;
+        let mut guard = self.inner.scratch.lock().map_err(|_| cuda_err("scratch", "poisoned lock"))?;
+        if guard.as_ref().is_none_or(|s| s.len() < floats) {
+            *guard = None; // free the old buffer before asking for a bigger one
+            let buf = self.stream().alloc_zeros::<f32>(floats.max(1)).map_err(|e| cuda_err("scratch", e))?;
+            *guard = Some(buf);
+        }
+        let stream = self.stream().clone();
+        let ptr = match guard.as_mut() {
+            Some(buf) => buf.device_ptr_mut(&stream).0,
+            None => unreachable!("allocated above"),
+        };
+        f(ptr)
+    }
+
+    /// The kernel profile so far, slowest total first: (name, calls, seconds).
+    /// Empty unless TRAINER_PROFILE_KERNELS was set when the device was opened.
+    pub fn kernel_profile(&self) -> Vec<(String, u64, f64)> {
+        let Some(profile) = &self.inner.profile else { return Vec::new() };
+        let Ok(p) = profile.lock() else { return Vec::new() };
+        let mut v: Vec<_> = p.iter().map(|(k, &(n, s))| (k.clone(), n, s)).collect();
+        v.sort_by(|a, b| b.2.total_cmp(&a.2));
+        v
     }
 
     fn track_alloc(&self, bytes: usize) {
