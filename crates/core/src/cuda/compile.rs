@@ -21,6 +21,7 @@ pub const MODULES: &[(&str, &str)] = &[
     ("cross_entropy", include_str!("../../../../kernels/cross_entropy.cu")),
     ("adamw", include_str!("../../../../kernels/adamw.cu")),
     ("attention", include_str!("../../../../kernels/attention.cu")),
+    ("attention_mma", include_str!("../../../../kernels/attention_mma.cu")),
 ];
 
 /// Directories that may hold cuda_bf16.h, in order: TRAINER_CUDA_INCLUDE, then

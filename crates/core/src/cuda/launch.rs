@@ -466,6 +466,23 @@ pub(crate) fn adamw(
 
 const ATTN_ROWS: u32 = 8;
 
+/// Head sizes with tensor-core (bf16) kernels in attention_mma.cu; 64 rows per block.
+const MMA_HEAD_SIZES: [usize; 4] = [32, 64, 96, 128];
+const MMA_ROWS: u32 = 64;
+
+/// The tensor-core kernels' launch shape, when they serve this call.
+fn mma_cfg(s: &CudaStorage, b: usize, t: usize, c: usize, n_head: usize) -> Option<(usize, LaunchConfig)> {
+    let hs = c / n_head;
+    (s.dtype() == DType::BF16 && MMA_HEAD_SIZES.contains(&hs)).then(|| {
+        let cfg = LaunchConfig {
+            grid_dim: ((t as u32).div_ceil(MMA_ROWS), (b * n_head) as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        (hs, cfg)
+    })
+}
+
 fn attn_setup(b: usize, t: usize, c: usize, n_head: usize, causal: bool) -> Result<(AttnDims, usize, LaunchConfig)> {
     let hs = c / n_head;
     let r = hs.div_ceil(32);
@@ -502,8 +519,12 @@ pub(crate) fn attention_forward(
     causal: bool,
 ) -> Result<()> {
     let (dims, r, cfg) = attn_setup(b, t, c, n_head, causal)?;
-    let (dev, name) = (out.device.clone(), format!("attention_forward_{}_r{r}", suffix(out)?));
-    launch(&dev, "attention", &name, cfg, &[ptr_mut(out), ptr_mut(lse), ptr(qkv), Arg::Dims(dims)])
+    let dev = out.device.clone();
+    let args = [ptr_mut(out), ptr_mut(lse), ptr(qkv), Arg::Dims(dims)];
+    if let Some((hs, cfg)) = mma_cfg(qkv, b, t, c, n_head) {
+        return launch(&dev, "attention_mma", &format!("attention_forward_mma_d{hs}"), cfg, &args);
+    }
+    launch(&dev, "attention", &format!("attention_forward_{}_r{r}", suffix(out)?), cfg, &args)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -527,6 +548,10 @@ pub(crate) fn attention_backward(
     let args = [ptr_mut(delta), ptr(out), ptr(dout), Arg::Dims(dims), n64(rows)];
     launch(&dev, "attention", &format!("attention_delta_{s}"), warp_rows_cfg(rows), &args)?;
     let args = [ptr_mut(dqkv), ptr(dout), ptr(qkv), ptr(lse), ptr(delta), Arg::Dims(dims)];
+    if let Some((hs, cfg)) = mma_cfg(qkv, b, t, c, n_head) {
+        launch(&dev, "attention_mma", &format!("attention_backward_dq_mma_d{hs}"), cfg, &args)?;
+        return launch(&dev, "attention_mma", &format!("attention_backward_dkv_mma_d{hs}"), cfg, &args);
+    }
     launch(&dev, "attention", &format!("attention_backward_dq_{s}_r{r}"), cfg, &args)?;
     launch(&dev, "attention", &format!("attention_backward_dkv_{s}_r{r}"), cfg, &args)
 }

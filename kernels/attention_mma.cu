@@ -1,0 +1,346 @@
+// Flash attention for bf16 on tensor cores (mma.sync m16n8k16, fp32
+// accumulate), FlashAttention-2 style: a warp owns 16 rows, a block 64; tiles of
+// 64 keys (or queries) staged in shared memory; online softmax; the backward
+// recomputes P from the saved log-sum-exp. Head sizes 32, 64, 96 and 128.
+// Same layouts and semantics as attention.cu (which serves f32 and other head
+// sizes). Deterministic: dQ is one pass over key tiles per query block, dK and
+// dV one pass over query tiles per key block; no atomics.
+//
+// Fragments of mma.m16n8k16 (g = lane / 4, t = lane % 4):
+//   A 16x16 row-major: a0 = A[g][2t..2t+1], a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..]
+//   B 16x8 (B[k][n]):  b0 = B[2t..2t+1][g], b1 = B[2t+8..2t+9][g]
+//   C 16x8:            c0, c1 = C[g][2t, 2t+1];  c2, c3 = C[g+8][2t, 2t+1]
+
+#define BR 64   // rows (queries or keys) per block: 4 warps x 16
+#define BC 64   // columns per tile
+#define PAD 8   // shared-memory row padding (bf16 elements) against bank conflicts
+
+struct Dims {
+    int T, H, hs;
+    float scale;
+    int causal;
+};
+
+__device__ __forceinline__ i64 qkv_at(const Dims& d, int b, int t, int part, int h, int e) {
+    const i64 C = (i64)d.H * d.hs;
+    return ((i64)b * d.T + t) * 3 * C + part * C + (i64)h * d.hs + e;
+}
+
+__device__ __forceinline__ i64 out_at(const Dims& d, int b, int t, int h, int e) {
+    return ((i64)b * d.T + t) * d.H * d.hs + (i64)h * d.hs + e;
+}
+
+__device__ __forceinline__ unsigned pack_f32(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&v);
+}
+
+__device__ __forceinline__ unsigned pack_bf16(bf16 lo, bf16 hi) {
+    __nv_bfloat162 v;
+    v.x = lo;
+    v.y = hi;
+    return *reinterpret_cast<unsigned*>(&v);
+}
+
+__device__ __forceinline__ unsigned ld32(const bf16* p) { return *reinterpret_cast<const unsigned*>(p); }
+
+__device__ __forceinline__ void mma16816(float* c, const unsigned* a, const unsigned* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// A fragments of 16 rows [r0, r0+16) of one part of head h, all D columns,
+// straight from global memory (rows past T read as zero).
+template <int D>
+__device__ __forceinline__ void load_a_rows(unsigned (&f)[D / 16][4], const bf16* x, bool is_qkv, const Dims& d,
+                                            int b, int h, int part, int r0) {
+    const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+    #pragma unroll
+    for (int kc = 0; kc < D / 16; ++kc)
+        #pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int row = r0 + g + (r & 1) * 8, col = kc * 16 + 2 * t + (r >> 1) * 8;
+            f[kc][r] = row < d.T ? ld32(x + (is_qkv ? qkv_at(d, b, row, part, h, col) : out_at(d, b, row, h, col))) : 0u;
+        }
+}
+
+// Stage rows [r0, r0 + 64) x D of one part (or of `out`-shaped x) into s[64][D + PAD].
+template <int D>
+__device__ __forceinline__ void stage_tile(bf16 (*s)[D + PAD], const bf16* x, bool is_qkv, const Dims& d, int b,
+                                           int h, int part, int r0) {
+    for (int idx = threadIdx.x; idx < BC * D / 2; idx += blockDim.x) {
+        const int r = idx / (D / 2), c = (idx % (D / 2)) * 2, row = r0 + r;
+        unsigned v = 0u;
+        if (row < d.T) v = ld32(x + (is_qkv ? qkv_at(d, b, row, part, h, c) : out_at(d, b, row, h, c)));
+        *reinterpret_cast<unsigned*>(&s[r][c]) = v;
+    }
+}
+
+// acc[nt] (16 x 64) += A (16 x D, fragments) @ X^T where X is a staged tile: B[k][n] = X[n][k].
+template <int D>
+__device__ __forceinline__ void mma_a_xt(float (&acc)[BC / 8][4], const unsigned (&a)[D / 16][4], bf16 (*x)[D + PAD]) {
+    const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+    #pragma unroll
+    for (int nt = 0; nt < BC / 8; ++nt)
+        #pragma unroll
+        for (int kc = 0; kc < D / 16; ++kc) {
+            const unsigned bfr[2] = {ld32(&x[nt * 8 + g][kc * 16 + 2 * t]), ld32(&x[nt * 8 + g][kc * 16 + 2 * t + 8])};
+            mma16816(acc[nt], a[kc], bfr);
+        }
+}
+
+// acc (16 x D) += P (16 x 64, C fragments in p) @ X where X is a staged tile: B[k][n] = X[k][n].
+template <int D>
+__device__ __forceinline__ void mma_p_x(float (&acc)[D / 8][4], const float (&p)[BC / 8][4], bf16 (*x)[D + PAD]) {
+    const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+    #pragma unroll
+    for (int kc = 0; kc < BC / 16; ++kc) {
+        const unsigned a[4] = {pack_f32(p[2 * kc][0], p[2 * kc][1]), pack_f32(p[2 * kc][2], p[2 * kc][3]),
+                               pack_f32(p[2 * kc + 1][0], p[2 * kc + 1][1]), pack_f32(p[2 * kc + 1][2], p[2 * kc + 1][3])};
+        #pragma unroll
+        for (int nt = 0; nt < D / 8; ++nt) {
+            const int k = kc * 16 + 2 * t, n = nt * 8 + g;
+            const unsigned bfr[2] = {pack_bf16(x[k][n], x[k + 1][n]), pack_bf16(x[k + 8][n], x[k + 9][n])};
+            mma16816(acc[nt], a, bfr);
+        }
+    }
+}
+
+// Forward: grid (ceil(T / 64), B * H), block 128.
+template <int D>
+__device__ void attention_forward_mma(bf16* out, float* lse, const bf16* qkv, Dims d) {
+    __shared__ __align__(16) bf16 ks[BC][D + PAD];
+    __shared__ __align__(16) bf16 vs[BC][D + PAD];
+    const int b = blockIdx.y / d.H, h = blockIdx.y % d.H;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+    const int q0 = blockIdx.x * BR + warp * 16;
+    unsigned qf[D / 16][4];
+    load_a_rows<D>(qf, qkv, true, d, b, h, 0, q0);
+    float o[D / 8][4];
+    #pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt)
+        #pragma unroll
+        for (int r = 0; r < 4; ++r) o[nt][r] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+    const int q_last = min(blockIdx.x * BR + BR, d.T) - 1;
+    const int tiles = d.causal ? q_last / BC + 1 : (d.T + BC - 1) / BC;
+    for (int kt = 0; kt < tiles; ++kt) {
+        const int k0 = kt * BC;
+        __syncthreads();
+        stage_tile<D>(ks, qkv, true, d, b, h, 1, k0);
+        stage_tile<D>(vs, qkv, true, d, b, h, 2, k0);
+        __syncthreads();
+        float s[BC / 8][4];
+        #pragma unroll
+        for (int nt = 0; nt < BC / 8; ++nt)
+            #pragma unroll
+            for (int r = 0; r < 4; ++r) s[nt][r] = 0.f;
+        mma_a_xt<D>(s, qf, ks);
+        #pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int row = q0 + g + 8 * half;
+            float mx = -INFINITY;
+            #pragma unroll
+            for (int nt = 0; nt < BC / 8; ++nt)
+                #pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const int col = k0 + nt * 8 + 2 * t + c;
+                    float v = s[nt][2 * half + c] * d.scale;
+                    if (col >= d.T || (d.causal && col > row)) v = -INFINITY;
+                    s[nt][2 * half + c] = v;
+                    mx = fmaxf(mx, v);
+                }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(m[half], mx);
+            // A row with no valid key yet keeps m = -inf; use 0 as the reference so exp gives 0, not NaN.
+            const float ref = m_new == -INFINITY ? 0.f : m_new;
+            const float corr = __expf(m[half] - ref);
+            float sum = 0.f;
+            #pragma unroll
+            for (int nt = 0; nt < BC / 8; ++nt)
+                #pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const float p = __expf(s[nt][2 * half + c] - ref);
+                    s[nt][2 * half + c] = p;
+                    sum += p;
+                }
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            l[half] = l[half] * corr + sum;
+            m[half] = m_new;
+            #pragma unroll
+            for (int nt = 0; nt < D / 8; ++nt) {
+                o[nt][2 * half] *= corr;
+                o[nt][2 * half + 1] *= corr;
+            }
+        }
+        mma_p_x<D>(o, s, vs);
+    }
+    #pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int row = q0 + g + 8 * half;
+        if (row >= d.T) continue;
+        const float inv = 1.f / l[half];
+        #pragma unroll
+        for (int nt = 0; nt < D / 8; ++nt) {
+            const int col = nt * 8 + 2 * t;
+            *reinterpret_cast<unsigned*>(out + out_at(d, b, row, h, col)) =
+                pack_f32(o[nt][2 * half] * inv, o[nt][2 * half + 1] * inv);
+        }
+        if (t == 0) lse[((i64)b * d.H + h) * d.T + row] = m[half] + __logf(l[half]);
+    }
+}
+
+// dQ: grid (ceil(T / 64), B * H), block 128; a warp owns 16 queries.
+template <int D>
+__device__ void attention_backward_dq_mma(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
+                                          const float* delta, Dims d) {
+    __shared__ __align__(16) bf16 ks[BC][D + PAD];
+    __shared__ __align__(16) bf16 vs[BC][D + PAD];
+    const int b = blockIdx.y / d.H, h = blockIdx.y % d.H;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+    const int q0 = blockIdx.x * BR + warp * 16;
+    unsigned qf[D / 16][4], dof[D / 16][4];
+    load_a_rows<D>(qf, qkv, true, d, b, h, 0, q0);
+    load_a_rows<D>(dof, dout, false, d, b, h, 0, q0);
+    const i64 stat = ((i64)b * d.H + h) * d.T;
+    float lse_r[2], del_r[2];
+    #pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int row = q0 + g + 8 * half;
+        lse_r[half] = row < d.T ? lse[stat + row] : 0.f;
+        del_r[half] = row < d.T ? delta[stat + row] : 0.f;
+    }
+    float dq[D / 8][4];
+    #pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt)
+        #pragma unroll
+        for (int r = 0; r < 4; ++r) dq[nt][r] = 0.f;
+    const int q_last = min(blockIdx.x * BR + BR, d.T) - 1;
+    const int tiles = d.causal ? q_last / BC + 1 : (d.T + BC - 1) / BC;
+    for (int kt = 0; kt < tiles; ++kt) {
+        const int k0 = kt * BC;
+        __syncthreads();
+        stage_tile<D>(ks, qkv, true, d, b, h, 1, k0);
+        stage_tile<D>(vs, qkv, true, d, b, h, 2, k0);
+        __syncthreads();
+        float s[BC / 8][4], dp[BC / 8][4];
+        #pragma unroll
+        for (int nt = 0; nt < BC / 8; ++nt)
+            #pragma unroll
+            for (int r = 0; r < 4; ++r) s[nt][r] = dp[nt][r] = 0.f;
+        mma_a_xt<D>(s, qf, ks);
+        mma_a_xt<D>(dp, dof, vs);
+        #pragma unroll
+        for (int nt = 0; nt < BC / 8; ++nt)
+            #pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int half = r >> 1, row = q0 + g + 8 * half, col = k0 + nt * 8 + 2 * t + (r & 1);
+                const bool ok = row < d.T && col < d.T && !(d.causal && col > row);
+                const float p = ok ? __expf(s[nt][r] * d.scale - lse_r[half]) : 0.f;
+                s[nt][r] = p * (dp[nt][r] - del_r[half]) * d.scale;  // dS, scaled for dQ = dS K
+            }
+        mma_p_x<D>(dq, s, ks);
+    }
+    #pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int row = q0 + g + 8 * half;
+        if (row >= d.T) continue;
+        #pragma unroll
+        for (int nt = 0; nt < D / 8; ++nt) {
+            const int col = nt * 8 + 2 * t;
+            *reinterpret_cast<unsigned*>(dqkv + qkv_at(d, b, row, 0, h, col)) =
+                pack_f32(dq[nt][2 * half], dq[nt][2 * half + 1]);
+        }
+    }
+}
+
+// dK, dV: grid (ceil(T / 64), B * H), block 128; a warp owns 16 keys and walks
+// the query tiles that can see them.
+template <int D>
+__device__ void attention_backward_dkv_mma(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
+                                           const float* delta, Dims d) {
+    __shared__ __align__(16) bf16 qs[BC][D + PAD];
+    __shared__ __align__(16) bf16 dos[BC][D + PAD];
+    __shared__ float lse_s[BC], del_s[BC];
+    const int b = blockIdx.y / d.H, h = blockIdx.y % d.H;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+    const int k0w = blockIdx.x * BR + warp * 16;
+    unsigned kf[D / 16][4], vf[D / 16][4];
+    load_a_rows<D>(kf, qkv, true, d, b, h, 1, k0w);
+    load_a_rows<D>(vf, qkv, true, d, b, h, 2, k0w);
+    float dk[D / 8][4], dv[D / 8][4];
+    #pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt)
+        #pragma unroll
+        for (int r = 0; r < 4; ++r) dk[nt][r] = dv[nt][r] = 0.f;
+    const i64 stat = ((i64)b * d.H + h) * d.T;
+    // Causal: queries before this key block never see it (BR == BC, so tile index = block index).
+    const int first = d.causal ? blockIdx.x : 0;
+    const int tiles = (d.T + BC - 1) / BC;
+    for (int qt = first; qt < tiles; ++qt) {
+        const int q0 = qt * BC;
+        __syncthreads();
+        stage_tile<D>(qs, qkv, true, d, b, h, 0, q0);
+        stage_tile<D>(dos, dout, false, d, b, h, 0, q0);
+        for (int r = threadIdx.x; r < BC; r += blockDim.x) {
+            lse_s[r] = q0 + r < d.T ? lse[stat + q0 + r] : 0.f;
+            del_s[r] = q0 + r < d.T ? delta[stat + q0 + r] : 0.f;
+        }
+        __syncthreads();
+        float st[BC / 8][4], dpt[BC / 8][4];  // transposed: rows are keys, columns queries
+        #pragma unroll
+        for (int nt = 0; nt < BC / 8; ++nt)
+            #pragma unroll
+            for (int r = 0; r < 4; ++r) st[nt][r] = dpt[nt][r] = 0.f;
+        mma_a_xt<D>(st, kf, qs);
+        mma_a_xt<D>(dpt, vf, dos);
+        #pragma unroll
+        for (int nt = 0; nt < BC / 8; ++nt)
+            #pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int key = k0w + g + 8 * (r >> 1), qi = nt * 8 + 2 * t + (r & 1), query = q0 + qi;
+                const bool ok = key < d.T && query < d.T && !(d.causal && key > query);
+                const float p = ok ? __expf(st[nt][r] * d.scale - lse_s[qi]) : 0.f;
+                st[nt][r] = p;                                          // P^T, for dV = P^T dO
+                dpt[nt][r] = p * (dpt[nt][r] - del_s[qi]) * d.scale;    // dS^T, for dK = dS^T Q
+            }
+        mma_p_x<D>(dv, st, dos);
+        mma_p_x<D>(dk, dpt, qs);
+    }
+    #pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int key = k0w + g + 8 * half;
+        if (key >= d.T) continue;
+        #pragma unroll
+        for (int nt = 0; nt < D / 8; ++nt) {
+            const int col = nt * 8 + 2 * t;
+            *reinterpret_cast<unsigned*>(dqkv + qkv_at(d, b, key, 1, h, col)) = pack_f32(dk[nt][2 * half], dk[nt][2 * half + 1]);
+            *reinterpret_cast<unsigned*>(dqkv + qkv_at(d, b, key, 2, h, col)) = pack_f32(dv[nt][2 * half], dv[nt][2 * half + 1]);
+        }
+    }
+}
+
+#define ATTENTION_MMA(D)                                                                                            \
+    extern "C" __global__ void __launch_bounds__(128) attention_forward_mma_d##D(bf16* out, float* lse,           \
+                                                                                 const bf16* qkv, Dims d) {        \
+        attention_forward_mma<D>(out, lse, qkv, d);                                                                 \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(128) attention_backward_dq_mma_d##D(                              \
+        bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, Dims d) {              \
+        attention_backward_dq_mma<D>(dqkv, dout, qkv, lse, delta, d);                                               \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(128) attention_backward_dkv_mma_d##D(                             \
+        bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, Dims d) {              \
+        attention_backward_dkv_mma<D>(dqkv, dout, qkv, lse, delta, d);                                              \
+    }
+
+// The head sizes of the GPT-2 family and ViTs (64), small models (32), and larger ones.
+ATTENTION_MMA(32)
+ATTENTION_MMA(64)
+ATTENTION_MMA(96)
+ATTENTION_MMA(128)
