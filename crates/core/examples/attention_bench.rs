@@ -58,7 +58,7 @@ fn main() -> Result<()> {
             Ok(ops::attention_backward(&mut dqkv, &mut delta, &dout, &qkv, &out, &lse, h, causal)?)
         })?;
         let f = 4.0 * (b * h * t * t * d) as f64 * if causal { 0.5 } else { 1.0 };
-        if !(fwd > 0.0) {
+        if fwd.is_nan() || fwd <= 0.0 {
             bail!("timing failed");
         }
         println!(
