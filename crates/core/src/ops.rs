@@ -238,7 +238,18 @@ pub fn matmul(out: &mut Tensor, a: &Tensor, b: &Tensor, trans_a: bool, trans_b: 
         });
     }
     if on_cuda(out) {
-        return launch::matmul(out.cuda_mut(OP)?, a.cuda(OP)?, b.cuda(OP)?, m, n, k, trans_a, trans_b, accumulate);
+        return launch::matmul(
+            out.cuda_mut(OP)?,
+            a.cuda(OP)?,
+            b.cuda(OP)?,
+            m,
+            n,
+            k,
+            trans_a,
+            trans_b,
+            accumulate,
+            None,
+        );
     }
     cpu_float!(OP, out, |F| {
         cpu::matmul::matmul::<F>(
@@ -258,12 +269,28 @@ pub fn matmul(out: &mut Tensor, a: &Tensor, b: &Tensor, trans_a: bool, trans_b: 
 
 /// out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias (OC).
 pub fn linear_forward(out: &mut Tensor, inp: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<()> {
+    const OP: &str = "linear_forward";
+    if let Some(bias) = bias {
+        same_kind(OP, out, &[bias])?;
+        expect_numel(OP, "bias", bias, out.shape().last_dim())?;
+        if on_cuda(out) && out.dtype() == DType::BF16 {
+            // One cuBLASLt call with the bias in the epilogue.
+            same_kind(OP, out, &[inp, weight])?;
+            let (m, k) = inp.shape().as_rows_cols();
+            let (n, k2) = weight.shape().as_rows_cols();
+            if k != k2 || out.shape().as_rows_cols() != (m, n) {
+                return Err(Error::Shape {
+                    op: OP,
+                    msg: format!("inp {} @ weight {}^T -> out {}", inp.shape(), weight.shape(), out.shape()),
+                });
+            }
+            let (o, x, w, b) = (out.cuda_mut(OP)?, inp.cuda(OP)?, weight.cuda(OP)?, bias.cuda(OP)?);
+            return launch::matmul(o, x, w, m, n, k, false, true, false, Some(b));
+        }
+    }
     matmul(out, inp, weight, false, true, false)?;
     let Some(bias) = bias else { return Ok(()) };
-    const OP: &str = "linear_forward";
-    same_kind(OP, out, &[bias])?;
     let (rows, oc) = out.shape().as_rows_cols();
-    expect_numel(OP, "bias", bias, oc)?;
     if on_cuda(out) {
         return launch::add_bias(out.cuda_mut(OP)?, bias.cuda(OP)?, rows, oc);
     }

@@ -153,6 +153,19 @@ fn linear_layernorm_gelu() {
         )
         .unwrap();
         check(&format!("linear_forward {rows}x{c}->{oc}"), &gy, &y, F32_TOL);
+        // bf16 takes cuBLASLt with the bias in the epilogue; the reference runs on the rounded inputs.
+        let round = |t: &Tensor| t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
+        let mut yb = zeros(&[rows, oc]);
+        ops::linear_forward(&mut yb, &round(&x), &round(&w), Some(&round(&b))).unwrap();
+        let mut gyb = poisoned(&[rows, oc], DType::BF16, &dev);
+        ops::linear_forward(
+            &mut gyb,
+            &up(&x, &dev, DType::BF16),
+            &up(&w, &dev, DType::BF16),
+            Some(&up(&b, &dev, DType::BF16)),
+        )
+        .unwrap();
+        check(&format!("linear_forward bf16 (cuBLASLt + bias) {rows}x{c}->{oc}"), &gyb, &yb, BF16_TOL);
         let (dw0, db0) = (randn(&mut r, &[oc, c], 1.0), randn(&mut r, &[oc], 1.0));
         let (mut dx, mut dw, mut db) = (zeros(&[rows, c]), cpu_copy(&dw0), cpu_copy(&db0));
         ops::linear_backward(&mut dx, &mut dw, Some(&mut db), &dy, &x, &w).unwrap();

@@ -4,6 +4,7 @@
 //! host synchronization.
 
 use cudarc::cublas::{Gemm, GemmConfig, sys::cublasOperation_t};
+use cudarc::cublaslt::{Matmul, MatmulConfig};
 use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::{CudaData, CudaDevice, CudaStorage, cuda_err};
@@ -223,9 +224,11 @@ pub(crate) fn sum(xs: &[(&CudaStorage, usize)], squares: bool) -> Result<f64> {
 
 // ------------------------------------------------------------------ matmul
 
-/// out (m, n) = [out +] op(a) (m, k) @ op(b) (k, n), row-major, via cuBLAS.
-/// cuBLAS is column-major, so it computes out^T = op(b)^T @ op(a)^T: a
-/// row-major matrix is its own transpose read column-major.
+/// out (m, n) = [out +] op(a) (m, k) @ op(b) (k, n) [+ bias (n) per row],
+/// row-major. cuBLAS is column-major, so it computes out^T = op(b)^T @ op(a)^T:
+/// a row-major matrix is its own transpose read column-major. f32 goes to
+/// cuBLAS (exact fp32: cuBLASLt's f32 path would use TF32); bf16 to cuBLASLt,
+/// which picks a kernel per shape and adds the bias in its epilogue.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul(
     out: &mut CudaStorage,
@@ -237,6 +240,7 @@ pub(crate) fn matmul(
     trans_a: bool,
     trans_b: bool,
     accumulate: bool,
+    bias: Option<&CudaStorage>,
 ) -> Result<()> {
     if m == 0 || n == 0 {
         return Ok(());
@@ -273,10 +277,44 @@ pub(crate) fn matmul(
             })
         }};
     }
-    match (&mut out.data, &a.data, &b.data) {
-        (CudaData::F32(o), CudaData::F32(x), CudaData::F32(y)) => gemm!(o, x, y, 1.0f32, 0.0f32),
-        (CudaData::BF16(o), CudaData::BF16(x), CudaData::BF16(y)) => {
-            gemm!(o, x, y, half::bf16::ONE, half::bf16::ZERO)
+    match (&mut out.data, &a.data, &b.data, bias.map(|b| &b.data)) {
+        (CudaData::F32(o), CudaData::F32(x), CudaData::F32(y), None) => gemm!(o, x, y, 1.0f32, 0.0f32),
+        (CudaData::BF16(o), CudaData::BF16(x), CudaData::BF16(y), bias) => {
+            let bias = match bias {
+                None => None,
+                Some(CudaData::BF16(v)) => Some(v),
+                Some(_) => return Err(Error::DType { op: "matmul bias", expected: DType::BF16, got: DType::F32 }),
+            };
+            let cfg = MatmulConfig {
+                transa: trans_b,
+                transb: trans_a,
+                transc: false,
+                m: n as u64,
+                n: m as u64,
+                k: k as u64,
+                alpha: 1.0,
+                lda: lda as i64,
+                ldb: ldb as i64,
+                beta: if accumulate { 1.0 } else { 0.0 },
+                ldc: n as i64,
+                stride_a: None,
+                stride_b: None,
+                stride_c: None,
+                stride_bias: None,
+                batch_size: None,
+            };
+            let name = format!(
+                "cublaslt {m}x{n}x{k} ta={} tb={} acc={} bias={}",
+                trans_a as u8,
+                trans_b as u8,
+                accumulate as u8,
+                bias.is_some() as u8
+            );
+            dev.timed(&name, || {
+                // SAFETY: as for the cuBLAS call above; the bias, when given, holds
+                // n elements (checked by `ops::linear_forward`), one per output column.
+                unsafe { dev.blas_lt().matmul(cfg, y, x, o, bias, None) }.map_err(|e| cuda_err("cuBLASLt matmul", e))
+            })
         }
         _ => Err(Error::Unsupported { op: "matmul", dtype: out.dtype(), device: "cuda".into() }),
     }

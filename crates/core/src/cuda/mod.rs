@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::CudaBlas;
+use cudarc::cublaslt::CudaBlasLT;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
 
 use crate::{DType, Error, Result};
@@ -37,6 +38,8 @@ struct Inner {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
+    /// cuBLASLt for bf16 GEMMs (per-shape heuristics, fused bias epilogue).
+    blas_lt: CudaBlasLT,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     /// Bytes held by live tensors on this device, and the most ever held.
     allocated: AtomicUsize,
@@ -84,6 +87,11 @@ impl CudaDevice {
             return Err(unavailable("cuBLAS (libcublas.so) not found".into()));
         }
         let blas = CudaBlas::new(stream.clone()).map_err(|e| unavailable(format!("cuBLAS: {e}")))?;
+        // SAFETY: only probes whether the cuBLASLt library can be opened.
+        if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
+            return Err(unavailable("cuBLASLt (libcublasLt.so) not found".into()));
+        }
+        let blas_lt = CudaBlasLT::new(stream.clone()).map_err(|e| unavailable(format!("cuBLASLt: {e}")))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let compute_capability = ctx.compute_capability().map_err(|e| unavailable(e.to_string()))?;
         Ok(CudaDevice {
@@ -94,6 +102,7 @@ impl CudaDevice {
                 ctx,
                 stream,
                 blas,
+                blas_lt,
                 modules: Mutex::new(HashMap::new()),
                 allocated: AtomicUsize::new(0),
                 peak: AtomicUsize::new(0),
@@ -191,6 +200,10 @@ impl CudaDevice {
 
     pub(crate) fn blas(&self) -> &CudaBlas {
         &self.inner.blas
+    }
+
+    pub(crate) fn blas_lt(&self) -> &CudaBlasLT {
+        &self.inner.blas_lt
     }
 
     /// A kernel of one of the `kernels/*.cu` modules, compiling (or loading
