@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Per-kernel time breakdown of GPT-2 124M steps (bf16, B=16, T=1024) on the GPU
+# Per-kernel time breakdown of 3 GPT-2 124M steps after a warm-up step (bf16, B=16, T=1024) on the GPU
 # machine: every launch timed alone between stream synchronizations
 # (TRAINER_PROFILE_KERNELS=1), so the total exceeds a normal step; the shares
 # say where the time goes. Run from the repository root with .dev/trainer.
@@ -9,5 +9,5 @@ export TRAINER_KERNEL_CACHE=/tmp/trainer-kernels
 [ -f /tmp/kjv/train_000000.bin ] ||
   .dev/trainer prepare --input data/kjv/kjv.txt --output /tmp/kjv --val-tokens 65536 --overwrite > /dev/null
 TRAINER_PROFILE_KERNELS=1 .dev/trainer --config configs/gpt2-124m.toml --set training.micro_batch_size=16 \
-  --set training.grad_accum_steps=1 --set training.max_steps=3 --set 'data.train="/tmp/kjv/train_*.bin"' \
+  --set training.grad_accum_steps=1 --set training.max_steps=4 --set 'data.train="/tmp/kjv/train_*.bin"' \
   --set 'data.val=""' --set logging.run_dir='"/tmp/run_profile"' 2>&1 | grep -A40 "kernel profile"

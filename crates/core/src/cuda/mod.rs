@@ -175,6 +175,14 @@ impl CudaDevice {
         f(ptr)
     }
 
+    /// Forgets the profile so far (e.g. after a warm-up step whose first calls
+    /// pay for lazy module loading).
+    pub fn reset_kernel_profile(&self) {
+        if let Some(Ok(mut p)) = self.inner.profile.as_ref().map(|p| p.lock()) {
+            p.clear();
+        }
+    }
+
     /// The kernel profile so far, slowest total first: (name, calls, seconds).
     /// Empty unless TRAINER_PROFILE_KERNELS was set when the device was opened.
     pub fn kernel_profile(&self) -> Vec<(String, u64, f64)> {
