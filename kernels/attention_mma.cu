@@ -35,14 +35,25 @@ __device__ __forceinline__ unsigned pack_f32(float lo, float hi) {
     return *reinterpret_cast<unsigned*>(&v);
 }
 
-__device__ __forceinline__ unsigned pack_bf16(bf16 lo, bf16 hi) {
-    __nv_bfloat162 v;
-    v.x = lo;
-    v.y = hi;
-    return *reinterpret_cast<unsigned*>(&v);
+__device__ __forceinline__ unsigned ld32(const bf16* p) { return *reinterpret_cast<const unsigned*>(p); }
+
+// B fragment of a 16x8 block whose B[k][n] = x[n][k] (x rows n0.., columns k0..):
+// two 8x8 matrices (columns k0..k0+7 and k0+8..k0+15), lanes 0-15 give row addresses.
+template <int D>
+__device__ __forceinline__ void ldmatrix_b(unsigned (&b)[2], bf16 (*x)[D + PAD], int n0, int k0) {
+    const int lane = threadIdx.x % 32, i = lane & 15;
+    const unsigned addr = (unsigned)__cvta_generic_to_shared(&x[n0 + (i & 7)][k0 + (i >> 3) * 8]);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(b[0]), "=r"(b[1]) : "r"(addr));
 }
 
-__device__ __forceinline__ unsigned ld32(const bf16* p) { return *reinterpret_cast<const unsigned*>(p); }
+// B fragment of a 16x8 block whose B[k][n] = x[k][n] (x rows k0..k0+15, columns n0..n0+7):
+// the transposing load, lanes 0-15 give the 16 row addresses.
+template <int D>
+__device__ __forceinline__ void ldmatrix_b_trans(unsigned (&b)[2], bf16 (*x)[D + PAD], int k0, int n0) {
+    const int lane = threadIdx.x % 32;
+    const unsigned addr = (unsigned)__cvta_generic_to_shared(&x[k0 + (lane & 15)][n0]);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(b[0]), "=r"(b[1]) : "r"(addr));
+}
 
 __device__ __forceinline__ void mma16816(float* c, const unsigned* a, const unsigned* b) {
     asm volatile(
@@ -82,12 +93,12 @@ __device__ __forceinline__ void stage_tile(bf16 (*s)[D + PAD], const bf16* x, bo
 // acc[nt] (16 x 64) += A (16 x D, fragments) @ X^T where X is a staged tile: B[k][n] = X[n][k].
 template <int D>
 __device__ __forceinline__ void mma_a_xt(float (&acc)[BC / 8][4], const unsigned (&a)[D / 16][4], bf16 (*x)[D + PAD]) {
-    const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
     #pragma unroll
     for (int nt = 0; nt < BC / 8; ++nt)
         #pragma unroll
         for (int kc = 0; kc < D / 16; ++kc) {
-            const unsigned bfr[2] = {ld32(&x[nt * 8 + g][kc * 16 + 2 * t]), ld32(&x[nt * 8 + g][kc * 16 + 2 * t + 8])};
+            unsigned bfr[2];
+            ldmatrix_b<D>(bfr, x, nt * 8, kc * 16);
             mma16816(acc[nt], a[kc], bfr);
         }
 }
@@ -95,15 +106,14 @@ __device__ __forceinline__ void mma_a_xt(float (&acc)[BC / 8][4], const unsigned
 // acc (16 x D) += P (16 x 64, C fragments in p) @ X where X is a staged tile: B[k][n] = X[k][n].
 template <int D>
 __device__ __forceinline__ void mma_p_x(float (&acc)[D / 8][4], const float (&p)[BC / 8][4], bf16 (*x)[D + PAD]) {
-    const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
     #pragma unroll
     for (int kc = 0; kc < BC / 16; ++kc) {
         const unsigned a[4] = {pack_f32(p[2 * kc][0], p[2 * kc][1]), pack_f32(p[2 * kc][2], p[2 * kc][3]),
                                pack_f32(p[2 * kc + 1][0], p[2 * kc + 1][1]), pack_f32(p[2 * kc + 1][2], p[2 * kc + 1][3])};
         #pragma unroll
         for (int nt = 0; nt < D / 8; ++nt) {
-            const int k = kc * 16 + 2 * t, n = nt * 8 + g;
-            const unsigned bfr[2] = {pack_bf16(x[k][n], x[k + 1][n]), pack_bf16(x[k + 8][n], x[k + 9][n])};
+            unsigned bfr[2];
+            ldmatrix_b_trans<D>(bfr, x, kc * 16, nt * 8);
             mma16816(acc[nt], a, bfr);
         }
     }
