@@ -12,21 +12,6 @@
 #define ROWS 8    // warps (rows) per block
 #define TILE 32   // keys or queries per shared-memory tile
 
-struct Dims {
-    int T, H, hs;
-    float scale;
-    int causal;
-};
-
-__device__ __forceinline__ i64 qkv_index(const Dims& d, int b, int t, int part, int h, int e) {
-    const i64 C = (i64)d.H * d.hs;
-    return ((i64)b * d.T + t) * 3 * C + part * C + (i64)h * d.hs + e;
-}
-
-__device__ __forceinline__ i64 out_index(const Dims& d, int b, int t, int h, int e) {
-    return ((i64)b * d.T + t) * d.H * d.hs + (i64)h * d.hs + e;
-}
-
 // Stage rows [t0, t0 + TILE) of one part (0 q, 1 k, 2 v) of head h into s[TILE][stride], zero past T.
 template <typename T>
 __device__ void load_tile(float* s, int stride, const T* qkv, const Dims& d, int b, int h, int t0, int part) {

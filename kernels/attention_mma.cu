@@ -15,21 +15,6 @@
 #define BC 64   // columns per tile
 #define PAD 8   // shared-memory row padding (bf16 elements) against bank conflicts
 
-struct Dims {
-    int T, H, hs;
-    float scale;
-    int causal;
-};
-
-__device__ __forceinline__ i64 qkv_at(const Dims& d, int b, int t, int part, int h, int e) {
-    const i64 C = (i64)d.H * d.hs;
-    return ((i64)b * d.T + t) * 3 * C + part * C + (i64)h * d.hs + e;
-}
-
-__device__ __forceinline__ i64 out_at(const Dims& d, int b, int t, int h, int e) {
-    return ((i64)b * d.T + t) * d.H * d.hs + (i64)h * d.hs + e;
-}
-
 __device__ __forceinline__ unsigned pack_f32(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<unsigned*>(&v);
@@ -74,7 +59,7 @@ __device__ __forceinline__ void load_a_rows(unsigned (&f)[D / 16][4], const bf16
         #pragma unroll
         for (int r = 0; r < 4; ++r) {
             const int row = r0 + g + (r & 1) * 8, col = kc * 16 + 2 * t + (r >> 1) * 8;
-            f[kc][r] = row < d.T ? ld32(x + (is_qkv ? qkv_at(d, b, row, part, h, col) : out_at(d, b, row, h, col))) : 0u;
+            f[kc][r] = row < d.T ? ld32(x + (is_qkv ? qkv_index(d, b, row, part, h, col) : out_index(d, b, row, h, col))) : 0u;
         }
 }
 
@@ -85,7 +70,7 @@ __device__ __forceinline__ void stage_tile(bf16 (*s)[D + PAD], const bf16* x, bo
     for (int idx = threadIdx.x; idx < BC * D / 2; idx += blockDim.x) {
         const int r = idx / (D / 2), c = (idx % (D / 2)) * 2, row = r0 + r;
         unsigned v = 0u;
-        if (row < d.T) v = ld32(x + (is_qkv ? qkv_at(d, b, row, part, h, c) : out_at(d, b, row, h, c)));
+        if (row < d.T) v = ld32(x + (is_qkv ? qkv_index(d, b, row, part, h, c) : out_index(d, b, row, h, c)));
         *reinterpret_cast<unsigned*>(&s[r][c]) = v;
     }
 }
@@ -198,7 +183,7 @@ __device__ void attention_forward_mma(bf16* out, float* lse, const bf16* qkv, Di
         #pragma unroll
         for (int nt = 0; nt < D / 8; ++nt) {
             const int col = nt * 8 + 2 * t;
-            *reinterpret_cast<unsigned*>(out + out_at(d, b, row, h, col)) =
+            *reinterpret_cast<unsigned*>(out + out_index(d, b, row, h, col)) =
                 pack_f32(o[nt][2 * half] * inv, o[nt][2 * half + 1] * inv);
         }
         if (t == 0) lse[((i64)b * d.H + h) * d.T + row] = m[half] + __logf(l[half]);
@@ -263,7 +248,7 @@ __device__ void attention_backward_dq_mma(bf16* dqkv, const bf16* dout, const bf
         #pragma unroll
         for (int nt = 0; nt < D / 8; ++nt) {
             const int col = nt * 8 + 2 * t;
-            *reinterpret_cast<unsigned*>(dqkv + qkv_at(d, b, row, 0, h, col)) =
+            *reinterpret_cast<unsigned*>(dqkv + qkv_index(d, b, row, 0, h, col)) =
                 pack_f32(dq[nt][2 * half], dq[nt][2 * half + 1]);
         }
     }
@@ -329,8 +314,8 @@ __device__ void attention_backward_dkv_mma(bf16* dqkv, const bf16* dout, const b
         #pragma unroll
         for (int nt = 0; nt < D / 8; ++nt) {
             const int col = nt * 8 + 2 * t;
-            *reinterpret_cast<unsigned*>(dqkv + qkv_at(d, b, key, 1, h, col)) = pack_f32(dk[nt][2 * half], dk[nt][2 * half + 1]);
-            *reinterpret_cast<unsigned*>(dqkv + qkv_at(d, b, key, 2, h, col)) = pack_f32(dv[nt][2 * half], dv[nt][2 * half + 1]);
+            *reinterpret_cast<unsigned*>(dqkv + qkv_index(d, b, key, 1, h, col)) = pack_f32(dk[nt][2 * half], dk[nt][2 * half + 1]);
+            *reinterpret_cast<unsigned*>(dqkv + qkv_index(d, b, key, 2, h, col)) = pack_f32(dv[nt][2 * half], dv[nt][2 * half + 1]);
         }
     }
 }

@@ -47,6 +47,24 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     return warp_max(lane < nwarps ? scratch[lane] : -INFINITY);
 }
 
+// Attention shapes, shared by attention.cu and attention_mma.cu (mirrored by
+// AttnDims in crates/core/src/cuda/launch.rs). qkv (B, T, 3C) = q | k | v with
+// head h at columns [h*hs, (h+1)*hs) of each third; out (B, T, C).
+struct Dims {
+    int T, H, hs;
+    float scale;
+    int causal;
+};
+
+__device__ __forceinline__ i64 qkv_index(const Dims& d, int b, int t, int part, int h, int e) {
+    const i64 C = (i64)d.H * d.hs;
+    return ((i64)b * d.T + t) * 3 * C + part * C + (i64)h * d.hs + e;
+}
+
+__device__ __forceinline__ i64 out_index(const Dims& d, int b, int t, int h, int e) {
+    return ((i64)b * d.T + t) * d.H * d.hs + (i64)h * d.hs + e;
+}
+
 #define GRID_STRIDE(i, n) \
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)gridDim.x * blockDim.x)
 

@@ -165,17 +165,16 @@ fn weights_round_trip_and_mismatches_are_named() {
     let _ = &g.path;
 }
 
+/// The first GPU, or None after saying why the GPU tests skip.
+fn cuda_device() -> Option<Device> {
+    Device::cuda(0).map_err(|e| eprintln!("skipped: {e}")).ok()
+}
+
 /// The same checks on the GPU in f32, with the same bars as the CPU's f32 run
 /// (only summation order differs). Skips with a message where there is no GPU.
 #[test]
 fn cuda_f32_matches_pytorch() {
-    let device = match Device::cuda(0) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            return;
-        }
-    };
+    let Some(device) = cuda_device() else { return };
     check_forward_backward(&device, DType::F32, 1e-4, 1e-4, 1e-5);
     check_training_steps(&device, DType::F32, 1e-5);
 }
@@ -190,13 +189,7 @@ fn cuda_f32_matches_pytorch() {
 /// steps).
 #[test]
 fn cuda_bf16_matches_pytorch() {
-    let device = match Device::cuda(0) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            return;
-        }
-    };
+    let Some(device) = cuda_device() else { return };
     check_forward_backward(&device, DType::BF16, 2e-2, 1e-1, 2e-2);
     check_training_steps(&device, DType::BF16, 1e-2);
 }
