@@ -80,3 +80,72 @@ __device__ void layernorm_params_partials_impl(float* partials, const T* dout, c
 
 LAYERNORM(float, f32)
 LAYERNORM(bf16, bf16)
+
+// bf16 input backward with the row held in registers: lane l owns column pairs
+// l, l + 32, ... (P pairs at most, so C <= 64 P), loaded once as bfloat162 and
+// reused by both passes; dinp is read and written as pairs. The generic kernel
+// above re-reads global memory in its second pass and, with 2-byte accesses and
+// a read-modify-write that the compiler cannot reorder, is latency-bound.
+template <int P>
+__device__ void layernorm_backward_input_pairs(bf16* __restrict__ dinp, const bf16* __restrict__ dout,
+                                               const bf16* __restrict__ inp, const bf16* __restrict__ weight,
+                                               const float* __restrict__ mean, const float* __restrict__ rstd,
+                                               i64 rows, int C) {
+    const i64 row = (i64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    const __nv_bfloat162* x = reinterpret_cast<const __nv_bfloat162*>(inp + row * C);
+    const __nv_bfloat162* dy = reinterpret_cast<const __nv_bfloat162*>(dout + row * C);
+    const __nv_bfloat162* w = reinterpret_cast<const __nv_bfloat162*>(weight);
+    const int pairs = C / 2;
+    __nv_bfloat162 xv[P], dyv[P], wv[P];
+#pragma unroll
+    for (int k = 0; k < P; ++k) {
+        const int j = lane + 32 * k;
+        if (j < pairs) {
+            xv[k] = x[j];
+            dyv[k] = dy[j];
+            wv[k] = w[j];
+        }
+    }
+    const float m = mean[row], r = rstd[row];
+    float a = 0.f, b = 0.f;
+#pragma unroll
+    for (int k = 0; k < P; ++k) {
+        if (lane + 32 * k < pairs) {
+            const float2 xf = __bfloat1622float2(xv[k]), df = __bfloat1622float2(dyv[k]), wf = __bfloat1622float2(wv[k]);
+            const float n0 = (xf.x - m) * r, n1 = (xf.y - m) * r, g0 = wf.x * df.x, g1 = wf.y * df.y;
+            a += g0 + g1;
+            b += g0 * n0 + g1 * n1;
+        }
+    }
+    const float dnorm_mean = warp_sum(a) / C, dnorm_norm_mean = warp_sum(b) / C;
+    __nv_bfloat162* dx = reinterpret_cast<__nv_bfloat162*>(dinp + row * C);
+#pragma unroll
+    for (int k = 0; k < P; ++k) {
+        const int j = lane + 32 * k;
+        if (j < pairs) {
+            const float2 xf = __bfloat1622float2(xv[k]), df = __bfloat1622float2(dyv[k]), wf = __bfloat1622float2(wv[k]);
+            const float2 old = __bfloat1622float2(dx[j]);
+            const float n0 = (xf.x - m) * r, n1 = (xf.y - m) * r;
+            const float v0 = old.x + (wf.x * df.x - dnorm_mean - n0 * dnorm_norm_mean) * r;
+            const float v1 = old.y + (wf.y * df.y - dnorm_mean - n1 * dnorm_norm_mean) * r;
+            dx[j] = __floats2bfloat162_rn(v0, v1);
+        }
+    }
+}
+
+#define LAYERNORM_PAIRS(P)                                                                                          \
+    extern "C" __global__ void layernorm_backward_input_bf16_p##P(bf16* dinp, const bf16* dout, const bf16* inp,    \
+                                                                  const bf16* w, const float* mean,                \
+                                                                  const float* rstd, i64 rows, int C) {            \
+        layernorm_backward_input_pairs<P>(dinp, dout, inp, w, mean, rstd, rows, C);                                 \
+    }
+
+// Pairs per lane: C up to 384, 768, 1024, 1280, 1600, 2048.
+LAYERNORM_PAIRS(6)
+LAYERNORM_PAIRS(12)
+LAYERNORM_PAIRS(16)
+LAYERNORM_PAIRS(20)
+LAYERNORM_PAIRS(25)
+LAYERNORM_PAIRS(32)

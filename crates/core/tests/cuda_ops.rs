@@ -209,6 +209,37 @@ fn linear_layernorm_gelu() {
         check("layernorm dweight", &gdg, &dg, F32_TOL);
         check("layernorm dbias", &gdbeta, &dbeta, F32_TOL);
 
+        // bf16 (the register-resident backward kernel), against f32 on the rounded inputs.
+        let (rx, rg, rb, rdln, rres) = (round(&x), round(&g), round(&beta), round(&dln), round(&resid));
+        let (mut o, mut mean, mut rstd) = (zeros(&[rows, c]), zeros(&[rows]), zeros(&[rows]));
+        ops::layernorm_forward(&mut o, &mut mean, &mut rstd, &rx, &rg, &rb, 1e-5).unwrap();
+        let (mut dx, mut dg, mut dbeta) = (cpu_copy(&rres), zeros(&[c]), zeros(&[c]));
+        ops::layernorm_backward(&mut dx, &mut dg, &mut dbeta, &rdln, &rx, &rg, &mean, &rstd).unwrap();
+        let (bx, bg, bb) = (up(&x, &dev, DType::BF16), up(&g, &dev, DType::BF16), up(&beta, &dev, DType::BF16));
+        let (mut go, mut gmean, mut grstd) = (
+            poisoned(&[rows, c], DType::BF16, &dev),
+            poisoned(&[rows], DType::F32, &dev),
+            poisoned(&[rows], DType::F32, &dev),
+        );
+        ops::layernorm_forward(&mut go, &mut gmean, &mut grstd, &bx, &bg, &bb, 1e-5).unwrap();
+        check(&format!("layernorm_forward bf16 {rows}x{c}"), &go, &o, BF16_TOL);
+        let (mut gdx, mut gdg, mut gdbeta) =
+            (up(&resid, &dev, DType::BF16), up(&zeros(&[c]), &dev, DType::BF16), up(&zeros(&[c]), &dev, DType::BF16));
+        ops::layernorm_backward(
+            &mut gdx,
+            &mut gdg,
+            &mut gdbeta,
+            &up(&dln, &dev, DType::BF16),
+            &bx,
+            &bg,
+            &gmean,
+            &grstd,
+        )
+        .unwrap();
+        check(&format!("layernorm dinp bf16 {rows}x{c}"), &gdx, &dx, BF16_TOL);
+        check(&format!("layernorm dweight bf16 {rows}x{c}"), &gdg, &dg, BF16_TOL);
+        check(&format!("layernorm dbias bf16 {rows}x{c}"), &gdbeta, &dbeta, BF16_TOL);
+
         // GELU forward and backward.
         let (mut gl, mut dgl) = (zeros(&[rows, c]), zeros(&[rows, c]));
         ops::gelu_forward(&mut gl, &x).unwrap();

@@ -376,7 +376,13 @@ pub(crate) fn layernorm_backward(
     let dev = dinp.device.clone();
     let s = suffix(dinp)?;
     let args = [ptr_mut(dinp), ptr(dout), ptr(inp), ptr(weight), ptr(mean), ptr(rstd), n64(rows), Arg::I32(c as i32)];
-    launch(&dev, "layernorm", &format!("layernorm_backward_input_{s}"), warp_rows_cfg(rows), &args)?;
+    // bf16 rows of even width up to 2048 take the register-resident kernel.
+    let pairs_per_lane = [6usize, 12, 16, 20, 25, 32].into_iter().find(|p| c <= 64 * p);
+    let name = match pairs_per_lane {
+        Some(p) if s == "bf16" && c % 2 == 0 => format!("layernorm_backward_input_bf16_p{p}"),
+        _ => format!("layernorm_backward_input_{s}"),
+    };
+    launch(&dev, "layernorm", &name, warp_rows_cfg(rows), &args)?;
     let chunks = column_chunks(rows);
     dev.with_scratch(2 * chunks * c, |partials| {
         let args = [Arg::Ptr(partials), ptr(dout), ptr(inp), ptr(mean), ptr(rstd), n64(rows), n64(c)];
