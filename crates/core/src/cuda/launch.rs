@@ -379,7 +379,7 @@ pub(crate) fn layernorm_backward(
     // bf16 rows of even width up to 2048 take the register-resident kernel.
     let pairs_per_lane = [6usize, 12, 16, 20, 25, 32].into_iter().find(|p| c <= 64 * p);
     let name = match pairs_per_lane {
-        Some(p) if s == "bf16" && c % 2 == 0 => format!("layernorm_backward_input_bf16_p{p}"),
+        Some(p) if s == "bf16" && c.is_multiple_of(2) => format!("layernorm_backward_input_bf16_p{p}"),
         _ => format!("layernorm_backward_input_{s}"),
     };
     launch(&dev, "layernorm", &name, warp_rows_cfg(rows), &args)?;
