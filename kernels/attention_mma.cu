@@ -75,6 +75,33 @@ __device__ __forceinline__ void stage_tile(bf16 (*s)[D + PAD], const bf16* x, bo
     }
 }
 
+// 16-byte asynchronous global-to-shared copy (sm_80+); `valid` false zero-fills.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Like stage_tile, asynchronously: 8 bf16 per copy. Rows past T are zero-filled
+// (the source address is then the tensor's start, never read).
+template <int D>
+__device__ __forceinline__ void stage_tile_async(bf16 (*s)[D + PAD], const bf16* x, bool is_qkv, const Dims& d, int b,
+                                                 int h, int part, int r0) {
+    for (int idx = threadIdx.x; idx < BC * D / 8; idx += blockDim.x) {
+        const int r = idx / (D / 8), c = (idx % (D / 8)) * 8, row = r0 + r;
+        const bool ok = row < d.T;
+        const bf16* src = ok ? x + (is_qkv ? qkv_index(d, b, row, part, h, c) : out_index(d, b, row, h, c)) : x;
+        cp_async16(&s[r][c], src, ok);
+    }
+}
+
+// Tiles in flight: two (the next loads while the current computes) where two
+// fit the 48 KB of static shared memory, else one.
+template <int D> struct Stages {
+    static constexpr int N = D <= 64 ? 2 : 1;
+};
+
 // acc[nt] (16 x 64) += A (16 x D, fragments) @ X^T where X is a staged tile: B[k][n] = X[n][k].
 template <int D>
 __device__ __forceinline__ void mma_a_xt(float (&acc)[BC / 8][4], const unsigned (&a)[D / 16][4], bf16 (*x)[D + PAD]) {
@@ -107,11 +134,15 @@ __device__ __forceinline__ void mma_p_x(float (&acc)[D / 8][4], const float (&p)
 // Forward: grid (ceil(T / 64), B * H), block 128.
 template <int D>
 __device__ void attention_forward_mma(bf16* out, float* lse, const bf16* qkv, Dims d) {
-    __shared__ __align__(16) bf16 ks[BC][D + PAD];
-    __shared__ __align__(16) bf16 vs[BC][D + PAD];
+    constexpr int NS = Stages<D>::N;
+    __shared__ __align__(16) bf16 ks_all[NS][BC][D + PAD];
+    __shared__ __align__(16) bf16 vs_all[NS][BC][D + PAD];
     const int b = blockIdx.y / d.H, h = blockIdx.y % d.H;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
     const int q0 = blockIdx.x * BR + warp * 16;
+    stage_tile_async<D>(ks_all[0], qkv, true, d, b, h, 1, 0);
+    stage_tile_async<D>(vs_all[0], qkv, true, d, b, h, 2, 0);
+    cp_async_commit();
     unsigned qf[D / 16][4];
     load_a_rows<D>(qf, qkv, true, d, b, h, 0, q0);
     float o[D / 8][4];
@@ -124,10 +155,17 @@ __device__ void attention_forward_mma(bf16* out, float* lse, const bf16* qkv, Di
     const int tiles = d.causal ? q_last / BC + 1 : (d.T + BC - 1) / BC;
     for (int kt = 0; kt < tiles; ++kt) {
         const int k0 = kt * BC;
+        if (NS > 1 && kt + 1 < tiles) {
+            stage_tile_async<D>(ks_all[(kt + 1) % NS], qkv, true, d, b, h, 1, k0 + BC);
+            stage_tile_async<D>(vs_all[(kt + 1) % NS], qkv, true, d, b, h, 2, k0 + BC);
+            cp_async_commit();
+            cp_async_wait<1>();  // tile kt has landed; kt + 1 is in flight
+        } else {
+            cp_async_wait<0>();
+        }
         __syncthreads();
-        stage_tile<D>(ks, qkv, true, d, b, h, 1, k0);
-        stage_tile<D>(vs, qkv, true, d, b, h, 2, k0);
-        __syncthreads();
+        bf16 (*ks)[D + PAD] = ks_all[kt % NS];
+        bf16 (*vs)[D + PAD] = vs_all[kt % NS];
         float s[BC / 8][4];
         #pragma unroll
         for (int nt = 0; nt < BC / 8; ++nt)
@@ -174,6 +212,12 @@ __device__ void attention_forward_mma(bf16* out, float* lse, const bf16* qkv, Di
             }
         }
         mma_p_x<D>(o, s, vs);
+        __syncthreads();  // everyone is done with this buffer before it is refilled
+        if (NS == 1 && kt + 1 < tiles) {
+            stage_tile_async<D>(ks_all[0], qkv, true, d, b, h, 1, k0 + BC);
+            stage_tile_async<D>(vs_all[0], qkv, true, d, b, h, 2, k0 + BC);
+            cp_async_commit();
+        }
     }
     #pragma unroll
     for (int half = 0; half < 2; ++half) {
