@@ -63,18 +63,6 @@ __device__ __forceinline__ void load_a_rows(unsigned (&f)[D / 16][4], const bf16
         }
 }
 
-// Stage rows [r0, r0 + 64) x D of one part (or of `out`-shaped x) into s[64][D + PAD].
-template <int D>
-__device__ __forceinline__ void stage_tile(bf16 (*s)[D + PAD], const bf16* x, bool is_qkv, const Dims& d, int b,
-                                           int h, int part, int r0) {
-    for (int idx = threadIdx.x; idx < BC * D / 2; idx += blockDim.x) {
-        const int r = idx / (D / 2), c = (idx % (D / 2)) * 2, row = r0 + r;
-        unsigned v = 0u;
-        if (row < d.T) v = ld32(x + (is_qkv ? qkv_index(d, b, row, part, h, c) : out_index(d, b, row, h, c)));
-        *reinterpret_cast<unsigned*>(&s[r][c]) = v;
-    }
-}
-
 // 16-byte asynchronous global-to-shared copy (sm_80+); `valid` false zero-fills.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
     const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
@@ -83,7 +71,8 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
-// Like stage_tile, asynchronously: 8 bf16 per copy. Rows past T are zero-filled
+// Stage rows [r0, r0 + 64) x D of one part of head h (or of an `out`-shaped x)
+// into s[64][D + PAD], asynchronously, 8 bf16 per copy. Rows past T are zero-filled
 // (the source address is then the tensor's start, never read).
 template <int D>
 __device__ __forceinline__ void stage_tile_async(bf16 (*s)[D + PAD], const bf16* x, bool is_qkv, const Dims& d, int b,
@@ -238,11 +227,15 @@ __device__ void attention_forward_mma(bf16* out, float* lse, const bf16* qkv, Di
 template <int D>
 __device__ void attention_backward_dq_mma(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
                                           const float* delta, Dims d) {
-    __shared__ __align__(16) bf16 ks[BC][D + PAD];
-    __shared__ __align__(16) bf16 vs[BC][D + PAD];
+    constexpr int NS = Stages<D>::N;
+    __shared__ __align__(16) bf16 ks_all[NS][BC][D + PAD];
+    __shared__ __align__(16) bf16 vs_all[NS][BC][D + PAD];
     const int b = blockIdx.y / d.H, h = blockIdx.y % d.H;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
     const int q0 = blockIdx.x * BR + warp * 16;
+    stage_tile_async<D>(ks_all[0], qkv, true, d, b, h, 1, 0);
+    stage_tile_async<D>(vs_all[0], qkv, true, d, b, h, 2, 0);
+    cp_async_commit();
     unsigned qf[D / 16][4], dof[D / 16][4];
     load_a_rows<D>(qf, qkv, true, d, b, h, 0, q0);
     load_a_rows<D>(dof, dout, false, d, b, h, 0, q0);
@@ -263,10 +256,17 @@ __device__ void attention_backward_dq_mma(bf16* dqkv, const bf16* dout, const bf
     const int tiles = d.causal ? q_last / BC + 1 : (d.T + BC - 1) / BC;
     for (int kt = 0; kt < tiles; ++kt) {
         const int k0 = kt * BC;
+        if (NS > 1 && kt + 1 < tiles) {
+            stage_tile_async<D>(ks_all[(kt + 1) % NS], qkv, true, d, b, h, 1, k0 + BC);
+            stage_tile_async<D>(vs_all[(kt + 1) % NS], qkv, true, d, b, h, 2, k0 + BC);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
         __syncthreads();
-        stage_tile<D>(ks, qkv, true, d, b, h, 1, k0);
-        stage_tile<D>(vs, qkv, true, d, b, h, 2, k0);
-        __syncthreads();
+        bf16 (*ks)[D + PAD] = ks_all[kt % NS];
+        bf16 (*vs)[D + PAD] = vs_all[kt % NS];
         float s[BC / 8][4], dp[BC / 8][4];
         #pragma unroll
         for (int nt = 0; nt < BC / 8; ++nt)
@@ -284,6 +284,12 @@ __device__ void attention_backward_dq_mma(bf16* dqkv, const bf16* dout, const bf
                 s[nt][r] = p * (dp[nt][r] - del_r[half]) * d.scale;  // dS, scaled for dQ = dS K
             }
         mma_p_x<D>(dq, s, ks);
+        __syncthreads();  // everyone is done with this buffer before it is refilled
+        if (NS == 1 && kt + 1 < tiles) {
+            stage_tile_async<D>(ks_all[0], qkv, true, d, b, h, 1, k0 + BC);
+            stage_tile_async<D>(vs_all[0], qkv, true, d, b, h, 2, k0 + BC);
+            cp_async_commit();
+        }
     }
     #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -303,12 +309,25 @@ __device__ void attention_backward_dq_mma(bf16* dqkv, const bf16* dout, const bf
 template <int D>
 __device__ void attention_backward_dkv_mma(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
                                            const float* delta, Dims d) {
-    __shared__ __align__(16) bf16 qs[BC][D + PAD];
-    __shared__ __align__(16) bf16 dos[BC][D + PAD];
-    __shared__ float lse_s[BC], del_s[BC];
+    constexpr int NS = Stages<D>::N;
+    __shared__ __align__(16) bf16 qs_all[NS][BC][D + PAD];
+    __shared__ __align__(16) bf16 dos_all[NS][BC][D + PAD];
+    __shared__ float lse_all[NS][BC], del_all[NS][BC];
     const int b = blockIdx.y / d.H, h = blockIdx.y % d.H;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
     const int k0w = blockIdx.x * BR + warp * 16;
+    const i64 stat = ((i64)b * d.H + h) * d.T;
+    // Stages query tile q0 into buffer `buf`: Q and dO asynchronously, lse and
+    // delta with plain loads (64 floats; visible after the next barrier).
+    auto stage = [&](int buf, int q0) {
+        stage_tile_async<D>(qs_all[buf], qkv, true, d, b, h, 0, q0);
+        stage_tile_async<D>(dos_all[buf], dout, false, d, b, h, 0, q0);
+        cp_async_commit();
+        for (int r = threadIdx.x; r < BC; r += blockDim.x) {
+            lse_all[buf][r] = q0 + r < d.T ? lse[stat + q0 + r] : 0.f;
+            del_all[buf][r] = q0 + r < d.T ? delta[stat + q0 + r] : 0.f;
+        }
+    };
     unsigned kf[D / 16][4], vf[D / 16][4];
     load_a_rows<D>(kf, qkv, true, d, b, h, 1, k0w);
     load_a_rows<D>(vf, qkv, true, d, b, h, 2, k0w);
@@ -317,20 +336,23 @@ __device__ void attention_backward_dkv_mma(bf16* dqkv, const bf16* dout, const b
     for (int nt = 0; nt < D / 8; ++nt)
         #pragma unroll
         for (int r = 0; r < 4; ++r) dk[nt][r] = dv[nt][r] = 0.f;
-    const i64 stat = ((i64)b * d.H + h) * d.T;
     // Causal: queries before this key block never see it (BR == BC, so tile index = block index).
     const int first = d.causal ? blockIdx.x : 0;
     const int tiles = (d.T + BC - 1) / BC;
+    if (first < tiles) stage(0, first * BC);
     for (int qt = first; qt < tiles; ++qt) {
-        const int q0 = qt * BC;
-        __syncthreads();
-        stage_tile<D>(qs, qkv, true, d, b, h, 0, q0);
-        stage_tile<D>(dos, dout, false, d, b, h, 0, q0);
-        for (int r = threadIdx.x; r < BC; r += blockDim.x) {
-            lse_s[r] = q0 + r < d.T ? lse[stat + q0 + r] : 0.f;
-            del_s[r] = q0 + r < d.T ? delta[stat + q0 + r] : 0.f;
+        const int q0 = qt * BC, cur = (qt - first) % NS;
+        if (NS > 1 && qt + 1 < tiles) {
+            stage((qt - first + 1) % NS, q0 + BC);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
         }
         __syncthreads();
+        bf16 (*qs)[D + PAD] = qs_all[cur];
+        bf16 (*dos)[D + PAD] = dos_all[cur];
+        const float* lse_s = lse_all[cur];
+        const float* del_s = del_all[cur];
         float st[BC / 8][4], dpt[BC / 8][4];  // transposed: rows are keys, columns queries
         #pragma unroll
         for (int nt = 0; nt < BC / 8; ++nt)
@@ -350,6 +372,8 @@ __device__ void attention_backward_dkv_mma(bf16* dqkv, const bf16* dout, const b
             }
         mma_p_x<D>(dv, st, dos);
         mma_p_x<D>(dk, dpt, qs);
+        __syncthreads();  // everyone is done with this buffer before it is refilled
+        if (NS == 1 && qt + 1 < tiles) stage(0, q0 + BC);
     }
     #pragma unroll
     for (int half = 0; half < 2; ++half) {
