@@ -91,6 +91,34 @@ template <int D> struct Stages {
     static constexpr int N = D <= 64 ? 2 : 1;
 };
 
+// Stage key tile k0 (K and V of head h) into ks, vs and commit the copies.
+template <int D>
+__device__ __forceinline__ void stage_kv(bf16 (*ks)[D + PAD], bf16 (*vs)[D + PAD], const bf16* qkv, const Dims& d, int b,
+                                         int h, int k0) {
+    stage_tile_async<D>(ks, qkv, true, d, b, h, 1, k0);
+    stage_tile_async<D>(vs, qkv, true, d, b, h, 2, k0);
+    cp_async_commit();
+}
+
+// The tile pipeline around the compute of one tile. Before: with two stages,
+// start the next tile's copies (`prefetch`), then wait until the current tile
+// has landed; make it visible to the block. After: barrier (the buffer may be
+// refilled next), and with one stage start the next tile's copies only now.
+template <int NS, typename F> __device__ __forceinline__ void tile_acquire(bool has_next, F prefetch) {
+    if (NS > 1 && has_next) {
+        prefetch();
+        cp_async_wait<1>();
+    } else {
+        cp_async_wait<0>();
+    }
+    __syncthreads();
+}
+
+template <int NS, typename F> __device__ __forceinline__ void tile_release(bool has_next, F prefetch) {
+    __syncthreads();
+    if (NS == 1 && has_next) prefetch();
+}
+
 // acc[nt] (16 x 64) += A (16 x D, fragments) @ X^T where X is a staged tile: B[k][n] = X[n][k].
 template <int D>
 __device__ __forceinline__ void mma_a_xt(float (&acc)[BC / 8][4], const unsigned (&a)[D / 16][4], bf16 (*x)[D + PAD]) {
@@ -129,9 +157,7 @@ __device__ void attention_forward_mma(bf16* out, float* lse, const bf16* qkv, Di
     const int b = blockIdx.y / d.H, h = blockIdx.y % d.H;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
     const int q0 = blockIdx.x * BR + warp * 16;
-    stage_tile_async<D>(ks_all[0], qkv, true, d, b, h, 1, 0);
-    stage_tile_async<D>(vs_all[0], qkv, true, d, b, h, 2, 0);
-    cp_async_commit();
+    stage_kv<D>(ks_all[0], vs_all[0], qkv, d, b, h, 0);
     unsigned qf[D / 16][4];
     load_a_rows<D>(qf, qkv, true, d, b, h, 0, q0);
     float o[D / 8][4];
@@ -144,15 +170,9 @@ __device__ void attention_forward_mma(bf16* out, float* lse, const bf16* qkv, Di
     const int tiles = d.causal ? q_last / BC + 1 : (d.T + BC - 1) / BC;
     for (int kt = 0; kt < tiles; ++kt) {
         const int k0 = kt * BC;
-        if (NS > 1 && kt + 1 < tiles) {
-            stage_tile_async<D>(ks_all[(kt + 1) % NS], qkv, true, d, b, h, 1, k0 + BC);
-            stage_tile_async<D>(vs_all[(kt + 1) % NS], qkv, true, d, b, h, 2, k0 + BC);
-            cp_async_commit();
-            cp_async_wait<1>();  // tile kt has landed; kt + 1 is in flight
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
+        const bool has_next = kt + 1 < tiles;
+        auto prefetch = [&] { stage_kv<D>(ks_all[(kt + 1) % NS], vs_all[(kt + 1) % NS], qkv, d, b, h, k0 + BC); };
+        tile_acquire<NS>(has_next, prefetch);
         bf16 (*ks)[D + PAD] = ks_all[kt % NS];
         bf16 (*vs)[D + PAD] = vs_all[kt % NS];
         float s[BC / 8][4];
@@ -201,12 +221,7 @@ __device__ void attention_forward_mma(bf16* out, float* lse, const bf16* qkv, Di
             }
         }
         mma_p_x<D>(o, s, vs);
-        __syncthreads();  // everyone is done with this buffer before it is refilled
-        if (NS == 1 && kt + 1 < tiles) {
-            stage_tile_async<D>(ks_all[0], qkv, true, d, b, h, 1, k0 + BC);
-            stage_tile_async<D>(vs_all[0], qkv, true, d, b, h, 2, k0 + BC);
-            cp_async_commit();
-        }
+        tile_release<NS>(has_next, prefetch);
     }
     #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -233,9 +248,7 @@ __device__ void attention_backward_dq_mma(bf16* dqkv, const bf16* dout, const bf
     const int b = blockIdx.y / d.H, h = blockIdx.y % d.H;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
     const int q0 = blockIdx.x * BR + warp * 16;
-    stage_tile_async<D>(ks_all[0], qkv, true, d, b, h, 1, 0);
-    stage_tile_async<D>(vs_all[0], qkv, true, d, b, h, 2, 0);
-    cp_async_commit();
+    stage_kv<D>(ks_all[0], vs_all[0], qkv, d, b, h, 0);
     unsigned qf[D / 16][4], dof[D / 16][4];
     load_a_rows<D>(qf, qkv, true, d, b, h, 0, q0);
     load_a_rows<D>(dof, dout, false, d, b, h, 0, q0);
@@ -256,15 +269,9 @@ __device__ void attention_backward_dq_mma(bf16* dqkv, const bf16* dout, const bf
     const int tiles = d.causal ? q_last / BC + 1 : (d.T + BC - 1) / BC;
     for (int kt = 0; kt < tiles; ++kt) {
         const int k0 = kt * BC;
-        if (NS > 1 && kt + 1 < tiles) {
-            stage_tile_async<D>(ks_all[(kt + 1) % NS], qkv, true, d, b, h, 1, k0 + BC);
-            stage_tile_async<D>(vs_all[(kt + 1) % NS], qkv, true, d, b, h, 2, k0 + BC);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
+        const bool has_next = kt + 1 < tiles;
+        auto prefetch = [&] { stage_kv<D>(ks_all[(kt + 1) % NS], vs_all[(kt + 1) % NS], qkv, d, b, h, k0 + BC); };
+        tile_acquire<NS>(has_next, prefetch);
         bf16 (*ks)[D + PAD] = ks_all[kt % NS];
         bf16 (*vs)[D + PAD] = vs_all[kt % NS];
         float s[BC / 8][4], dp[BC / 8][4];
@@ -284,12 +291,7 @@ __device__ void attention_backward_dq_mma(bf16* dqkv, const bf16* dout, const bf
                 s[nt][r] = p * (dp[nt][r] - del_r[half]) * d.scale;  // dS, scaled for dQ = dS K
             }
         mma_p_x<D>(dq, s, ks);
-        __syncthreads();  // everyone is done with this buffer before it is refilled
-        if (NS == 1 && kt + 1 < tiles) {
-            stage_tile_async<D>(ks_all[0], qkv, true, d, b, h, 1, k0 + BC);
-            stage_tile_async<D>(vs_all[0], qkv, true, d, b, h, 2, k0 + BC);
-            cp_async_commit();
-        }
+        tile_release<NS>(has_next, prefetch);
     }
     #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -342,13 +344,9 @@ __device__ void attention_backward_dkv_mma(bf16* dqkv, const bf16* dout, const b
     if (first < tiles) stage(0, first * BC);
     for (int qt = first; qt < tiles; ++qt) {
         const int q0 = qt * BC, cur = (qt - first) % NS;
-        if (NS > 1 && qt + 1 < tiles) {
-            stage((qt - first + 1) % NS, q0 + BC);
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
+        const bool has_next = qt + 1 < tiles;
+        auto prefetch = [&] { stage((qt - first + 1) % NS, q0 + BC); };
+        tile_acquire<NS>(has_next, prefetch);
         bf16 (*qs)[D + PAD] = qs_all[cur];
         bf16 (*dos)[D + PAD] = dos_all[cur];
         const float* lse_s = lse_all[cur];
@@ -372,8 +370,7 @@ __device__ void attention_backward_dkv_mma(bf16* dqkv, const bf16* dout, const b
             }
         mma_p_x<D>(dv, st, dos);
         mma_p_x<D>(dk, dpt, qs);
-        __syncthreads();  // everyone is done with this buffer before it is refilled
-        if (NS == 1 && qt + 1 < tiles) stage(0, q0 + BC);
+        tile_release<NS>(has_next, prefetch);
     }
     #pragma unroll
     for (int half = 0; half < 2; ++half) {

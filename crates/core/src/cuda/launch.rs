@@ -193,8 +193,8 @@ const REDUCE_CHUNK: usize = 1 << 16;
 
 /// Sum (or sum of squares) over all elements of all `xs` (each with its
 /// element count), in f64 on the host from per-chunk float partials: one
-/// launch per tensor into one partials buffer, one download. Waits for the
-/// device: the caller needs the value.
+/// launch per tensor into the device's scratch buffer (no allocation in the
+/// steady state), one download. Waits for the device: the caller needs the value.
 pub(crate) fn sum(xs: &[(&CudaStorage, usize)], squares: bool) -> Result<f64> {
     let blocks: Vec<usize> = xs.iter().map(|(_, n)| n.div_ceil(REDUCE_CHUNK)).collect();
     let total: usize = blocks.iter().sum();
@@ -203,23 +203,26 @@ pub(crate) fn sum(xs: &[(&CudaStorage, usize)], squares: bool) -> Result<f64> {
         return Ok(0.0);
     }
     let dev = first.device.clone();
-    let mut partials = CudaStorage::zeros(&dev, DType::F32, total)?;
-    let Arg::Ptr(base) = ptr_mut(&mut partials) else { unreachable!("ptr_mut gives a pointer") };
-    let mut offset = 0;
-    for ((x, n), nb) in xs.iter().zip(&blocks) {
-        if *nb == 0 {
-            continue;
+    let stream = dev.stream().clone();
+    let partials = dev.with_scratch_slice(total, |buf| {
+        let base = buf.device_ptr_mut(&stream).0;
+        let mut offset = 0;
+        for ((x, n), nb) in xs.iter().zip(&blocks) {
+            if *nb == 0 {
+                continue;
+            }
+            let name = format!("{}_partials_{}", if squares { "sumsq" } else { "sum" }, suffix(x)?);
+            let cfg = LaunchConfig { grid_dim: (*nb as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+            let out = Arg::Ptr(base + 4 * offset as u64);
+            launch(&dev, "reduce", &name, cfg, &[out, ptr(x), n64(*n), n64(REDUCE_CHUNK)])?;
+            offset += nb;
         }
-        let name = format!("{}_partials_{}", if squares { "sumsq" } else { "sum" }, suffix(x)?);
-        let cfg = LaunchConfig { grid_dim: (*nb as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-        let out = Arg::Ptr(base + 4 * offset as u64);
-        launch(&dev, "reduce", &name, cfg, &[out, ptr(x), n64(*n), n64(REDUCE_CHUNK)])?;
-        offset += nb;
-    }
-    match partials.to_host()? {
-        crate::CpuStorage::F32(v) => Ok(v.iter().map(|&p| p as f64).sum()),
-        _ => unreachable!("partials are allocated as f32"),
-    }
+        let mut host = vec![0f32; total];
+        stream.memcpy_dtoh(&buf.slice(..total), &mut host).map_err(|e| cuda_err("device-to-host copy", e))?;
+        stream.synchronize().map_err(|e| cuda_err("synchronize", e))?;
+        Ok(host)
+    })?;
+    Ok(partials.iter().map(|&p| p as f64).sum())
 }
 
 // ------------------------------------------------------------------ matmul

@@ -161,18 +161,27 @@ impl CudaDevice {
     /// op is queued, which stream order guarantees.
     pub(crate) fn with_scratch<R>(&self, floats: usize, f: impl FnOnce(u64) -> Result<R>) -> Result<R> {
         use cudarc::driver::DevicePtrMut;
+        let stream = self.stream().clone();
+        self.with_scratch_slice(floats, |buf| f(buf.device_ptr_mut(&stream).0))
+    }
+
+    /// Like [`CudaDevice::with_scratch`], handing over the buffer itself (for
+    /// reading results back to the host).
+    pub(crate) fn with_scratch_slice<R>(
+        &self,
+        floats: usize,
+        f: impl FnOnce(&mut CudaSlice<f32>) -> Result<R>,
+    ) -> Result<R> {
         let mut guard = self.inner.scratch.lock().map_err(|_| cuda_err("scratch", "poisoned lock"))?;
         if guard.as_ref().is_none_or(|s| s.len() < floats) {
             *guard = None; // free the old buffer before asking for a bigger one
             let buf = self.stream().alloc_zeros::<f32>(floats.max(1)).map_err(|e| cuda_err("scratch", e))?;
             *guard = Some(buf);
         }
-        let stream = self.stream().clone();
-        let ptr = match guard.as_mut() {
-            Some(buf) => buf.device_ptr_mut(&stream).0,
+        match guard.as_mut() {
+            Some(buf) => f(buf),
             None => unreachable!("allocated above"),
-        };
-        f(ptr)
+        }
     }
 
     /// Forgets the profile so far (e.g. after a warm-up step whose first calls
