@@ -127,9 +127,9 @@ mod tests {
             let mut seen: Vec<Vec<bool>> = ps.iter().map(|p| vec![false; p.value.numel()]).collect();
             for rank in 0..shards {
                 for piece in layout.pieces(layout.shard(rank)) {
-                    for i in piece.param_start..piece.param_start + piece.len {
-                        assert!(!seen[piece.param][i], "element covered twice");
-                        seen[piece.param][i] = true;
+                    for s in &mut seen[piece.param][piece.param_start..piece.param_start + piece.len] {
+                        assert!(!*s, "element covered twice");
+                        *s = true;
                     }
                 }
             }
