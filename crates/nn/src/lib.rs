@@ -22,7 +22,7 @@ mod param;
 mod schedule;
 
 pub use attention::{AttentionActs, SelfAttention};
-pub use block::{Block, BlockActs, BlockGrads};
+pub use block::{Block, BlockActs, BlockGrads, BlockScratch};
 pub use flat::{FlatEntry, FlatLayout, FlatPiece};
 pub use layernorm::{LayerNorm, LayerNormStats};
 pub use linear::Linear;
