@@ -11,28 +11,10 @@ __device__ __forceinline__ void softmax_merge(float& m, float& s, float m2, floa
     m = mx;
 }
 
-// P elements per thread and iteration: 16-byte loads and stores (8 bf16 or 4
+// P elements per thread and iteration: 16-byte packs (load_pack, 8 bf16 or 4
 // f32) where the padded row length allows, single elements otherwise. The
 // exponentials use the fast hardware approximation (__expf, a few ulp): with
 // 50k columns the kernel is bound by them, not by memory, when they are exact.
-template <typename T, int P>
-__device__ __forceinline__ void load_pack(T (&vals)[P], const T* src) {
-    if constexpr (P == 1) {
-        vals[0] = *src;
-    } else {
-        *reinterpret_cast<uint4*>(vals) = *reinterpret_cast<const uint4*>(src);
-    }
-}
-
-template <typename T, int P>
-__device__ __forceinline__ void store_pack(T* dst, const T (&vals)[P]) {
-    if constexpr (P == 1) {
-        *dst = vals[0];
-    } else {
-        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(vals);
-    }
-}
-
 template <typename T, int P>
 __device__ void cross_entropy_impl(T* logits, float* losses, const unsigned* targets, i64 vp, i64 v, float grad_scale,
                                    int with_grad) {
