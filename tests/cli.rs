@@ -371,3 +371,39 @@ fn report_bad_input() {
     assert_one_line_error(&run(&["report", "r", "-o", "missing/plot.svg"]), &["missing/plot.svg"]);
     assert!(!dir.path().join("r/report.png").exists(), "nothing written on error");
 }
+
+#[test]
+fn report_of_a_resumed_gpu_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = String::from("{\"step\":0,\"val_loss\":10.9,\"val_ppl\":54000.0}\n");
+    let rec = |step: u64, loss: f64| {
+        format!(
+            "{{\"step\":{step},\"train_loss\":{loss},\"lr\":6e-4,\"grad_norm\":0.8,\"tok_per_s\":1000,\"mfu\":0.45,\"peak_mem_gb\":12.5}}\n"
+        )
+    };
+    for step in 1..=4 {
+        text += &rec(step, 10.0 - step as f64);
+    }
+    // Killed after step 4, resumed from the checkpoint at step 2; the guard refused one update.
+    text += &rec(3, 7.5);
+    text += "{\"step\":4,\"train_loss\":null,\"grad_norm\":null,\"skipped\":1,\"bad_in_a_row\":1}\n";
+    text += &rec(4, 6.5);
+    text += "{\"step\":4,\"val_loss\":6.75,\"val_ppl\":854.06}\n";
+    fs::write(dir.path().join("metrics.jsonl"), text).unwrap();
+
+    let o = trainer(&["report", ".", "--output", "r.svg"], dir.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o).trim_end(),
+        "report=r.svg steps=4 train_loss=6.5000 val_loss=6.7500 mean_tok_per_s=1000 restarts=1 skipped_steps=1"
+    );
+    let svg = fs::read_to_string(dir.path().join("r.svg")).unwrap();
+    for label in ["Model FLOPs utilization", "45.0%", "Peak memory", "GB"] {
+        assert!(svg.contains(&format!(">\n{label}\n</text>")), "SVG lacks the text {label:?}");
+    }
+    let o = trainer(&["report", "."], dir.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Six panels: loss, tokens/s, learning rate, gradient norm, MFU, memory.
+    let (w, h, _) = decode_png(&dir.path().join("report.png"));
+    assert_eq!((w, h), (1280, 1200));
+}

@@ -154,11 +154,11 @@ fn run_report(args: &ReportArgs) -> Result<()> {
     let file = args.run_dir.join(trainer_report::METRICS_FILE);
     // Few lines by name, the rest counted: a garbled file should not flood the terminal.
     const SHOWN: usize = 5;
-    for s in m.skipped.iter().take(SHOWN) {
-        eprintln!("warning: {}:{}: {}; line skipped", file.display(), s.line, s.reason);
+    for bad in m.malformed.iter().take(SHOWN) {
+        eprintln!("warning: {}:{}: {}; line skipped", file.display(), bad.line, bad.reason);
     }
-    if m.skipped.len() > SHOWN {
-        eprintln!("warning: {}: {} more malformed lines skipped", file.display(), m.skipped.len() - SHOWN);
+    if m.malformed.len() > SHOWN {
+        eprintln!("warning: {}: {} more malformed lines skipped", file.display(), m.malformed.len() - SHOWN);
     }
     // Non-finite values as the metrics lines print them: never as numbers.
     let num = |v: Option<f64>, digits: usize| match v {
@@ -168,13 +168,14 @@ fn run_report(args: &ReportArgs) -> Result<()> {
         Some(v) => format!("{v:.digits$}"),
     };
     println!(
-        "report={} steps={} train_loss={} val_loss={} mean_tok_per_s={}{}",
+        "report={} steps={} train_loss={} val_loss={} mean_tok_per_s={}{}{}",
         r.output.display(),
         m.last_step().unwrap_or(0),
         num(trainer_report::last_value(&m.train_loss), 4),
         num(trainer_report::last_value(&m.val_loss), 4),
         num(m.mean_tok_per_s(), 0),
         if m.restarts > 0 { format!(" restarts={}", m.restarts) } else { String::new() },
+        if m.skipped_steps > 0 { format!(" skipped_steps={}", m.skipped_steps) } else { String::new() },
     );
     Ok(())
 }

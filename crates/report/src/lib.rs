@@ -11,7 +11,7 @@ mod plot;
 
 use std::path::{Path, PathBuf};
 
-pub use metrics::{RunMetrics, Series, Skipped, last_value};
+pub use metrics::{Malformed, RunMetrics, Series, last_value};
 pub use plot::{ImageFormat, render};
 
 /// The file a training run appends its records to, inside its run directory.

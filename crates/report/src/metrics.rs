@@ -1,8 +1,10 @@
 //! Reading `metrics.jsonl`: one JSON object per line with an integer "step"
 //! and any of the keys below (a step record has train_loss, lr, grad_norm,
-//! tok_per_s, maybe mfu; an evaluation record has val_loss and val_ppl). Other
-//! keys are ignored, so records that later gain fields still read. `null`
-//! stands for a non-finite value.
+//! tok_per_s, on a GPU mfu and peak_mem_gb; an evaluation record has val_loss
+//! and val_ppl). Other keys are ignored, so records that later gain fields
+//! still read. `null` stands for a non-finite value. A record with a non-zero
+//! "skipped" is an update the numerical guard refused: the same step is tried
+//! again, so it is counted, not plotted.
 //!
 //! A line that is not such a record is skipped and reported, not fatal: a run
 //! killed in the middle of a write leaves a partial line, and a resumed run
@@ -23,7 +25,7 @@ use crate::{Error, Result};
 pub type Series = Vec<(u64, f64)>;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Skipped {
+pub struct Malformed {
     /// 1-based line number in the file.
     pub line: usize,
     pub reason: String,
@@ -36,16 +38,22 @@ pub struct RunMetrics {
     pub tok_per_s: Series,
     pub lr: Series,
     pub grad_norm: Series,
+    /// Model FLOPs utilization (a fraction), GPU runs only.
+    pub mfu: Series,
+    /// Peak device memory in GB, GPU runs only.
+    pub peak_mem_gb: Series,
     /// Records read (lines with a step).
     pub records: usize,
     /// How many times the steps went back (resumed or restarted runs).
     pub restarts: usize,
-    /// Lines that were not records, in file order.
-    pub skipped: Vec<Skipped>,
+    /// Updates refused by the numerical guard (records with "skipped").
+    pub skipped_steps: usize,
+    /// Lines that were not records, in file order; left out.
+    pub malformed: Vec<Malformed>,
 }
 
 /// The keys plotted; any other key in a record is ignored.
-const KEYS: [&str; 5] = ["train_loss", "val_loss", "tok_per_s", "lr", "grad_norm"];
+const KEYS: [&str; 7] = ["train_loss", "val_loss", "tok_per_s", "lr", "grad_norm", "mfu", "peak_mem_gb"];
 
 impl RunMetrics {
     pub fn read(path: &Path) -> Result<Self> {
@@ -65,12 +73,16 @@ impl RunMetrics {
                 continue;
             }
             match parse_line(line) {
-                Ok((step, values)) => m.push(step, &values),
-                Err(reason) => m.skipped.push(Skipped { line: i + 1, reason }),
+                Ok(Record { skipped: true, .. }) => {
+                    m.records += 1;
+                    m.skipped_steps += 1;
+                }
+                Ok(Record { step, values, .. }) => m.push(step, &values),
+                Err(reason) => m.malformed.push(Malformed { line: i + 1, reason }),
             }
         }
         if m.records == 0 {
-            return Err(match m.skipped.first() {
+            return Err(match m.malformed.first() {
                 Some(s) => {
                     Error::NoRecords { path: path.display().to_string(), line: s.line, reason: s.reason.clone() }
                 }
@@ -87,12 +99,26 @@ impl RunMetrics {
             "tok_per_s" => Some(&mut self.tok_per_s),
             "lr" => Some(&mut self.lr),
             "grad_norm" => Some(&mut self.grad_norm),
+            "mfu" => Some(&mut self.mfu),
+            "peak_mem_gb" => Some(&mut self.peak_mem_gb),
             _ => None,
         }
     }
 
-    fn all_series_mut(&mut self) -> [&mut Series; 5] {
-        [&mut self.train_loss, &mut self.val_loss, &mut self.tok_per_s, &mut self.lr, &mut self.grad_norm]
+    fn all_series(&self) -> [&Series; 7] {
+        [&self.train_loss, &self.val_loss, &self.tok_per_s, &self.lr, &self.grad_norm, &self.mfu, &self.peak_mem_gb]
+    }
+
+    fn all_series_mut(&mut self) -> [&mut Series; 7] {
+        [
+            &mut self.train_loss,
+            &mut self.val_loss,
+            &mut self.tok_per_s,
+            &mut self.lr,
+            &mut self.grad_norm,
+            &mut self.mfu,
+            &mut self.peak_mem_gb,
+        ]
     }
 
     fn push(&mut self, step: u64, values: &[(&'static str, f64)]) {
@@ -115,10 +141,7 @@ impl RunMetrics {
 
     /// The largest step of any record kept.
     pub fn last_step(&self) -> Option<u64> {
-        [&self.train_loss, &self.val_loss, &self.tok_per_s, &self.lr, &self.grad_norm]
-            .iter()
-            .filter_map(|s| s.last().map(|&(step, _)| step))
-            .max()
+        self.all_series().iter().filter_map(|s| s.last().map(|&(step, _)| step)).max()
     }
 
     /// Mean of the logged tokens/s over finite values, leaving out step 1 when
@@ -141,7 +164,11 @@ pub fn last_value(s: &Series) -> Option<f64> {
     s.last().map(|&(_, v)| v)
 }
 
-type Record = (u64, Vec<(&'static str, f64)>);
+struct Record {
+    step: u64,
+    values: Vec<(&'static str, f64)>,
+    skipped: bool,
+}
 
 fn parse_line(line: &str) -> std::result::Result<Record, String> {
     let value: serde_json::Value = serde_json::from_str(line).map_err(|e| {
@@ -166,7 +193,12 @@ fn parse_line(line: &str) -> std::result::Result<Record, String> {
             }
         }
     }
-    Ok((step, values))
+    let skipped = match obj.get("skipped") {
+        None | Some(serde_json::Value::Null) => false,
+        Some(serde_json::Value::Number(n)) => n.as_f64() != Some(0.0),
+        Some(other) => return Err(format!("\"skipped\" is {}, expected a number", shorten(&other.to_string()))),
+    };
+    Ok(Record { step, values, skipped })
 }
 
 fn shorten(s: &str) -> String {
@@ -198,7 +230,7 @@ mod tests {
         .unwrap();
         assert_eq!(m.records, 5);
         assert_eq!(m.restarts, 0);
-        assert!(m.skipped.is_empty());
+        assert!(m.malformed.is_empty());
         assert_eq!(m.val_loss, vec![(0, 10.9), (3, 8.0)]);
         assert_eq!(m.train_loss.len(), 3);
         assert!(last_value(&m.train_loss).unwrap().is_nan());
@@ -230,14 +262,14 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(m.train_loss, vec![(1, 5.0), (4, 3.5)]);
-        let lines: Vec<usize> = m.skipped.iter().map(|s| s.line).collect();
+        let lines: Vec<usize> = m.malformed.iter().map(|s| s.line).collect();
         assert_eq!(lines, vec![2, 4, 5, 6, 7]);
-        assert!(m.skipped[0].reason.starts_with("not valid JSON at column"), "{:?}", m.skipped[0]);
-        assert!(!m.skipped[0].reason.contains("line 1"), "{:?}", m.skipped[0]);
-        assert!(m.skipped[1].reason.contains("not a JSON object"));
-        assert!(m.skipped[2].reason.contains("no \"step\""));
-        assert!(m.skipped[3].reason.contains("\"step\" is -3"));
-        assert!(m.skipped[4].reason.contains("\"train_loss\" is \"4.0\""));
+        assert!(m.malformed[0].reason.starts_with("not valid JSON at column"), "{:?}", m.malformed[0]);
+        assert!(!m.malformed[0].reason.contains("line 1"), "{:?}", m.malformed[0]);
+        assert!(m.malformed[1].reason.contains("not a JSON object"));
+        assert!(m.malformed[2].reason.contains("no \"step\""));
+        assert!(m.malformed[3].reason.contains("\"step\" is -3"));
+        assert!(m.malformed[4].reason.contains("\"train_loss\" is \"4.0\""));
     }
 
     #[test]
@@ -249,6 +281,25 @@ mod tests {
         let e = parse("hello\n{\"step\":\"x\"}\n").unwrap_err().to_string();
         assert!(e.starts_with("run/metrics.jsonl:1: not valid JSON at column 1"), "{e}");
         assert!(e.ends_with("no line of the file is a metrics record"), "{e}");
+    }
+
+    #[test]
+    fn steps_refused_by_the_guard_are_counted_not_plotted() {
+        let m = parse(concat!(
+            "{\"step\":1,\"train_loss\":5.0,\"lr\":1e-3,\"grad_norm\":1.0,\"tok_per_s\":9,\"mfu\":0.4,\"peak_mem_gb\":3.5}\n",
+            "{\"step\":2,\"train_loss\":null,\"grad_norm\":null,\"skipped\":1,\"bad_in_a_row\":1}\n",
+            "{\"step\":2,\"train_loss\":4.0,\"lr\":1e-3,\"grad_norm\":1.0,\"tok_per_s\":9,\"skipped\":0}\n",
+            "{\"step\":3,\"train_loss\":3.0,\"skipped\":true}\n",
+        ))
+        .unwrap();
+        assert_eq!(m.skipped_steps, 1);
+        assert_eq!(m.restarts, 0, "a retried step is not a restart");
+        assert_eq!(m.records, 3);
+        assert_eq!(m.train_loss, vec![(1, 5.0), (2, 4.0)]);
+        assert_eq!(m.mfu, vec![(1, 0.4)]);
+        assert_eq!(m.peak_mem_gb, vec![(1, 3.5)]);
+        assert_eq!(m.malformed.len(), 1);
+        assert!(m.malformed[0].reason.contains("\"skipped\" is true"), "{:?}", m.malformed);
     }
 
     #[test]
