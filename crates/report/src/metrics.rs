@@ -17,6 +17,7 @@
 //! series drops its points from that step on.
 
 use std::fs;
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 
 use crate::{Error, Result};
@@ -57,22 +58,31 @@ const KEYS: [&str; 7] = ["train_loss", "val_loss", "tok_per_s", "lr", "grad_norm
 
 impl RunMetrics {
     pub fn read(path: &Path) -> Result<Self> {
-        let text = fs::read_to_string(path).map_err(|err| {
+        let file = fs::File::open(path).map_err(|err| {
             let path = path.display().to_string();
             if err.kind() == std::io::ErrorKind::NotFound { Error::NoMetrics(path) } else { Error::Io { path, err } }
         })?;
-        Self::parse(&text, path)
+        Self::from_reader(BufReader::new(file), path)
     }
 
     /// Parses the text of a metrics file; `path` only names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        Self::from_reader(text.as_bytes(), path)
+    }
+
+    /// Reads line by line: a long run's file need not fit in memory twice, and
+    /// a line of bytes that are not UTF-8 (a torn write) is one bad line, not a
+    /// bad file.
+    pub fn from_reader(reader: impl BufRead, path: &Path) -> Result<Self> {
         let mut m = RunMetrics::default();
-        for (i, line) in text.lines().enumerate() {
+        for (i, bytes) in reader.split(b'\n').enumerate() {
+            let bytes = bytes.map_err(|err| Error::Io { path: path.display().to_string(), err })?;
+            let parsed = std::str::from_utf8(&bytes).map_err(|e| format!("not UTF-8 text ({e})"));
             // Blank lines carry nothing (a trailing newline, an editor's touch).
-            if line.trim().is_empty() {
+            if parsed.as_ref().is_ok_and(|line| line.trim().is_empty()) {
                 continue;
             }
-            match parse_line(line) {
+            match parsed.and_then(parse_line) {
                 Ok(Record { skipped: true, .. }) => {
                     m.records += 1;
                     m.skipped_steps += 1;
@@ -270,6 +280,16 @@ mod tests {
         assert!(m.malformed[2].reason.contains("no \"step\""));
         assert!(m.malformed[3].reason.contains("\"step\" is -3"));
         assert!(m.malformed[4].reason.contains("\"train_loss\" is \"4.0\""));
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_spoil_only_their_line() {
+        let bytes = b"{\"step\":1,\"train_loss\":5.0}\r\n{\"step\":2,\xff\xfe}\n{\"step\":3,\"train_loss\":4.0}";
+        let m = RunMetrics::from_reader(&bytes[..], Path::new("m.jsonl")).unwrap();
+        assert_eq!(m.train_loss, vec![(1, 5.0), (3, 4.0)]);
+        assert_eq!(m.malformed.len(), 1);
+        assert_eq!(m.malformed[0].line, 2);
+        assert!(m.malformed[0].reason.starts_with("not UTF-8"), "{:?}", m.malformed);
     }
 
     #[test]
