@@ -310,6 +310,9 @@ fn report_after_training() {
     // The train loss (blue) and validation loss (orange) curves are drawn.
     assert!(count_color(&rgb, [31, 119, 180]) > 100, "train loss curve");
     assert!(count_color(&rgb, [255, 127, 14]) > 20, "validation loss points");
+    // Text is rendered (embedded font): the title strip above the first panel's plot has dark pixels.
+    let title_strip = &rgb[..(w * 30 * 3) as usize];
+    assert!(title_strip.chunks_exact(3).filter(|p| p.iter().all(|&c| c < 80)).count() > 30, "panel title drawn");
 
     let o = ws.run(&["report", "run", "--output", "plots.svg"]);
     assert!(o.status.success(), "{}", stderr(&o));
