@@ -58,6 +58,28 @@ impl AdamW {
     }
 }
 
+/// The state as checkpoints see it, per parameter in the model's order.
+impl AdamW {
+    /// First and second moments (exp_avg, exp_avg_sq) of each parameter.
+    pub fn moments(&self) -> &[(Tensor, Tensor)] {
+        &self.moments
+    }
+
+    pub fn moments_mut(&mut self) -> &mut [(Tensor, Tensor)] {
+        &mut self.moments
+    }
+
+    /// The f32 master copy of each half-precision parameter; None for a
+    /// parameter that is its own master (f32).
+    pub fn masters(&self) -> &[Option<Tensor>] {
+        &self.masters
+    }
+
+    pub fn masters_mut(&mut self) -> &mut [Option<Tensor>] {
+        &mut self.masters
+    }
+}
+
 /// The L2 norm of all gradients together (one host synchronization on a GPU).
 pub fn global_grad_norm(params: &[&Param]) -> Result<f64> {
     let grads: Vec<&Tensor> = params.iter().map(|p| &p.grad).collect();
