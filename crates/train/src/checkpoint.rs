@@ -173,7 +173,7 @@ impl Store {
                 found.push((step, entry.path()));
             }
         }
-        found.sort_by(|a, b| b.0.cmp(&a.0));
+        found.sort_by_key(|f| std::cmp::Reverse(f.0));
         Ok(found)
     }
 

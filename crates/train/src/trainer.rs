@@ -427,7 +427,7 @@ impl<'a> Run<'a> {
             good_position = self.train_loader.position();
             let secs = started.elapsed().as_secs_f64();
             timing.add(&self.device, secs, tokens_per_step);
-            if self.step % self.cfg.logging.interval == 0 || self.step == t_cfg.max_steps {
+            if self.step.is_multiple_of(self.cfg.logging.interval) || self.step == t_cfg.max_steps {
                 let mut record = vec![
                     ("step", Value::Int(self.step)),
                     ("train_loss", Value::Fixed(loss, 4)),
