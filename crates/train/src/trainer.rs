@@ -164,7 +164,8 @@ fn find_resume(
             found
         }
         Resume::From(path) => {
-            let o = checkpoint::open(&path, &wanted)?;
+            let o = checkpoint::resolve(&path, &wanted, &|w| console.warn(w))
+                .map_err(|e| cfg.error(format!("checkpoint.resume = \"{}\": {e}", path.display())))?;
             if let Some((step, newer)) = existing.first().filter(|(s, _)| *s > o.manifest.step) {
                 return Err(cfg.error(format!(
                     "checkpoint.resume = \"{}\" is step {} but checkpoint.dir already holds the newer {} (step \
@@ -277,18 +278,23 @@ impl<'a> Run<'a> {
     }
 
     fn restore(&mut self, from: &mut Opened) -> Result<()> {
-        state::restore(from, &mut self.model, &mut self.opt, self.place.rank)?;
-        let s = &from.manifest.state;
         let rank = self.place.rank;
-        let pos = s.data.iter().find(|d| d.rank == rank).ok_or_else(|| Error::Checkpoint {
+        let pos = *from.manifest.state.data.iter().find(|d| d.rank == rank).ok_or_else(|| Error::Checkpoint {
             path: from.dir.join("manifest.json").display().to_string(),
             msg: format!("has no data position for rank {rank}"),
         })?;
+        state::restore(from, &mut self.model, &mut self.opt, rank)?;
+        let s = &from.manifest.state;
         self.train_loader.seek(LoaderPosition { epoch: pos.epoch, index: pos.index });
         self.step = from.manifest.step;
         self.first_val = s.first_val_loss;
         self.last_loss = s.last_train_loss.unwrap_or(f64::NAN);
-        self.saved = Some((self.step, from.dir.clone()));
+        // A checkpoint elsewhere (another run's) does not count as saved here:
+        // a stop before the next step must still leave one in checkpoint.dir.
+        let ours = |p: &std::path::Path| std::fs::canonicalize(p).ok();
+        if from.dir.parent().and_then(ours).is_some_and(|d| Some(d) == ours(self.store.dir())) {
+            self.saved = Some((self.step, from.dir.clone()));
+        }
         self.console.line(&format!("resumed from {} at step {}", from.dir.display(), self.step));
         Ok(())
     }
@@ -407,13 +413,9 @@ impl<'a> Run<'a> {
                     ("step", Value::Int(next)),
                     ("train_loss", Value::Fixed(loss, 4)),
                     ("grad_norm", Value::Fixed(norm, 4)),
-                    ("skipped", Value::Int(bad)),
+                    ("skipped", Value::Int(1)),
+                    ("bad_in_a_row", Value::Int(bad)),
                 ])?;
-                self.console.warn(&format!(
-                    "step {next}: non-finite loss or gradient norm, update skipped ({bad} in a row; \
-                     training.max_bad_steps = {})",
-                    t_cfg.max_bad_steps
-                ));
                 if bad >= t_cfg.max_bad_steps {
                     return Err(self.diverged(bad, good_position));
                 }
@@ -480,7 +482,7 @@ impl<'a> Run<'a> {
         };
         Error::Diverged(format!(
             "training diverged: {bad} steps in a row had a non-finite loss or gradient norm \
-             (training.max_bad_steps = {}); {saved}. Lower optimizer.lr (now {}) or check the data",
+             (training.max_bad_steps = {}); {saved}. Lower optimizer.lr (now {:e}) or check the data",
             self.cfg.training.max_bad_steps, self.cfg.optimizer.lr
         ))
     }
