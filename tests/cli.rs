@@ -347,6 +347,20 @@ impl Running {
         assert!(ok.success());
     }
 
+    /// Waits until no signal is pending for the process any more (Linux: the
+    /// ShdPnd mask in /proc), so that the next one is not merged with it.
+    fn wait_delivered(&self) {
+        let status = format!("/proc/{}/status", self.child.id());
+        loop {
+            let text = fs::read_to_string(&status).unwrap_or_default();
+            let pending = text.lines().find_map(|l| l.strip_prefix("ShdPnd:")).map(str::trim);
+            if pending.is_none_or(|mask| mask.chars().all(|c| c == '0')) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Waits for the exit; returns the status code and the remaining lines.
     fn finish(mut self) -> (Option<i32>, Vec<String>) {
         let status = self.child.wait().unwrap();
@@ -449,6 +463,7 @@ fn a_second_signal_exits_at_once() {
     run.wait_for(|l| l.contains("checkpoint save of step 2 stalled"));
     // The first signal asks for a stop after the save, which never ends; the second ends the process.
     run.signal("INT");
+    run.wait_delivered();
     run.signal("INT");
     let (code, _) = run.finish();
     assert_eq!(code, Some(130), "128 + SIGINT");
