@@ -153,8 +153,7 @@ impl Store {
         self.dir.join(format!(".step_{step:08}.{what}"))
     }
 
-    /// Directories named `step_N` that hold a manifest, newest first; their
-    /// contents are not checked here.
+    /// Directories named `step_N`, newest first; their contents are not checked here.
     pub fn list(&self) -> Result<Vec<(u64, PathBuf)>> {
         let entries = match fs::read_dir(&self.dir) {
             Ok(e) => e,
@@ -169,7 +168,7 @@ impl Store {
             else {
                 continue;
             };
-            if entry.path().join(MANIFEST).is_file() {
+            if entry.path().is_dir() {
                 found.push((step, entry.path()));
             }
         }
@@ -220,9 +219,11 @@ impl Store {
         Ok(None)
     }
 
-    /// Deletes all but the newest `keep_last` checkpoints up to `newest`.
+    /// Deletes all but the newest `keep_last` checkpoints up to `newest`
+    /// (directories without a manifest, which no save of ours leaves, are left alone).
     fn prune(&self, newest: u64) -> Result<()> {
-        let old = self.list()?.into_iter().filter(|(s, _)| *s <= newest).skip(self.keep_last);
+        let complete = self.list()?.into_iter().filter(|(s, d)| *s <= newest && d.join(MANIFEST).is_file());
+        let old = complete.skip(self.keep_last);
         for (step, dir) in old {
             self.delete(step, &dir)?;
         }
@@ -532,8 +533,10 @@ mod tests {
         // A save that never committed: not listed, removed as a leftover.
         let p = store.begin(4, 0).unwrap();
         drop(p);
-        assert_eq!(store.list().unwrap().len(), 3);
-        // Step 3 truncated, step 2 with a flipped byte.
+        assert_eq!(store.list().unwrap().len(), 3, "the partial save is not listed");
+        // A step directory without a manifest (say, half copied by hand), step 3
+        // truncated, step 2 with a flipped byte.
+        fs::create_dir(store.step_dir(9)).unwrap();
         let f3 = store.step_dir(3).join("a.safetensors");
         let len = fs::metadata(&f3).unwrap().len();
         File::options().write(true).open(&f3).unwrap().set_len(len - 4).unwrap();
@@ -546,9 +549,10 @@ mod tests {
         let o = store.latest(&all, &|w| warnings.borrow_mut().push(w.to_string())).unwrap().unwrap();
         assert_eq!(o.manifest.step, 1);
         let w = warnings.into_inner();
-        assert_eq!(w.len(), 2, "{w:?}");
-        assert!(w[0].contains("step_00000003") && w[0].contains("truncated"), "{}", w[0]);
-        assert!(w[1].contains("step_00000002") && w[1].contains("corrupt"), "{}", w[1]);
+        assert_eq!(w.len(), 3, "{w:?}");
+        assert!(w[0].contains("step_00000009") && w[0].contains("no manifest.json"), "{}", w[0]);
+        assert!(w[1].contains("step_00000003") && w[1].contains("truncated"), "{}", w[1]);
+        assert!(w[2].contains("step_00000002") && w[2].contains("corrupt"), "{}", w[2]);
         let removed = store.remove_leftovers().unwrap();
         assert_eq!(removed, vec![tmp.path().join(".step_00000004.partial")]);
     }
