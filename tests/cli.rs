@@ -1,13 +1,17 @@
 //! End-to-end tests of the `trainer` binary: a real (small) run from text to
-//! weights, determinism, and one test per kind of bad input, each of which must
+//! weights, determinism, one test per kind of bad input, each of which must
 //! give one clear `error:` line naming the file or key, a non-zero exit, and
-//! never a panic.
+//! never a panic; and the long-job behaviour: exact resume, stop signals,
+//! killed saves, corrupt checkpoints, the numerical guard.
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::fs;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::Duration;
 
 fn trainer(args: &[&str], cwd: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_trainer")).args(args).current_dir(cwd).output().expect("run trainer")
@@ -409,4 +413,315 @@ fn report_of_a_resumed_gpu_run() {
     // Six panels: loss, tokens/s, learning rate, gradient norm, MFU, memory.
     let (w, h, _) = decode_png(&dir.path().join("report.png"));
     assert_eq!((w, h), (1280, 1200));
+}
+
+// ---------------------------------------------------------------------------
+// Long jobs: checkpoints, exact resume, stop signals, atomic saves, the
+// numerical guard. Runs that must be interrupted read the binary's output as it
+// comes and act on a line it prints, never on a time.
+
+/// The train_loss of every step record in a metrics file, by step, at full precision.
+fn recorded_losses(path: &Path) -> Vec<(u64, f64)> {
+    fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r.get("train_loss").is_some_and(|v| v.is_f64()))
+        .map(|r| (r["step"].as_u64().unwrap(), r["train_loss"].as_f64().unwrap()))
+        .collect()
+}
+
+/// A running trainer whose stdout and stderr lines arrive on one channel.
+struct Running {
+    child: Child,
+    lines: Receiver<String>,
+}
+
+impl Running {
+    fn start(ws: &Workspace, args: &[&str], env: &[(&str, &str)]) -> Running {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_trainer"))
+            .args(args)
+            .envs(env.iter().copied())
+            .current_dir(ws.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = channel();
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(std::result::Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        Running { child, lines }
+    }
+
+    /// Lines up to and including the first one for which `done` holds. The
+    /// limit only keeps a broken binary from hanging the test suite.
+    fn wait_for(&self, done: impl Fn(&str) -> bool) -> Vec<String> {
+        let mut seen = Vec::new();
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(600)) {
+                Ok(line) => {
+                    let stop = done(&line);
+                    seen.push(line);
+                    if stop {
+                        return seen;
+                    }
+                }
+                Err(e) => panic!("no awaited line ({e}); saw: {seen:#?}"),
+            }
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let ok = Command::new("kill").args([&format!("-{name}"), &self.child.id().to_string()]).status().unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits until no signal is pending for the process any more (Linux: the
+    /// ShdPnd mask in /proc), so that the next one is not merged with it.
+    fn wait_delivered(&self) {
+        let status = format!("/proc/{}/status", self.child.id());
+        loop {
+            let text = fs::read_to_string(&status).unwrap_or_default();
+            let pending = text.lines().find_map(|l| l.strip_prefix("ShdPnd:")).map(str::trim);
+            if pending.is_none_or(|mask| mask.chars().all(|c| c == '0')) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for the exit; returns the status code and the remaining lines.
+    fn finish(mut self) -> (Option<i32>, Vec<String>) {
+        let status = self.child.wait().unwrap();
+        (status.code(), self.lines.iter().collect())
+    }
+}
+
+fn step_dirs(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = match fs::read_dir(dir) {
+        Ok(entries) => entries.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect(),
+        Err(_) => Vec::new(),
+    };
+    names.sort();
+    names
+}
+
+#[test]
+fn resume_from_a_checkpoint_is_exact() {
+    let ws = Workspace::new();
+    let a = ws.run(&["--config", "job.toml", "--set", "checkpoint.interval=10", "--set", "checkpoint.keep_last=5"]);
+    assert!(a.status.success(), "{}", stderr(&a));
+    assert_eq!(step_dirs(&ws.path().join("run/checkpoints")), ["step_00000010", "step_00000020", "step_00000030"]);
+    let manifest: serde_json::Value = serde_json::from_str(
+        &fs::read_to_string(ws.path().join("run/checkpoints/step_00000010/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["step"], 10);
+    assert_eq!(manifest["state"]["data"][0]["index"], 10, "10 windows consumed");
+    assert_eq!(manifest["layout"]["world_size"], 1);
+
+    // Another run directory, continuing from step 10 of the first run.
+    let b = ws.run(&[
+        "--config",
+        "job.toml",
+        "--set",
+        "logging.run_dir=b",
+        "--set",
+        "checkpoint.resume=run/checkpoints/step_00000010",
+    ]);
+    assert!(b.status.success(), "{}", stderr(&b));
+    assert!(stdout(&b).contains("resumed from run/checkpoints/step_00000010 at step 10"), "{}", stdout(&b));
+    let full = recorded_losses(&ws.path().join("run/metrics.jsonl"));
+    let resumed = recorded_losses(&ws.path().join("b/metrics.jsonl"));
+    assert_eq!(resumed.len(), 20);
+    assert_eq!(resumed[..], full[10..], "steps 11-30 bit for bit");
+
+    // `eval --checkpoint` on a checkpoint, and on the directory of them (the newest).
+    let final_val =
+        stdout(&a).lines().filter(|l| l.starts_with("step=30 val_loss")).find_map(|l| metric(l, "val_loss"));
+    for dir in ["run/checkpoints/step_00000030", "run/checkpoints"] {
+        let e = ws.run(&["eval", "--config", "job.toml", "--checkpoint", dir]);
+        assert!(e.status.success(), "{}", stderr(&e));
+        assert_eq!(metric(&stdout(&e), "val_loss"), final_val, "{}", stdout(&e));
+        assert!(stdout(&e).contains("checkpoint=run/checkpoints/step_00000030"), "{}", stdout(&e));
+    }
+
+    // With nothing left to do, the default (resume = "auto") picks up the finished run.
+    let again = ws.run(&["--config", "job.toml"]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert!(stdout(&again).contains("resumed from run/checkpoints/step_00000030 at step 30"), "{}", stdout(&again));
+    assert!(!stdout(&again).contains("train_loss=") || stdout(&again).lines().all(|l| !l.starts_with("step=")));
+}
+
+#[test]
+fn sigterm_writes_a_checkpoint_and_the_run_resumes() {
+    let ws = Workspace::new();
+    // A constant rate: the schedule does not depend on max_steps, so the
+    // stopped-and-resumed run can be compared with one uninterrupted run.
+    let base = ["--config", "job.toml", "--set", "lr_schedule.kind=constant"];
+    let long: Vec<&str> = base.iter().copied().chain(["--set", "training.max_steps=1000000"]).collect();
+    let run = Running::start(&ws, &long, &[]);
+    run.wait_for(|l| l.starts_with("step=3 train_loss"));
+    run.signal("TERM");
+    let (code, lines) = run.finish();
+    assert_eq!(code, Some(143), "128 + SIGTERM: {lines:#?}");
+    let stopped = lines.iter().find(|l| l.starts_with("stopped by SIGTERM at step")).expect("a stop line");
+    let k: u64 = stopped["stopped by SIGTERM at step ".len()..].split(':').next().unwrap().parse().unwrap();
+    assert!(k >= 3, "{stopped}");
+    assert!(ws.path().join(format!("run/checkpoints/step_{k:08}/manifest.json")).exists(), "{lines:#?}");
+    assert!(!ws.path().join("run/model.safetensors").exists(), "no final weights for a stopped run");
+
+    // Resume (the default) and finish at k + 3; the same as one run of k + 3 steps.
+    let end = format!("training.max_steps={}", k + 3);
+    let resumed: Vec<&str> = base.iter().copied().chain(["--set", &end]).collect();
+    let r = ws.run(&resumed);
+    assert!(r.status.success(), "{}", stderr(&r));
+    assert!(stdout(&r).contains(&format!("at step {k}")), "{}", stdout(&r));
+    let reference: Vec<&str> = base.iter().copied().chain(["--set", &end, "--set", "logging.run_dir=ref"]).collect();
+    assert!(ws.run(&reference).status.success());
+    let got = recorded_losses(&ws.path().join("run/metrics.jsonl"));
+    let want = recorded_losses(&ws.path().join("ref/metrics.jsonl"));
+    assert_eq!(got, want, "stopped at {k}, resumed: the same losses bit for bit");
+}
+
+#[test]
+fn a_second_signal_exits_at_once() {
+    let ws = Workspace::new();
+    let args = ["--config", "job.toml", "--set", "checkpoint.interval=2"];
+    let run = Running::start(&ws, &args, &[("TRAINER_TEST_STALL_SAVE", "2")]);
+    run.wait_for(|l| l.contains("checkpoint save of step 2 stalled"));
+    // The first signal asks for a stop after the save, which never ends; the second ends the process.
+    run.signal("INT");
+    run.wait_delivered();
+    run.signal("INT");
+    let (code, _) = run.finish();
+    assert_eq!(code, Some(130), "128 + SIGINT");
+}
+
+#[test]
+fn sigkill_during_a_save_leaves_the_previous_checkpoint() {
+    let ws = Workspace::new();
+    let args = ["--config", "job.toml", "--set", "checkpoint.interval=5"];
+    let mut run = Running::start(&ws, &args, &[("TRAINER_TEST_STALL_SAVE", "10")]);
+    run.wait_for(|l| l.contains("checkpoint save of step 10 stalled"));
+    run.child.kill().unwrap(); // SIGKILL
+    let _ = run.finish();
+    let ck = ws.path().join("run/checkpoints");
+    assert_eq!(step_dirs(&ck), [".step_00000010.partial", "step_00000005"]);
+    assert!(fs::read_dir(ck.join(".step_00000010.partial")).unwrap().count() >= 2, "data files were written");
+
+    // The partial save is not picked up: the run continues from step 5 and cleans up.
+    let r = ws.run(&["--config", "job.toml", "--set", "training.max_steps=12", "--set", "checkpoint.interval=5"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    assert!(stdout(&r).contains("resumed from run/checkpoints/step_00000005 at step 5"), "{}", stdout(&r));
+    assert!(stderr(&r).contains("warning: removed") && stderr(&r).contains(".step_00000010.partial"), "{}", stderr(&r));
+    assert_eq!(step_dirs(&ck), ["step_00000005", "step_00000010", "step_00000012"]);
+}
+
+#[test]
+fn corrupt_checkpoints_are_skipped_or_refused() {
+    let ws = Workspace::new();
+    let args = ["--config", "job.toml", "--set", "checkpoint.interval=10", "--set", "training.max_steps=20"];
+    assert!(ws.run(&args).status.success());
+    let ck = ws.path().join("run/checkpoints");
+    // The newest checkpoint loses its tail.
+    let f = ck.join("step_00000020/optim_rank00000.safetensors");
+    let len = fs::metadata(&f).unwrap().len();
+    fs::File::options().write(true).open(&f).unwrap().set_len(len - 10).unwrap();
+
+    // Resume = "auto" warns and takes step 10.
+    let r = ws.run(&args);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let err = stderr(&r);
+    assert!(err.starts_with("warning: skipping run/checkpoints/step_00000020"), "{err}");
+    assert!(err.contains("optim_rank00000.safetensors") && err.contains("truncated"), "{err}");
+    assert!(stdout(&r).contains("resumed from run/checkpoints/step_00000010 at step 10"), "{}", stdout(&r));
+
+    // Named explicitly, a corrupt checkpoint is an error naming the file.
+    let model = ck.join("step_00000010/model.safetensors");
+    let mut bytes = fs::read(&model).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    fs::write(&model, bytes).unwrap();
+    let set = "checkpoint.resume=run/checkpoints/step_00000010";
+    assert_one_line_error(
+        &ws.run(&["--config", "job.toml", "--set", "logging.run_dir=other", "--set", set]),
+        &["step_00000010/model.safetensors", "corrupt"],
+    );
+    assert_one_line_error(
+        &ws.run(&["eval", "--config", "job.toml", "--checkpoint", "run/checkpoints/step_00000010"]),
+        &["step_00000010/model.safetensors", "corrupt"],
+    );
+}
+
+#[test]
+fn resume_mismatches_are_one_line_errors() {
+    let ws = Workspace::new();
+    assert!(ws.run(&["--config", "job.toml", "--set", "training.max_steps=3"]).status.success());
+    // Another model shape.
+    assert_one_line_error(
+        &ws.run(&["--config", "job.toml", "--set", "model.n_embd=64"]),
+        &["run/checkpoints/step_00000003/manifest.json", "model.n_embd = 32 there, 64 here"],
+    );
+    // A fresh run into a directory that holds checkpoints.
+    assert_one_line_error(
+        &ws.run(&["--config", "job.toml", "--set", "checkpoint.resume=none"]),
+        &["checkpoint.resume = \"none\"", "run/checkpoints"],
+    );
+    // A path that is no checkpoint.
+    assert_one_line_error(
+        &ws.run(&["--config", "job.toml", "--set", "checkpoint.resume=shards", "--set", "logging.run_dir=x"]),
+        &["shards", "manifest.json"],
+    );
+}
+
+#[test]
+fn non_finite_steps_are_skipped_then_stop_the_run() {
+    let ws = Workspace::new();
+    // Two bad attempts: skipped, and the run still makes all its updates.
+    let args = ["--config", "job.toml", "--set", "training.max_steps=10", "--set", "training.max_bad_steps=3"];
+    let o = trainer_env(&ws, &args, &[("TRAINER_TEST_NAN_ATTEMPTS", "4-5")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let skipped: Vec<String> = stdout(&o).lines().filter(|l| l.contains("skipped=1")).map(String::from).collect();
+    assert_eq!(skipped.len(), 2, "{}", stdout(&o));
+    assert!(skipped[0].starts_with("step=4 train_loss=nan") && skipped[1].contains("bad_in_a_row=2"), "{skipped:?}");
+    let steps: Vec<u64> = recorded_losses(&ws.path().join("run/metrics.jsonl")).iter().map(|s| s.0).collect();
+    assert_eq!(steps, (1..=10).collect::<Vec<_>>(), "each update once, none lost");
+
+    // A rate so large that the model breaks after one step: three bad steps stop
+    // the run with a checkpoint of step 1, the last good one.
+    let o = ws.run(&[
+        "--config",
+        "job.toml",
+        "--set",
+        "logging.run_dir=diverged",
+        "--set",
+        "optimizer.lr=1e30",
+        "--set",
+        "training.max_bad_steps=3",
+    ]);
+    assert_one_line_error(
+        &o,
+        &["diverged", "3 steps in a row", "step 1", "diverged/checkpoints/step_00000001", "optimizer.lr"],
+    );
+    assert_eq!(stdout(&o).lines().filter(|l| l.contains("skipped=1")).count(), 3);
+    assert_eq!(step_dirs(&ws.path().join("diverged/checkpoints")), ["step_00000001"]);
+}
+
+fn trainer_env(ws: &Workspace, args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(ws.path())
+        .output()
+        .unwrap()
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use trainer_data::{PrepareOptions, Tokenizer, prepare};
-use trainer_train::{Config, evaluate_weights, train};
+use trainer_train::{Config, Outcome, StopSignal, evaluate_checkpoint, evaluate_weights, signal_name, train};
 
 #[derive(Parser, Debug)]
 #[command(name = "trainer", version, about = "Train GPT-style models from one CPU core to many GPUs")]
@@ -25,7 +25,7 @@ enum Command {
     Train(JobArgs),
     /// Tokenize .txt and .jsonl files into train and validation shards.
     Prepare(PrepareArgs),
-    /// Validation loss and perplexity of saved weights.
+    /// Validation loss and perplexity of saved weights or a checkpoint.
     Eval(EvalArgs),
     /// Plot a run's loss, throughput, learning rate and gradient norm into a PNG or SVG image.
     Report(ReportArgs),
@@ -46,8 +46,11 @@ struct EvalArgs {
     #[command(flatten)]
     job: JobArgs,
     /// Weights to evaluate [default: <logging.run_dir>/model.safetensors].
-    #[arg(long)]
+    #[arg(long, conflicts_with = "checkpoint")]
     weights: Option<PathBuf>,
+    /// A checkpoint directory to evaluate, or a directory of them (the newest complete one).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -93,35 +96,52 @@ fn load_config(job: &JobArgs) -> Result<Config> {
     Ok(cfg)
 }
 
-fn run_train(job: &JobArgs) -> Result<()> {
+/// Trains; a run stopped by a signal exits with 128 + its number, as if the
+/// signal had ended it, after its checkpoint is written.
+fn run_train(job: &JobArgs) -> Result<ExitCode> {
     let cfg = load_config(job)?;
-    let s = train(&cfg)?;
+    let stop = StopSignal::install()?;
+    let s = train(&cfg, &stop)?;
+    let checkpoint = s.checkpoint.as_ref().map_or("none".to_string(), |p| p.display().to_string());
+    if let Outcome::Stopped { signal } = s.outcome {
+        let status = 128 + signal;
+        println!(
+            "stopped by {} at step {}: checkpoint={} (run the same command to resume); exit status {status}",
+            signal_name(signal),
+            s.steps,
+            checkpoint
+        );
+        return Ok(ExitCode::from(u8::try_from(status).unwrap_or(1)));
+    }
     let val = |v: Option<f64>| v.map_or("none".to_string(), |v| format!("{v:.4}"));
     println!(
-        "done steps={} train_loss={:.4} first_val_loss={} val_loss={} avg_tok_per_s={:.0}{} weights={}",
+        "done steps={} train_loss={:.4} first_val_loss={} val_loss={} avg_tok_per_s={:.0}{} weights={} checkpoint={}",
         s.steps,
         s.final_train_loss,
         val(s.first_val_loss),
         val(s.final_val_loss),
         s.tokens_per_second,
         s.peak_memory.map_or(String::new(), |b| format!(" peak_mem_gb={:.2}", b as f64 / 1e9)),
-        s.weights.display()
+        s.weights.as_ref().map_or("none".to_string(), |p| p.display().to_string()),
+        checkpoint
     );
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run_eval(args: &EvalArgs) -> Result<()> {
     let cfg = load_config(&args.job)?;
-    let weights = args.weights.clone().unwrap_or_else(|| PathBuf::from(&cfg.logging.run_dir).join("model.safetensors"));
-    let r = evaluate_weights(&cfg, &weights)?;
-    println!(
-        "val_loss={:.4} val_ppl={:.2} batches={} tokens={} weights={}",
-        r.loss,
-        r.perplexity,
-        r.batches,
-        r.tokens,
-        weights.display()
-    );
+    let (r, source) = match &args.checkpoint {
+        Some(dir) => {
+            let (r, used) = evaluate_checkpoint(&cfg, dir)?;
+            (r, format!("checkpoint={}", used.display()))
+        }
+        None => {
+            let weights =
+                args.weights.clone().unwrap_or_else(|| PathBuf::from(&cfg.logging.run_dir).join("model.safetensors"));
+            (evaluate_weights(&cfg, &weights)?, format!("weights={}", weights.display()))
+        }
+    };
+    println!("val_loss={:.4} val_ppl={:.2} batches={} tokens={} {source}", r.loss, r.perplexity, r.batches, r.tokens);
     Ok(())
 }
 
@@ -185,12 +205,12 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         None => run_train(&cli.train),
         Some(Command::Train(job)) => run_train(job),
-        Some(Command::Prepare(p)) => run_prepare(p),
-        Some(Command::Eval(e)) => run_eval(e),
-        Some(Command::Report(r)) => run_report(r),
+        Some(Command::Prepare(p)) => run_prepare(p).map(|()| ExitCode::SUCCESS),
+        Some(Command::Eval(e)) => run_eval(e).map(|()| ExitCode::SUCCESS),
+        Some(Command::Report(r)) => run_report(r).map(|()| ExitCode::SUCCESS),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             // One line: the whole cause chain, joined by ": ".
             eprintln!("error: {e:#}");

@@ -95,15 +95,17 @@ impl AdamW {
         self.range.clone()
     }
 
-    /// The state tensors by name, for checkpoints: each covers [`AdamW::range`].
+    /// The state tensors by name (PyTorch's: first and second moments, and the
+    /// f32 master copy of half-precision parameters), for checkpoints: each is
+    /// flat over [`AdamW::range`] of [`AdamW::layout`].
     pub fn state(&self) -> Vec<(&'static str, &Tensor)> {
-        let mut out = vec![("m", &self.m), ("v", &self.v)];
+        let mut out = vec![("exp_avg", &self.m), ("exp_avg_sq", &self.v)];
         out.extend(self.master.as_ref().map(|t| ("master", t)));
         out
     }
 
     pub fn state_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
-        let mut out = vec![("m", &mut self.m), ("v", &mut self.v)];
+        let mut out = vec![("exp_avg", &mut self.m), ("exp_avg_sq", &mut self.v)];
         out.extend(self.master.as_mut().map(|t| ("master", t)));
         out
     }
