@@ -1,12 +1,14 @@
 //! `trainer`: train (the default), prepare, eval.
 
-use std::path::PathBuf;
+mod sagemaker;
+
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use trainer_data::{PrepareOptions, Tokenizer, prepare};
-use trainer_train::{Config, evaluate_weights, train};
+use trainer_train::{Config, TrainSummary, evaluate_weights, train};
 
 #[derive(Parser, Debug)]
 #[command(name = "trainer", version, about = "Train GPT-style models from one CPU core to many GPUs")]
@@ -27,6 +29,12 @@ enum Command {
     Prepare(PrepareArgs),
     /// Validation loss and perplexity of saved weights.
     Eval(EvalArgs),
+    /// What SageMaker runs to host a model: refused, this image trains.
+    #[command(hide = true)]
+    Serve {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -72,9 +80,16 @@ struct PrepareArgs {
 
 fn load_config(job: &JobArgs) -> Result<Config> {
     let Some(path) = &job.config else {
-        bail!("no config given: pass --config FILE (for example configs/tiny.toml)");
+        bail!(
+            "no config given: pass --config FILE (for example configs/tiny.toml); inside a SageMaker \
+             training job (/opt/ml/input/config) the job's settings are used"
+        );
     };
-    let cfg = Config::load(path, &job.overrides)?;
+    load_config_file(path, &job.overrides)
+}
+
+fn load_config_file(path: &Path, overrides: &[String]) -> Result<Config> {
+    let cfg = Config::load(path, overrides)?;
     if cfg.training.cpu_threads > 0 {
         // Only fails if a pool exists already, in which case that one is used.
         let _ = rayon::ThreadPoolBuilder::new().num_threads(cfg.training.cpu_threads).build_global();
@@ -82,9 +97,18 @@ fn load_config(job: &JobArgs) -> Result<Config> {
     Ok(cfg)
 }
 
-fn run_train(job: &JobArgs) -> Result<()> {
-    let cfg = load_config(job)?;
-    let s = train(&cfg)?;
+/// `trainer train`: the job's settings inside SageMaker when no config is
+/// given, else the config file.
+fn run_train(job: &JobArgs, sm: Option<&trainer_sagemaker::Paths>) -> Result<()> {
+    match (sm, &job.config) {
+        (Some(paths), None) => sagemaker::run(paths, &job.overrides),
+        _ => train_and_report(&load_config(job)?).map(|_| ()),
+    }
+}
+
+/// Trains and prints the summary line.
+fn train_and_report(cfg: &Config) -> Result<TrainSummary> {
+    let s = train(cfg)?;
     let val = |v: Option<f64>| v.map_or("none".to_string(), |v| format!("{v:.4}"));
     println!(
         "done steps={} train_loss={:.4} first_val_loss={} val_loss={} avg_tok_per_s={:.0}{} weights={}",
@@ -96,7 +120,7 @@ fn run_train(job: &JobArgs) -> Result<()> {
         s.peak_memory.map_or(String::new(), |b| format!(" peak_mem_gb={:.2}", b as f64 / 1e9)),
         s.weights.display()
     );
-    Ok(())
+    Ok(s)
 }
 
 fn run_eval(args: &EvalArgs) -> Result<()> {
@@ -138,18 +162,40 @@ fn run_prepare(args: &PrepareArgs) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Inside a SageMaker training job every failure, a panic or a bad command
+    // line included, also leaves its reason in /opt/ml/output/failure.
+    let sm = trainer_sagemaker::Paths::detect();
+    if let Some(paths) = &sm {
+        sagemaker::install_failure_hook(paths);
+    }
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            if let Some(paths) = sm.as_ref().filter(|_| e.use_stderr()) {
+                let first = e.to_string().lines().next().unwrap_or_default().trim_start_matches("error: ").to_string();
+                sagemaker::record_failure(paths, &anyhow!("{first}"));
+            }
+            e.exit()
+        }
+    };
     let result = match &cli.command {
-        None => run_train(&cli.train),
-        Some(Command::Train(job)) => run_train(job),
+        None => run_train(&cli.train, sm.as_ref()),
+        Some(Command::Train(job)) => run_train(job, sm.as_ref()),
         Some(Command::Prepare(p)) => run_prepare(p),
         Some(Command::Eval(e)) => run_eval(e),
+        Some(Command::Serve { .. }) => Err(anyhow!(
+            "`serve` is not supported: this image trains models (SageMaker training jobs run it with `train`); \
+             host the trained model (model.tar.gz) with a serving container"
+        )),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: the whole cause chain, joined by ": ".
             eprintln!("error: {e:#}");
+            if let Some(paths) = &sm {
+                sagemaker::record_failure(paths, &e);
+            }
             ExitCode::FAILURE
         }
     }

@@ -304,7 +304,8 @@ pub fn forward_stop(proc_dir: &Path) {
 /// and the wait goes on (the child is not signalled: its ranks are).
 pub fn run_until_exit(argv: &[String], stop: &AtomicBool, on_stop: &mut dyn FnMut()) -> Result<ExitStatus> {
     let (prog, args) = argv.split_first().ok_or_else(|| Error::Cluster("empty command".into()))?;
-    let mut child = Command::new(prog).args(args).spawn().map_err(|e| Error::Cluster(format!("cannot run {prog}: {e}")))?;
+    let mut child =
+        Command::new(prog).args(args).spawn().map_err(|e| Error::Cluster(format!("cannot run {prog}: {e}")))?;
     let mut stopped = false;
     loop {
         if let Some(status) = child.try_wait().map_err(|e| Error::Cluster(format!("waiting for {prog}: {e}")))? {

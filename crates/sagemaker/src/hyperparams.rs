@@ -101,7 +101,9 @@ fn json_to_toml(j: serde_json::Value) -> std::result::Result<toml::Value, String
             _ => return Err(format!("the number {n} is too large (at most {})", i64::MAX)),
         },
         J::String(s) => toml::Value::String(s),
-        J::Array(items) => toml::Value::Array(items.into_iter().map(json_to_toml).collect::<std::result::Result<_, _>>()?),
+        J::Array(items) => {
+            toml::Value::Array(items.into_iter().map(json_to_toml).collect::<std::result::Result<_, _>>()?)
+        }
         J::Object(map) => toml::Value::Table(
             map.into_iter().map(|(k, v)| Ok((k, json_to_toml(v)?))).collect::<std::result::Result<_, String>>()?,
         ),
@@ -120,8 +122,9 @@ impl Hyperparameters {
 
     /// `file` names the source in error messages.
     pub fn parse(text: &str, file: &str) -> Result<Self> {
-        let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)
-            .map_err(|e| Error::Settings { file: file.into(), msg: format!("expected a JSON object of strings: {e}") })?;
+        let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text).map_err(|e| {
+            Error::Settings { file: file.into(), msg: format!("expected a JSON object of strings: {e}") }
+        })?;
         let mut hp = Hyperparameters::default();
         // serde_json's map is sorted by key: the overrides and notes come out in a stable order.
         for (key, value) in map {

@@ -163,7 +163,8 @@ impl fmt::Display for EnvVar {
 /// the job's settings for NCCL, libfabric (EFA), CUDA and us, and what finds
 /// the programs and libraries (ssh'd processes start with a bare environment).
 const FORWARD_PREFIXES: [&str; 5] = ["NCCL_", "FI_", "RDMAV_", "CUDA_", "TRAINER_"];
-const FORWARD_NAMES: [&str; 6] = ["PATH", "LD_LIBRARY_PATH", "SAGEMAKER_BASE_DIR", "HOME", "RUST_BACKTRACE", "RUST_LOG"];
+const FORWARD_NAMES: [&str; 6] =
+    ["PATH", "LD_LIBRARY_PATH", "SAGEMAKER_BASE_DIR", "HOME", "RUST_BACKTRACE", "RUST_LOG"];
 
 /// The environment of the ranks: the rank marker; NCCL_SOCKET_IFNAME on the
 /// job's interface; with EFA, libfabric's EFA provider with GPUDirect RDMA;

@@ -46,7 +46,9 @@ impl Outputs {
                     file: file.display().to_string(),
                     msg: format!("expected {{\"LocalPath\": ..., \"S3Path\": ...}}: {e}"),
                 })?;
-                c.local_path.filter(|p| !p.trim().is_empty()).map_or_else(|| paths.default_checkpoint_dir(), PathBuf::from)
+                c.local_path
+                    .filter(|p| !p.trim().is_empty())
+                    .map_or_else(|| paths.default_checkpoint_dir(), PathBuf::from)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => paths.default_checkpoint_dir(),
             Err(e) => return Err(io_err(&file)(e)),
