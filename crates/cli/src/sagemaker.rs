@@ -76,12 +76,12 @@ pub fn run(paths: &Paths, cli_overrides: &[String]) -> Result<()> {
         Ok(job) => job,
         Err(e) => {
             // The workers wait for the leader's word: a leader that cannot even read the job says so.
-            if !is_rank_process(&env) {
-                if let Ok(Some(rc)) = ResourceConfig::load(&paths.resource_config_file()) {
-                    if rc.is_leader() {
-                        tell_workers(rc.workers(), &settings, 1);
-                    }
-                }
+            if !is_rank_process(&env)
+                && let Ok(Some(rc)) = ResourceConfig::load(&paths.resource_config_file())
+                && rc.is_leader()
+                && !rc.workers().is_empty()
+            {
+                tell_workers(rc.workers(), &settings, 1);
             }
             return Err(e.into());
         }

@@ -91,17 +91,17 @@ pub fn discover(paths: &Paths, config: Option<&InputDataConfig>) -> Result<DataC
         });
     }
     out.val = vals.pop();
-    if let Some(t) = &out.train {
-        if let Some(example) = validation_named(&t.dir)? {
-            return Err(Error::Channel {
-                channel: t.channel.clone(),
-                dir: t.dir.display().to_string(),
-                msg: format!(
-                    "holds a validation shard ({example}), which would be trained on: put validation shards \
-                     in a `validation` channel"
-                ),
-            });
-        }
+    if let Some(t) = &out.train
+        && let Some(example) = validation_named(&t.dir)?
+    {
+        return Err(Error::Channel {
+            channel: t.channel.clone(),
+            dir: t.dir.display().to_string(),
+            msg: format!(
+                "holds a validation shard ({example}), which would be trained on: put validation shards \
+                 in a `validation` channel"
+            ),
+        });
     }
     Ok(out)
 }
@@ -115,10 +115,8 @@ fn channel(
     let dir = paths.channel_dir(name);
     let spec = config.and_then(|c| c.channels.get(name));
     let err = |msg: String| Error::Channel { channel: name.into(), dir: dir.display().to_string(), msg };
-    if let Some(mode) = spec.and_then(|s| s.input_mode.as_deref()) {
-        if mode.eq_ignore_ascii_case("pipe") {
-            return Err(err("Pipe input mode is not supported: use File or FastFile".into()));
-        }
+    if spec.and_then(|s| s.input_mode.as_deref()).is_some_and(|m| m.eq_ignore_ascii_case("pipe")) {
+        return Err(err("Pipe input mode is not supported: use File or FastFile".into()));
     }
     if !dir.is_dir() {
         if spec.is_some() {
