@@ -389,14 +389,13 @@ fn the_leader_of_two_hosts_trains_and_tells_the_worker() {
     .unwrap();
     fs::set_permissions(&ssh, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let run = |job: &Job| {
-        job.command(&["train"])
-            .env("TRAINER_SAGEMAKER_SSHD", "true")
+        let mut c = job.command(&["train"]);
+        c.env("TRAINER_SAGEMAKER_SSHD", "true")
             .env("TRAINER_SAGEMAKER_SSH", &ssh)
-            .env("TRAINER_SAGEMAKER_PEER_WAIT_S", "0")
-            .output()
-            .unwrap()
+            .env("TRAINER_SAGEMAKER_PEER_WAIT_S", "0");
+        c
     };
-    let o = run(&job);
+    let o = run(&job).output().unwrap();
     let out = stdout(&o);
     assert!(o.status.success(), "{}\n{out}", stderr(&o));
     assert!(out.contains("role=Leader") && out.contains("this build trains in one process"), "{out}");
@@ -406,9 +405,15 @@ fn the_leader_of_two_hosts_trains_and_tells_the_worker() {
     let log = fs::read_to_string(job.path("ssh.log")).unwrap();
     assert!(log.contains("algo-2") && !log.contains("algo-1"), "{log}");
 
-    // A leader that fails still tells the workers, with a failure status.
+    // A leader that fails still tells the workers, with a failure status: whether its sshd
+    // does not start or the job's settings are bad.
+    fs::write(job.path("done"), "").unwrap();
+    let o = run(&job).env("TRAINER_SAGEMAKER_SSHD", "false").output().unwrap();
+    assert_failed(&job, &o, &["sshd (false) failed to start"]);
+    assert_eq!(fs::read_to_string(job.path("done")).unwrap(), "1\n");
+    fs::write(job.path("done"), "").unwrap();
     fs::write(job.base().join("input/config/hyperparameters.json"), r#"{"optimizer.lrx": "1"}"#).unwrap();
-    assert_failed(&job, &run(&job), &["optimizer.lrx"]);
+    assert_failed(&job, &run(&job).output().unwrap(), &["optimizer.lrx"]);
     assert_eq!(fs::read_to_string(job.path("done")).unwrap(), "1\n");
 }
 

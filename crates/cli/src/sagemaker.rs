@@ -143,13 +143,15 @@ fn lead(
     if !plan.multi_host() && plan.mode == Mode::InProcess {
         return train_here(job, true);
     }
-    if plan.multi_host() {
-        // The workers watch this sshd to notice a leader that vanished.
-        start_sshd(&settings.sshd)?;
-    }
-    let result = catch_unwind(AssertUnwindSafe(|| match plan.mode {
-        Mode::InProcess => train_here(job, true),
-        Mode::Mpirun => launch(job, plan, settings, env, cli),
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        if plan.multi_host() {
+            // The workers watch this sshd to notice a leader that vanished.
+            start_sshd(&settings.sshd)?;
+        }
+        match plan.mode {
+            Mode::InProcess => train_here(job, true),
+            Mode::Mpirun => launch(job, plan, settings, env, cli),
+        }
     }));
     if plan.multi_host() {
         tell_workers(plan.workers(), settings, i32::from(!matches!(result, Ok(Ok(())))));
