@@ -272,3 +272,141 @@ fn eval_with_wrong_weights() {
         &["junk.safetensors"],
     );
 }
+
+/// Width, height and RGB pixels of a PNG, or a failed test if it does not decode.
+fn decode_png(path: &Path) -> (u32, u32, Vec<u8>) {
+    let bytes = fs::read(path).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "PNG signature of {}", path.display());
+    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes)).read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    buf.truncate(info.buffer_size());
+    (info.width, info.height, buf)
+}
+
+fn count_color(rgb: &[u8], color: [u8; 3]) -> usize {
+    rgb.chunks_exact(3).filter(|p| *p == color).count()
+}
+
+#[test]
+fn report_after_training() {
+    let ws = Workspace::new();
+    let o = ws.run(&["--config", "job.toml", "--set", "training.max_steps=5"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let o = ws.run(&["report", "run"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stderr(&o), "", "no warnings for a file the trainer wrote");
+    let out = stdout(&o);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(out.starts_with("report=run/report.png steps=5 train_loss="), "{out}");
+    for key in ["train_loss", "val_loss", "mean_tok_per_s"] {
+        assert!(metric(&out, key).is_some(), "{key} in {out}");
+    }
+    // Four panels (loss, tokens/s, learning rate, gradient norm) in a 2 x 2 grid.
+    let (w, h, rgb) = decode_png(&ws.path().join("run/report.png"));
+    assert_eq!((w, h), (1280, 800));
+    // The train loss (blue) and validation loss (orange) curves are drawn.
+    assert!(count_color(&rgb, [31, 119, 180]) > 100, "train loss curve");
+    assert!(count_color(&rgb, [255, 127, 14]) > 20, "validation loss points");
+    // Text is rendered (embedded font): the title strip above the first panel's plot has dark pixels.
+    let title_strip = &rgb[..(w * 30 * 3) as usize];
+    assert!(title_strip.chunks_exact(3).filter(|p| p.iter().all(|&c| c < 80)).count() > 30, "panel title drawn");
+
+    let o = ws.run(&["report", "run", "--output", "plots.svg"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).starts_with("report=plots.svg steps=5 "), "{}", stdout(&o));
+    let svg = fs::read_to_string(ws.path().join("plots.svg")).unwrap();
+    assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(100)]);
+    for label in ["Loss", "train", "validation", "step", "tokens/s", "learning rate", "gradient norm"] {
+        assert!(svg.contains(&format!(">\n{label}\n</text>")), "SVG lacks the text {label:?}");
+    }
+}
+
+#[test]
+fn report_skips_malformed_lines_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir(dir.path().join("r")).unwrap();
+    // Line 3 is what a run killed in the middle of a write leaves behind.
+    fs::write(
+        dir.path().join("r/metrics.jsonl"),
+        concat!(
+            "{\"step\":0,\"val_loss\":10.9,\"val_ppl\":54000.0}\n",
+            "{\"step\":1,\"train_loss\":10.8,\"lr\":1e-3,\"grad_norm\":2.5,\"tok_per_s\":100}\n",
+            "{\"step\":2,\"train_lo\n",
+            "{\"step\":2,\"train_loss\":9.5,\"lr\":2e-3,\"grad_norm\":1.5,\"tok_per_s\":300}\n",
+            "{\"step\":3,\"train_loss\":null,\"lr\":3e-3,\"grad_norm\":null,\"tok_per_s\":500}\n",
+        ),
+    )
+    .unwrap();
+    let o = trainer(&["report", "r", "-o", "r/x.PNG"], dir.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("warning: r/metrics.jsonl:3: not valid JSON"), "{err}");
+    assert!(err.trim_end().ends_with("line skipped"), "{err}");
+    // The last train loss was non-finite; the mean leaves out step 1.
+    assert_eq!(stdout(&o).trim_end(), "report=r/x.PNG steps=3 train_loss=nan val_loss=10.9000 mean_tok_per_s=400");
+    let (w, h, _) = decode_png(&dir.path().join("r/x.PNG"));
+    assert_eq!((w, h), (1280, 800));
+}
+
+#[test]
+fn report_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| trainer(args, dir.path());
+    assert_one_line_error(&run(&["report", "nowhere"]), &["run directory nowhere does not exist"]);
+    fs::write(dir.path().join("file"), "").unwrap();
+    assert_one_line_error(&run(&["report", "file"]), &["file is not a directory"]);
+    fs::create_dir(dir.path().join("r")).unwrap();
+    assert_one_line_error(&run(&["report", "r"]), &["r/metrics.jsonl not found", "logging.run_dir"]);
+    fs::write(dir.path().join("r/metrics.jsonl"), "").unwrap();
+    assert_one_line_error(&run(&["report", "r"]), &["r/metrics.jsonl is empty"]);
+    fs::write(dir.path().join("r/metrics.jsonl"), "\n{\"step\":\"one\",\"train_loss\":3}\nnot json\n").unwrap();
+    assert_one_line_error(
+        &run(&["report", "r"]),
+        &["r/metrics.jsonl:2: \"step\" is \"one\"", "no line of the file is a metrics record"],
+    );
+    fs::write(dir.path().join("r/metrics.jsonl"), "{\"step\":1,\"train_loss\":3}\n").unwrap();
+    assert_one_line_error(&run(&["report", "r", "-o", "r/plot.jpg"]), &["r/plot.jpg", "'.jpg'", ".png or .svg"]);
+    assert_one_line_error(&run(&["report", "r", "-o", "r/plot"]), &["r/plot", "no extension"]);
+    assert_one_line_error(&run(&["report", "r", "-o", "missing/plot.svg"]), &["missing/plot.svg"]);
+    assert!(!dir.path().join("r/report.png").exists(), "nothing written on error");
+}
+
+#[test]
+fn report_of_a_resumed_gpu_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = String::from("{\"step\":0,\"val_loss\":10.9,\"val_ppl\":54000.0}\n");
+    let rec = |step: u64, loss: f64| {
+        format!(
+            "{{\"step\":{step},\"train_loss\":{loss},\"lr\":6e-4,\"grad_norm\":0.8,\"tok_per_s\":1000,\"mfu\":0.45,\"peak_mem_gb\":12.5}}\n"
+        )
+    };
+    for step in 1..=4 {
+        text += &rec(step, 10.0 - step as f64);
+    }
+    // Killed after step 4, resumed from the checkpoint at step 2; the guard refused one update.
+    text += &rec(3, 7.5);
+    text += "{\"step\":4,\"train_loss\":null,\"grad_norm\":null,\"skipped\":1,\"bad_in_a_row\":1}\n";
+    text += &rec(4, 6.5);
+    text += "{\"step\":4,\"val_loss\":6.75,\"val_ppl\":854.06}\n";
+    fs::write(dir.path().join("metrics.jsonl"), text).unwrap();
+
+    let o = trainer(&["report", ".", "--output", "r.svg"], dir.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o).trim_end(),
+        "report=r.svg steps=4 train_loss=6.5000 val_loss=6.7500 mean_tok_per_s=1000 restarts=1 skipped_steps=1"
+    );
+    let svg = fs::read_to_string(dir.path().join("r.svg")).unwrap();
+    for label in ["Model FLOPs utilization", "45.0%", "Peak memory", "GB"] {
+        assert!(svg.contains(&format!(">\n{label}\n</text>")), "SVG lacks the text {label:?}");
+    }
+    let o = trainer(&["report", "."], dir.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Six panels: loss, tokens/s, learning rate, gradient norm, MFU, memory.
+    let (w, h, _) = decode_png(&dir.path().join("report.png"));
+    assert_eq!((w, h), (1280, 1200));
+}

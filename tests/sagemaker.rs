@@ -217,7 +217,7 @@ fn trains_from_the_job_settings_and_writes_only_where_sagemaker_reads() {
     assert_eq!(train_lines(&out).len(), 6, "{out}");
     assert_eq!(
         job.outputs(),
-        ["model/model.safetensors", "model/trainer.toml", "output/data/metrics.jsonl"],
+        ["model/model.safetensors", "model/trainer.toml", "output/data/metrics.jsonl", "output/data/report.png"],
         "outputs only where SageMaker collects them"
     );
     assert_eq!(fs::read_dir(job.path("work")).unwrap().count(), 0, "nothing in the working directory");

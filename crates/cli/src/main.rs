@@ -1,4 +1,4 @@
-//! `trainer`: train (the default), prepare, eval.
+//! `trainer`: train (the default), prepare, eval, report.
 
 mod sagemaker;
 
@@ -29,6 +29,8 @@ enum Command {
     Prepare(PrepareArgs),
     /// Validation loss and perplexity of saved weights.
     Eval(EvalArgs),
+    /// Plot a run's loss, throughput, learning rate and gradient norm into a PNG or SVG image.
+    Report(ReportArgs),
     /// What SageMaker runs to host a model: refused, this image trains.
     #[command(hide = true)]
     Serve {
@@ -54,6 +56,15 @@ struct EvalArgs {
     /// Weights to evaluate [default: <logging.run_dir>/model.safetensors].
     #[arg(long)]
     weights: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct ReportArgs {
+    /// The run directory (logging.run_dir) holding metrics.jsonl.
+    run_dir: PathBuf,
+    /// The image to write, .png or .svg [default: RUN_DIR/report.png].
+    #[arg(long, short)]
+    output: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -161,6 +172,38 @@ fn run_prepare(args: &PrepareArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_report(args: &ReportArgs) -> Result<()> {
+    let r = trainer_report::report(&args.run_dir, args.output.as_deref())?;
+    let m = &r.metrics;
+    let file = args.run_dir.join(trainer_report::METRICS_FILE);
+    // Few lines by name, the rest counted: a garbled file should not flood the terminal.
+    const SHOWN: usize = 5;
+    for bad in m.malformed.iter().take(SHOWN) {
+        eprintln!("warning: {}:{}: {}; line skipped", file.display(), bad.line, bad.reason);
+    }
+    if m.malformed.len() > SHOWN {
+        eprintln!("warning: {}: {} more malformed lines skipped", file.display(), m.malformed.len() - SHOWN);
+    }
+    // Non-finite values as the metrics lines print them: never as numbers.
+    let num = |v: Option<f64>, digits: usize| match v {
+        None => "none".to_string(),
+        Some(v) if v.is_nan() => "nan".to_string(),
+        Some(v) if v.is_infinite() => if v > 0.0 { "inf" } else { "-inf" }.to_string(),
+        Some(v) => format!("{v:.digits$}"),
+    };
+    println!(
+        "report={} steps={} train_loss={} val_loss={} mean_tok_per_s={}{}{}",
+        r.output.display(),
+        m.last_step().unwrap_or(0),
+        num(trainer_report::last_value(&m.train_loss), 4),
+        num(trainer_report::last_value(&m.val_loss), 4),
+        num(m.mean_tok_per_s(), 0),
+        if m.restarts > 0 { format!(" restarts={}", m.restarts) } else { String::new() },
+        if m.skipped_steps > 0 { format!(" skipped_steps={}", m.skipped_steps) } else { String::new() },
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     // Inside a SageMaker training job every failure, a panic or a bad command
     // line included, also leaves its reason in /opt/ml/output/failure.
@@ -183,6 +226,7 @@ fn main() -> ExitCode {
         Some(Command::Train(job)) => run_train(job, sm.as_ref()),
         Some(Command::Prepare(p)) => run_prepare(p),
         Some(Command::Eval(e)) => run_eval(e),
+        Some(Command::Report(r)) => run_report(r),
         Some(Command::Serve { .. }) => Err(anyhow!(
             "`serve` is not supported: this image trains models (SageMaker training jobs run it with `train`); \
              host the trained model (model.tar.gz) with a serving container"

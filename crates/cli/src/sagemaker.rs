@@ -125,8 +125,11 @@ fn train_here(job: &Job, publish: bool) -> Result<()> {
         let written = job.outputs.publish_model(&summary.weights, &[("trainer.toml", config.as_bytes())])?;
         let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
         println!("sagemaker: final model in {}", names.join(" "));
-        // INTEGRATION(report): draw the loss and throughput plots of branch `report` into
-        // job.outputs.output_data_dir (beside metrics.jsonl) here.
+        // The curves beside metrics.jsonl; a plot that cannot be drawn does not fail a trained job.
+        match trainer_report::report(&job.outputs.output_data_dir, None) {
+            Ok(r) => println!("sagemaker: plots in {}", r.output.display()),
+            Err(e) => eprintln!("warning: no plots in {}: {e}", job.outputs.output_data_dir.display()),
+        }
     }
     Ok(())
 }
