@@ -1,12 +1,16 @@
 //! `trainer`: train (the default), prepare, eval, report.
 
-use std::path::PathBuf;
+mod sagemaker;
+
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use trainer_data::{PrepareOptions, Tokenizer, prepare};
-use trainer_train::{Config, Outcome, StopSignal, evaluate_checkpoint, evaluate_weights, signal_name, train};
+use trainer_train::{
+    Config, Outcome, StopSignal, TrainSummary, evaluate_checkpoint, evaluate_weights, signal_name, train,
+};
 
 #[derive(Parser, Debug)]
 #[command(name = "trainer", version, about = "Train GPT-style models from one CPU core to many GPUs")]
@@ -29,6 +33,12 @@ enum Command {
     Eval(EvalArgs),
     /// Plot a run's loss, throughput, learning rate and gradient norm into a PNG or SVG image.
     Report(ReportArgs),
+    /// What SageMaker runs to host a model: refused, this image trains.
+    #[command(hide = true)]
+    Serve {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -86,9 +96,16 @@ struct PrepareArgs {
 
 fn load_config(job: &JobArgs) -> Result<Config> {
     let Some(path) = &job.config else {
-        bail!("no config given: pass --config FILE (for example configs/tiny.toml)");
+        bail!(
+            "no config given: pass --config FILE (for example configs/tiny.toml); inside a SageMaker \
+             training job (/opt/ml/input/config) the job's settings are used"
+        );
     };
-    let cfg = Config::load(path, &job.overrides)?;
+    load_config_file(path, &job.overrides)
+}
+
+fn load_config_file(path: &Path, overrides: &[String]) -> Result<Config> {
+    let cfg = Config::load(path, overrides)?;
     if cfg.training.cpu_threads > 0 {
         // Only fails if a pool exists already, in which case that one is used.
         let _ = rayon::ThreadPoolBuilder::new().num_threads(cfg.training.cpu_threads).build_global();
@@ -96,22 +113,37 @@ fn load_config(job: &JobArgs) -> Result<Config> {
     Ok(cfg)
 }
 
-/// Trains; a run stopped by a signal exits with 128 + its number, as if the
-/// signal had ended it, after its checkpoint is written.
-fn run_train(job: &JobArgs) -> Result<ExitCode> {
-    let cfg = load_config(job)?;
+/// `trainer train`: the job's settings inside SageMaker when no config is
+/// given, else the config file. A run stopped by a signal exits with 128 + its
+/// number, as if the signal had ended it, after its checkpoint is written.
+fn run_train(job: &JobArgs, sm: Option<&trainer_sagemaker::Paths>) -> Result<ExitCode> {
+    match (sm, &job.config) {
+        (Some(paths), None) => sagemaker::run(paths, &job.overrides).map(|()| ExitCode::SUCCESS),
+        _ => {
+            let s = train_and_report(&load_config(job)?)?;
+            Ok(match s.outcome {
+                Outcome::Stopped { signal } => ExitCode::from(u8::try_from(128 + signal).unwrap_or(1)),
+                Outcome::Finished => ExitCode::SUCCESS,
+            })
+        }
+    }
+}
+
+/// Trains and prints the summary line (or, stopped by a signal, where the
+/// checkpoint to resume from is).
+fn train_and_report(cfg: &Config) -> Result<TrainSummary> {
     let stop = StopSignal::install()?;
-    let s = train(&cfg, &stop)?;
+    let s = train(cfg, &stop)?;
     let checkpoint = s.checkpoint.as_ref().map_or("none".to_string(), |p| p.display().to_string());
     if let Outcome::Stopped { signal } = s.outcome {
-        let status = 128 + signal;
         println!(
-            "stopped by {} at step {}: checkpoint={} (run the same command to resume); exit status {status}",
+            "stopped by {} at step {}: checkpoint={} (run the same command to resume); exit status {}",
             signal_name(signal),
             s.steps,
-            checkpoint
+            checkpoint,
+            128 + signal
         );
-        return Ok(ExitCode::from(u8::try_from(status).unwrap_or(1)));
+        return Ok(s);
     }
     let val = |v: Option<f64>| v.map_or("none".to_string(), |v| format!("{v:.4}"));
     println!(
@@ -125,7 +157,7 @@ fn run_train(job: &JobArgs) -> Result<ExitCode> {
         s.weights.as_ref().map_or("none".to_string(), |p| p.display().to_string()),
         checkpoint
     );
-    Ok(ExitCode::SUCCESS)
+    Ok(s)
 }
 
 fn run_eval(args: &EvalArgs) -> Result<()> {
@@ -201,19 +233,41 @@ fn run_report(args: &ReportArgs) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Inside a SageMaker training job every failure, a panic or a bad command
+    // line included, also leaves its reason in /opt/ml/output/failure.
+    let sm = trainer_sagemaker::Paths::detect();
+    if let Some(paths) = &sm {
+        sagemaker::install_failure_hook(paths);
+    }
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            if let Some(paths) = sm.as_ref().filter(|_| e.use_stderr()) {
+                let first = e.to_string().lines().next().unwrap_or_default().trim_start_matches("error: ").to_string();
+                sagemaker::record_failure(paths, &anyhow!("{first}"));
+            }
+            e.exit()
+        }
+    };
     let result = match &cli.command {
-        None => run_train(&cli.train),
-        Some(Command::Train(job)) => run_train(job),
+        None => run_train(&cli.train, sm.as_ref()),
+        Some(Command::Train(job)) => run_train(job, sm.as_ref()),
         Some(Command::Prepare(p)) => run_prepare(p).map(|()| ExitCode::SUCCESS),
         Some(Command::Eval(e)) => run_eval(e).map(|()| ExitCode::SUCCESS),
         Some(Command::Report(r)) => run_report(r).map(|()| ExitCode::SUCCESS),
+        Some(Command::Serve { .. }) => Err(anyhow!(
+            "`serve` is not supported: this image trains models (SageMaker training jobs run it with `train`); \
+             host the trained model (model.tar.gz) with a serving container"
+        )),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
             // One line: the whole cause chain, joined by ": ".
             eprintln!("error: {e:#}");
+            if let Some(paths) = &sm {
+                sagemaker::record_failure(paths, &e);
+            }
             ExitCode::FAILURE
         }
     }
