@@ -225,6 +225,8 @@ mod tests {
                 "optimizer.lr=0.0003".to_string(),
                 format!("data.train=\"{train}/**/*.bin\""),
                 format!("logging.run_dir=\"{out}\""),
+                format!("checkpoint.dir=\"{}\"", t.paths.default_checkpoint_dir().display()),
+                "checkpoint.resume=\"auto\"".into(),
                 "training.max_steps=5".into(),
             ]
         );
