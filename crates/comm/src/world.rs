@@ -221,13 +221,19 @@ pub(crate) fn abort_job_after(msg: &str, cleanup: impl FnOnce()) -> ! {
     let _ = std::io::stdout().flush();
     if mpi_active() {
         let world = SimpleCommunicator::world();
-        eprintln!("error: rank {} of {}: {msg}", world.rank(), world.size());
+        print_line(&format!("error: rank {} of {}: {msg}\n", world.rank(), world.size()));
         cleanup();
         world.abort(1)
     }
-    eprintln!("error: {msg}");
+    print_line(&format!("error: {msg}\n"));
     cleanup();
     std::process::exit(1)
+}
+
+/// One write per line, so that lines of ranks sharing the launcher's stderr
+/// do not interleave.
+fn print_line(line: &str) {
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
 fn mpi_active() -> bool {
