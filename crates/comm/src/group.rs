@@ -16,6 +16,7 @@
 
 use std::fmt;
 use std::ops::Range;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -157,11 +158,12 @@ struct Inner {
 }
 
 /// The collectives of one set of ranks (the world, or one axis of the mesh).
-/// Cloning shares the communicators.
+/// Cloning shares the communicators. Used from the thread that made it (MPI
+/// communicators are not shared across threads here).
 #[derive(Clone)]
 pub struct ProcessGroup {
     name: String,
-    inner: Arc<Inner>,
+    inner: Rc<Inner>,
 }
 
 impl fmt::Debug for ProcessGroup {
@@ -287,7 +289,7 @@ impl ProcessGroup {
     fn local(name: &str, world_rank: usize, timeout: Duration) -> ProcessGroup {
         ProcessGroup {
             name: name.to_string(),
-            inner: Arc::new(Inner { rank: 0, size: 1, members: vec![world_rank], timeout, nccl: None, mpi: None }),
+            inner: Rc::new(Inner { rank: 0, size: 1, members: vec![world_rank], timeout, nccl: None, mpi: None }),
         }
     }
 
@@ -336,7 +338,14 @@ impl ProcessGroup {
         };
         Ok(ProcessGroup {
             name: name.to_string(),
-            inner: Arc::new(Inner { rank, size: members.len(), members: members.to_vec(), timeout, nccl, mpi: Some(mpi) }),
+            inner: Rc::new(Inner {
+                rank,
+                size: members.len(),
+                members: members.to_vec(),
+                timeout,
+                nccl,
+                mpi: Some(mpi),
+            }),
         })
     }
 
@@ -402,7 +411,10 @@ impl ProcessGroup {
                 if range.len() > MPI_MAX_COUNT {
                     return Err(self.invalid(
                         op,
-                        format!("{} elements is more than one MPI call can move ({MPI_MAX_COUNT}); split it", range.len()),
+                        format!(
+                            "{} elements is more than one MPI call can move ({MPI_MAX_COUNT}); split it",
+                            range.len()
+                        ),
                     ));
                 }
                 Ok(self.inner.mpi.as_ref().map_or(Backend::Local, Backend::Mpi))
@@ -411,7 +423,11 @@ impl ProcessGroup {
                 Some(n) if s.device() == n.device() => Ok(Backend::Nccl(n)),
                 Some(n) => Err(self.invalid(
                     op,
-                    format!("the tensor is on cuda:{} but the group's GPU is cuda:{}", s.device().ordinal(), n.device().ordinal()),
+                    format!(
+                        "the tensor is on cuda:{} but the group's GPU is cuda:{}",
+                        s.device().ordinal(),
+                        n.device().ordinal()
+                    ),
                 )),
                 None if self.inner.size == 1 => Ok(Backend::Local),
                 None => Err(self.invalid(
@@ -430,7 +446,7 @@ impl ProcessGroup {
     }
 
     fn check_shards(&self, op: &'static str, range: &Range<usize>) -> Result<()> {
-        if range.len() % self.inner.size != 0 {
+        if !range.len().is_multiple_of(self.inner.size) {
             return Err(self.invalid(
                 op,
                 format!(
@@ -708,8 +724,7 @@ impl ProcessGroup {
                 let what = || format!("MPI {what} on {}", self.label());
                 let dl = Deadline::new(self.inner.timeout, &what);
                 let expected = range.len();
-                let got =
-                    with_words!(t, range, as_mut_slice, cast_slice_mut, |s| mpi_backend::recv(c, s, src, &dl));
+                let got = with_words!(t, range, as_mut_slice, cast_slice_mut, |s| mpi_backend::recv(c, s, src, &dl));
                 if got != expected {
                     return Err(self.invalid(OP, format!("expected {expected} elements from rank {src}, got {got}")));
                 }

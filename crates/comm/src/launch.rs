@@ -73,23 +73,23 @@ pub fn detect_from(get: impl Fn(&str) -> Option<String>) -> Result<Option<Launch
         let world_size = opt(size_var)?;
         let local_rank = opt(local_rank_var)?;
         let local_size = opt(local_size_var)?;
-        if let Some(n) = world_size {
-            if n == 0 || rank >= n {
-                return Err(Error::Env {
-                    var: rank_var,
-                    value: rank.to_string(),
-                    msg: format!("rank must be below the world size {n} ({})", size_var.unwrap_or("?")),
-                });
-            }
+        if let Some(n) = world_size
+            && (n == 0 || rank >= n)
+        {
+            return Err(Error::Env {
+                var: rank_var,
+                value: rank.to_string(),
+                msg: format!("rank must be below the world size {n} ({})", size_var.unwrap_or("?")),
+            });
         }
-        if let (Some(lr), Some(ls)) = (local_rank, local_size) {
-            if lr >= ls {
-                return Err(Error::Env {
-                    var: local_rank_var.unwrap_or("?"),
-                    value: lr.to_string(),
-                    msg: format!("local rank must be below the local size {ls}"),
-                });
-            }
+        if let (Some(lr), Some(ls)) = (local_rank, local_size)
+            && lr >= ls
+        {
+            return Err(Error::Env {
+                var: local_rank_var.unwrap_or("?"),
+                value: lr.to_string(),
+                msg: format!("local rank must be below the local size {ls}"),
+            });
         }
         return Ok(Some(LaunchEnv { launcher, rank, world_size, local_rank, local_size }));
     }

@@ -63,7 +63,10 @@ impl<'a> Deadline<'a> {
 }
 
 /// Polls `req` to completion, aborting the job at the deadline.
-fn complete<'a, D: ?Sized, S: Scope<'a>>(mut req: Request<'a, D, S>, deadline: &Deadline) -> mpi::point_to_point::Status {
+fn complete<'a, D: ?Sized, S: Scope<'a>>(
+    mut req: Request<'a, D, S>,
+    deadline: &Deadline,
+) -> mpi::point_to_point::Status {
     let mut polls: u64 = 0;
     loop {
         match req.test() {

@@ -73,7 +73,14 @@ impl NcclComm {
     /// Creates this rank's member of an NCCL communicator over the ranks of
     /// `mpi` (collective over them): rank 0 makes the unique id and MPI
     /// broadcasts it.
-    pub(crate) fn new(device: &CudaDevice, mpi: &MpiComm, rank: usize, size: usize, label: &str, timeout: Duration) -> Result<Self> {
+    pub(crate) fn new(
+        device: &CudaDevice,
+        mpi: &MpiComm,
+        rank: usize,
+        size: usize,
+        label: &str,
+        timeout: Duration,
+    ) -> Result<Self> {
         // SAFETY: only probes whether the NCCL library can be opened.
         if !unsafe { sys::is_culib_present() } {
             return Err(Error::Nccl {
@@ -228,18 +235,18 @@ fn watch_loop(rx: mpsc::Receiver<Watched>, raw: Arc<RawComm>, device: CudaDevice
                 Err(e) => fail(&raw, &format!("{} on {label} failed: CUDA error {e}", front.what)),
             }
         }
-        if let Some(front) = pending.front() {
-            if front.since.elapsed() >= timeout {
-                fail(
-                    &raw,
-                    &format!(
-                        "{} on {label} did not complete within {} s (another rank failed, hangs or never called it); \
-                         aborting the job",
-                        front.what,
-                        timeout.as_secs_f64()
-                    ),
-                );
-            }
+        if let Some(front) = pending.front()
+            && front.since.elapsed() >= timeout
+        {
+            fail(
+                &raw,
+                &format!(
+                    "{} on {label} did not complete within {} s (another rank failed, hangs or never called it); \
+                     aborting the job",
+                    front.what,
+                    timeout.as_secs_f64()
+                ),
+            );
         }
         let mut code = sys::ncclResult_t::ncclSuccess;
         // SAFETY: the communicator stays valid until this thread has exited.

@@ -125,7 +125,11 @@ fn run(world: &World, cmd: Cmd) -> Result<()> {
                     let expected = shape.group_members(axis, world.rank());
                     let position = expected.iter().position(|&r| r == world.rank());
                     if g.members() != expected.as_slice() || Some(g.rank()) != position {
-                        bail!("mesh {shape}: {} group has members {:?}, expected {expected:?}", axis.name(), g.members());
+                        bail!(
+                            "mesh {shape}: {} group has members {:?}, expected {expected:?}",
+                            axis.name(),
+                            g.members()
+                        );
                     }
                     c.group(g).with_context(|| format!("mesh {shape}, {} group", axis.name()))?;
                 }
@@ -196,7 +200,7 @@ fn factor_pairs(n: usize) -> Vec<(usize, usize)> {
     let mut v = Vec::new();
     for tp in 1..=n {
         for pp in 1..=n {
-            if n % (tp * pp) == 0 {
+            if n.is_multiple_of(tp * pp) {
                 v.push((tp, pp));
             }
         }
@@ -275,10 +279,10 @@ impl Checker {
                 self.expect(&format!("all_reduce_range n={n}"), &t, &want, true)?;
 
                 // broadcast from every root
-                for root in 0..size {
+                for (root, &root_world) in members.iter().enumerate() {
                     let mut t = self.tensor(&mine, dtype)?;
                     g.broadcast(&mut t, root)?;
-                    let want: Vec<Option<f64>> = (0..n).map(|i| Some(value(members[root], i))).collect();
+                    let want: Vec<Option<f64>> = (0..n).map(|i| Some(value(root_world, i))).collect();
                     self.expect(&format!("broadcast from {root} n={n}"), &t, &want, true)?;
                 }
 
@@ -329,15 +333,16 @@ impl Checker {
                 }
                 let mut t = self.tensor(&gathered, dtype)?;
                 g.all_gather_range(&mut t, range.clone())?;
-                let want: Vec<Option<f64>> = (0..total)
-                    .map(|i| {
-                        if range.contains(&i) {
-                            Some(value(members[(i - off) / per.max(1)], i))
-                        } else {
-                            Some(-99.0)
-                        }
-                    })
-                    .collect();
+                let want: Vec<Option<f64>> =
+                    (0..total)
+                        .map(|i| {
+                            if range.contains(&i) {
+                                Some(value(members[(i - off) / per.max(1)], i))
+                            } else {
+                                Some(-99.0)
+                            }
+                        })
+                        .collect();
                 self.expect(&format!("all_gather {per}/rank"), &t, &want, true)?;
 
                 // ZeRO-1's round trip: reduce-scatter (avg), then all-gather,
@@ -370,7 +375,9 @@ impl Checker {
             if size > 1 {
                 let mut t = self.tensor(&vec![1.0; size * 2 + 1], dtype)?;
                 match g.reduce_scatter(&mut t, ReduceOp::Sum) {
-                    Err(e) if e.to_string().contains(&format!("pad the buffer to {}", shard_len(size * 2 + 1, size))) => {
+                    Err(e)
+                        if e.to_string().contains(&format!("pad the buffer to {}", shard_len(size * 2 + 1, size))) =>
+                    {
                         self.checks += 1
                     }
                     other => bail!("reduce_scatter of {} elements over {size} ranks: {other:?}", size * 2 + 1),
