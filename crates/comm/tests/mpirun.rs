@@ -157,6 +157,22 @@ fn gpus() -> usize {
 }
 
 #[test]
+fn more_ranks_than_gpus_is_a_clear_error() {
+    if !mpi_available() {
+        return;
+    }
+    let visible = gpus();
+    let n = (visible + 1).max(2);
+    let out = mpirun(n, &["collectives", "--device", "cuda"]);
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!("{n} ranks were started on it but it has {visible} visible GPU(s)")),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn nccl_collectives() {
     let n = gpus().min(4);
     if n < 2 {

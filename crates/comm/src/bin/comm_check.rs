@@ -214,6 +214,11 @@ fn value(r: usize, i: usize) -> f64 {
     ((r * 7 + i * 3) % 11) as f64 - 5.0
 }
 
+/// A hash of the tensor's values (FNV-1a over their f64 bits).
+fn fingerprint(t: &Tensor) -> Result<u64> {
+    Ok(t.to_vec_f64()?.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, v| (h ^ v.to_bits()).wrapping_mul(0x100_0000_01b3)))
+}
+
 struct Checker {
     device: Device,
     checks: usize,
@@ -269,6 +274,12 @@ impl Checker {
                 g.all_reduce(&mut t, ReduceOp::Avg)?;
                 let avg: Vec<Option<f64>> = (0..n).map(|i| Some(sum(i) / size as f64)).collect();
                 self.expect(&format!("all_reduce avg n={n}"), &t, &avg, false)?;
+                // Replicas must stay bitwise identical: every rank gets the same bits.
+                let bits = fingerprint(&t)?;
+                let all = g.all_gather_host(&[bits])?;
+                if all.iter().any(|&b| b != bits) {
+                    bail!("all_reduce avg n={n} ({dtype}): ranks got different bits: {all:x?}");
+                }
 
                 // all-reduce of a sub-range: the rest is untouched
                 let pad: Vec<f64> = (0..n + 6).map(|i| value(me, i)).collect();
