@@ -18,7 +18,7 @@ pub enum Error {
     /// More ranks on a host than GPUs it shows.
     #[error(
         "host {host}: {local_size} ranks were started on it but it has {visible} visible GPU(s){env}; \
-         start at most {visible} rank(s) per host (GPU = local rank)"
+         each rank uses the GPU numbered by its local rank, so start at most as many ranks per host as it has GPUs"
     )]
     TooFewGpus { host: String, local_size: usize, visible: usize, env: String },
 

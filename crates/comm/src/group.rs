@@ -32,7 +32,7 @@ use trainer_core::{CudaDevice, DType, Device, Tensor};
 use crate::error::cuda_err;
 use crate::mpi_backend::{self, Deadline, MpiComm};
 use crate::nccl::{NcclComm, nccl_dtype};
-use crate::world::World;
+use crate::world::{World, guarded};
 use crate::{Error, Result};
 
 /// How values are combined across ranks.
@@ -315,13 +315,14 @@ impl ProcessGroup {
             return Err(Error::Launch(format!("group '{name}': rank {} is not among {members:?}", world.rank())));
         };
         let world_comm = SimpleCommunicator::world();
-        let comm = if members.len() == world.size() {
-            world_comm.duplicate()
-        } else {
-            world_comm
-                .split_by_color_with_key(Color::with_value(color as i32), rank as i32)
-                .ok_or_else(|| Error::Launch(format!("group '{name}': MPI_Comm_split gave no communicator")))?
-        };
+        let comm = guarded(&format!("creating the MPI communicator of process group '{name}'"), timeout, || {
+            if members.len() == world.size() {
+                Some(world_comm.duplicate())
+            } else {
+                world_comm.split_by_color_with_key(Color::with_value(color as i32), rank as i32)
+            }
+        })
+        .ok_or_else(|| Error::Launch(format!("group '{name}': MPI_Comm_split gave no communicator")))?;
         if comm.size() as usize != members.len() || comm.rank() as usize != rank {
             return Err(Error::Launch(format!(
                 "group '{name}': MPI made a group of {} with this rank at {}, expected {} at {rank}",

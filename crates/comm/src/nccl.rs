@@ -22,7 +22,7 @@ use trainer_core::{CudaDevice, DType};
 
 use crate::error::{cuda_err, nccl_err};
 use crate::mpi_backend::{self, Deadline, MpiComm};
-use crate::world::abort_job_after;
+use crate::world::{abort_job_after, guarded};
 use crate::{Error, Result};
 
 /// The raw communicator, shared with the watchdog.
@@ -103,8 +103,10 @@ impl NcclComm {
         let mut raw: sys::ncclComm_t = std::ptr::null_mut();
         // SAFETY: `raw` is a valid out-pointer; rank < size, and every rank of
         // the group passes the same id and size (the broadcast above).
-        unsafe { nccl::comm_init_rank(&mut raw, size as i32, unique, rank as i32) }
-            .map_err(|e| nccl_err(format!("ncclCommInitRank for {label}"), describe(None, e.0)))?;
+        guarded(&format!("NCCL initialization of {label}"), timeout, || unsafe {
+            nccl::comm_init_rank(&mut raw, size as i32, unique, rank as i32)
+        })
+        .map_err(|e| nccl_err(format!("ncclCommInitRank for {label}"), describe(None, e.0)))?;
         let raw = Arc::new(RawComm(raw));
         let stream = device.context().new_stream().map_err(|e| cuda_err("creating the NCCL stream", e))?;
         let watchdog = Watchdog::spawn(raw.clone(), device.clone(), label.to_string(), timeout)?;

@@ -115,7 +115,8 @@ impl World {
         }
         // The processes of this host, in world-rank order: exact, whatever
         // the launcher exports.
-        let host_comm = world.split_shared(rank as i32);
+        let host_comm =
+            guarded("MPI_Comm_split_type (processes per host)", options.timeout, || world.split_shared(rank as i32));
         let (local_rank, local_size) = (host_comm.rank() as usize, host_comm.size() as usize);
         let host = mpi::environment::processor_name().unwrap_or_else(|_| "unknown host".into());
         install_panic_hook();
@@ -204,6 +205,28 @@ fn visible_gpus() -> usize {
         return 0;
     }
     cudarc::driver::CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
+}
+
+/// Runs a blocking collective call that has no deadline of its own (MPI
+/// communicator creation, NCCL initialization) under a guard thread that
+/// aborts the job if it has not returned within `timeout`.
+pub(crate) fn guarded<R>(what: &str, timeout: Duration, call: impl FnOnce() -> R) -> R {
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    let what = what.to_string();
+    let guard = std::thread::Builder::new().name("comm-guard".into()).spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(timeout) {
+            abort_job(&format!(
+                "{what} did not complete within {} s (another rank failed, hangs or never called it); aborting the job",
+                timeout.as_secs_f64()
+            ));
+        }
+    });
+    let result = call();
+    drop(done);
+    if let Ok(g) = guard {
+        let _ = g.join();
+    }
+    result
 }
 
 /// Prints `msg` as an `error:` line prefixed by this rank and ends the whole

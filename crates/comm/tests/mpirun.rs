@@ -134,6 +134,22 @@ fn collective_timeout_aborts_naming_the_operation() {
 }
 
 #[test]
+fn communicator_creation_timeout_aborts() {
+    if !mpi_available() {
+        return;
+    }
+    let out = mpirun(2, &["--timeout-ms", "1500", "timeout", "--rank", "1", "--at-mesh"]);
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(
+            "error: rank 0 of 2: creating the MPI communicator of process group 'world' did not complete within 1.5 s"
+        ),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn mesh_is_validated_against_the_world() {
     if !mpi_available() {
         return;
@@ -166,10 +182,7 @@ fn more_ranks_than_gpus_is_a_clear_error() {
     let out = mpirun(n, &["collectives", "--device", "cuda"]);
     let (_, stderr) = text(&out);
     assert!(!out.status.success());
-    assert!(
-        stderr.contains(&format!("{n} ranks were started on it but it has {visible} visible GPU(s)")),
-        "{stderr}"
-    );
+    assert!(stderr.contains(&format!("{n} ranks were started on it but it has {visible} visible GPU(s)")), "{stderr}");
 }
 
 #[test]

@@ -47,10 +47,13 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "cpu")]
         device: DeviceKind,
     },
-    /// Rank `rank` never joins an all-reduce; the others must time out.
+    /// Rank `rank` never joins an all-reduce (or, with --at-mesh, the
+    /// creation of the mesh's communicators); the others must time out.
     Timeout {
         #[arg(long)]
         rank: usize,
+        #[arg(long)]
+        at_mesh: bool,
         #[arg(long, value_enum, default_value = "cpu")]
         device: DeviceKind,
     },
@@ -160,8 +163,11 @@ fn run(world: &World, cmd: Cmd) -> Result<()> {
             device.synchronize()?;
             bail!("rank {} was not stopped after rank {rank} failed", world.rank())
         }
-        Cmd::Timeout { rank, device: kind } => {
+        Cmd::Timeout { rank, at_mesh, device: kind } => {
             let device = device(world, kind)?;
+            if at_mesh && world.rank() == rank {
+                std::thread::sleep(Duration::from_secs(600));
+            }
             let mesh = Mesh::new(world, &MeshSpec::default(), &device)?;
             mesh.world().barrier()?;
             if world.rank() == rank {
