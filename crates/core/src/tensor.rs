@@ -173,6 +173,22 @@ impl Tensor {
         }
     }
 
+    /// The GPU storage of a CUDA tensor (None on the CPU), for handing device
+    /// buffers to other libraries (NCCL).
+    pub fn cuda_storage(&self) -> Option<&CudaStorage> {
+        match &self.storage {
+            Storage::Cuda(s) => Some(s),
+            Storage::Cpu(_) => None,
+        }
+    }
+
+    pub fn cuda_storage_mut(&mut self) -> Option<&mut CudaStorage> {
+        match &mut self.storage {
+            Storage::Cuda(s) => Some(s),
+            Storage::Cpu(_) => None,
+        }
+    }
+
     pub(crate) fn storage_mut(&mut self) -> &mut Storage {
         &mut self.storage
     }

@@ -211,8 +211,15 @@ impl CudaDevice {
         self.inner.stream.synchronize().map_err(|e| cuda_err("synchronize", e))
     }
 
-    pub(crate) fn stream(&self) -> &Arc<CudaStream> {
+    /// The compute stream every op runs on. Work on other streams (NCCL's)
+    /// is ordered against it with events.
+    pub fn stream(&self) -> &Arc<CudaStream> {
         &self.inner.stream
+    }
+
+    /// The CUDA context (for creating further streams and events).
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.inner.ctx
     }
 
     pub(crate) fn blas(&self) -> &CudaBlas {
@@ -296,19 +303,54 @@ impl CudaStorage {
         Ok(CudaStorage::new(data, device))
     }
 
+    /// The device that owns the bytes.
+    pub fn device(&self) -> &CudaDevice {
+        &self.device
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match &self.data {
+            CudaData::F32(v) => v.len(),
+            CudaData::BF16(v) => v.len(),
+            CudaData::U32(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The device address of the first element, for libraries that take raw
+    /// pointers (NCCL). Whoever uses it on another stream orders that work
+    /// against this device's stream with events, and keeps the tensor alive
+    /// until the work is done.
+    pub fn device_address(&self) -> u64 {
+        use cudarc::driver::DevicePtr;
+        let s = self.device.stream();
+        match &self.data {
+            CudaData::F32(v) => v.device_ptr(s).0,
+            CudaData::BF16(v) => v.device_ptr(s).0,
+            CudaData::U32(v) => v.device_ptr(s).0,
+        }
+    }
+
+    /// Like [`CudaStorage::device_address`], for work that writes the buffer.
+    pub fn device_address_mut(&mut self) -> u64 {
+        use cudarc::driver::DevicePtrMut;
+        let s = self.device.stream().clone();
+        match &mut self.data {
+            CudaData::F32(v) => v.device_ptr_mut(&s).0,
+            CudaData::BF16(v) => v.device_ptr_mut(&s).0,
+            CudaData::U32(v) => v.device_ptr_mut(&s).0,
+        }
+    }
+
     pub(crate) fn dtype(&self) -> DType {
         match self.data {
             CudaData::F32(_) => DType::F32,
             CudaData::BF16(_) => DType::BF16,
             CudaData::U32(_) => DType::U32,
-        }
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        match &self.data {
-            CudaData::F32(v) => v.len(),
-            CudaData::BF16(v) => v.len(),
-            CudaData::U32(v) => v.len(),
         }
     }
 

@@ -1,0 +1,478 @@
+//! Checks and measures the communication layer under a launcher; the tests in
+//! crates/comm/tests and scripts/device/comm_checks.sh run it, e.g.
+//!
+//!   mpirun -np 4 comm_check collectives --device cpu
+//!   mpirun -np 4 comm_check bench --device cuda --max-mib 1024
+//!
+//! Every rank checks its own results against values it computes itself; a
+//! mismatch aborts the job with the check's name, the element, and both values.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use trainer_comm::{Axis, CommOptions, Mesh, MeshSpec, ProcessGroup, ReduceOp, World, abort_job, shard_len};
+use trainer_core::{DType, Device, Tensor};
+
+#[derive(Parser)]
+#[command(about = "Checks and benchmarks for trainer-comm (run under mpirun)")]
+struct Cli {
+    /// Collective timeout in milliseconds.
+    #[arg(long, global = true, default_value_t = 120_000)]
+    timeout_ms: u64,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DeviceKind {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Every collective on the world and on the groups of every mesh layout.
+    Collectives {
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceKind,
+    },
+    /// Rank `rank` fails after a barrier (an error, or a panic); the others
+    /// wait in a collective that can only end by the job being aborted.
+    Fail {
+        #[arg(long)]
+        rank: usize,
+        #[arg(long)]
+        panic: bool,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceKind,
+    },
+    /// Rank `rank` never joins an all-reduce (or, with --at-mesh, the
+    /// creation of the mesh's communicators); the others must time out.
+    Timeout {
+        #[arg(long)]
+        rank: usize,
+        #[arg(long)]
+        at_mesh: bool,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceKind,
+    },
+    /// Builds a mesh from --dp/--tp/--pp (errors end the job like the trainer's).
+    Mesh {
+        #[arg(long)]
+        dp: Option<usize>,
+        #[arg(long, default_value_t = 1)]
+        tp: usize,
+        #[arg(long, default_value_t = 1)]
+        pp: usize,
+    },
+    /// All-reduce bus bandwidth over the world group.
+    Bench {
+        #[arg(long, value_enum, default_value = "cuda")]
+        device: DeviceKind,
+        /// Largest message in MiB (sizes go up by 4x from 1 MiB).
+        #[arg(long, default_value_t = 1024)]
+        max_mib: usize,
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
+    /// Prints how many GPUs this process can see.
+    Gpus,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Cmd::Gpus = cli.cmd {
+        println!("{}", visible_gpus());
+        return;
+    }
+    let options = CommOptions { timeout: Duration::from_millis(cli.timeout_ms) };
+    let world = match World::init(options) {
+        Ok(w) => w,
+        Err(e) => abort_job(&format!("{e:#}")),
+    };
+    if let Err(e) = run(&world, cli.cmd) {
+        abort_job(&format!("{e:#}"));
+    }
+}
+
+fn visible_gpus() -> usize {
+    // SAFETY: only probes whether the driver library can be opened.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return 0;
+    }
+    cudarc::driver::CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
+}
+
+fn device(world: &World, kind: DeviceKind) -> Result<Device> {
+    Ok(match kind {
+        DeviceKind::Cpu => Device::Cpu,
+        DeviceKind::Cuda => world.cuda_device()?,
+    })
+}
+
+fn run(world: &World, cmd: Cmd) -> Result<()> {
+    match cmd {
+        Cmd::Collectives { device: kind } => {
+            let device = device(world, kind)?;
+            let mut c = Checker { device: device.clone(), checks: 0 };
+            let mesh = Mesh::new(world, &MeshSpec::default(), &device)?;
+            c.group(mesh.world())?;
+            for (tp, pp) in factor_pairs(world.size()) {
+                let mesh = Mesh::new(world, &MeshSpec { dp: None, tp, pp }, &device)?;
+                let shape = mesh.shape();
+                for axis in Axis::ALL {
+                    let g = mesh.group(axis);
+                    let expected = shape.group_members(axis, world.rank());
+                    let position = expected.iter().position(|&r| r == world.rank());
+                    if g.members() != expected.as_slice() || Some(g.rank()) != position {
+                        bail!(
+                            "mesh {shape}: {} group has members {:?}, expected {expected:?}",
+                            axis.name(),
+                            g.members()
+                        );
+                    }
+                    c.group(g).with_context(|| format!("mesh {shape}, {} group", axis.name()))?;
+                }
+            }
+            mesh.world().barrier()?;
+            if world.rank() == 0 {
+                println!(
+                    "comm_check collectives: world={} device={} checks={} (per rank) ok",
+                    world.size(),
+                    device,
+                    c.checks
+                );
+            }
+            Ok(())
+        }
+        Cmd::Fail { rank, panic, device: kind } => {
+            let device = device(world, kind)?;
+            let mesh = Mesh::new(world, &MeshSpec::default(), &device)?;
+            mesh.world().barrier()?;
+            if world.rank() == rank {
+                if panic {
+                    panic!("deliberate panic on rank {rank}");
+                }
+                abort_job(&format!("deliberate failure on rank {rank}"));
+            }
+            let mut t = Tensor::zeros([4], DType::F32, &device)?;
+            mesh.world().all_reduce(&mut t, ReduceOp::Sum)?;
+            device.synchronize()?;
+            bail!("rank {} was not stopped after rank {rank} failed", world.rank())
+        }
+        Cmd::Timeout { rank, at_mesh, device: kind } => {
+            let device = device(world, kind)?;
+            if at_mesh && world.rank() == rank {
+                std::thread::sleep(Duration::from_secs(600));
+            }
+            let mesh = Mesh::new(world, &MeshSpec::default(), &device)?;
+            mesh.world().barrier()?;
+            if world.rank() == rank {
+                // Stays out of the collective; the job's abort ends it.
+                std::thread::sleep(Duration::from_secs(600));
+                return Ok(());
+            }
+            let mut t = Tensor::zeros([4], DType::F32, &device)?;
+            mesh.world().all_reduce(&mut t, ReduceOp::Sum)?;
+            device.synchronize()?;
+            bail!("rank {}: the all-reduce completed without rank {rank}", world.rank())
+        }
+        Cmd::Mesh { dp, tp, pp } => {
+            let mesh = Mesh::new(world, &MeshSpec { dp, tp, pp }, &Device::Cpu)?;
+            if world.rank() == 0 {
+                println!("mesh {}", mesh.shape());
+            }
+            Ok(())
+        }
+        Cmd::Bench { device: kind, max_mib, iters, dtype } => {
+            let device = device(world, kind)?;
+            let dtype = match dtype.as_str() {
+                "f32" => DType::F32,
+                "bf16" => DType::BF16,
+                other => bail!("--dtype {other}: expected f32 or bf16"),
+            };
+            let mesh = Mesh::new(world, &MeshSpec::default(), &device)?;
+            bench(world, mesh.world(), &device, dtype, max_mib, iters.max(1))
+        }
+        Cmd::Gpus => Ok(()),
+    }
+}
+
+/// (tp, pp) of every mesh of `n` ranks (dp inferred).
+fn factor_pairs(n: usize) -> Vec<(usize, usize)> {
+    let mut v = Vec::new();
+    for tp in 1..=n {
+        for pp in 1..=n {
+            if n.is_multiple_of(tp * pp) {
+                v.push((tp, pp));
+            }
+        }
+    }
+    v
+}
+
+/// The value world rank `r` contributes at element `i`: small integers, so
+/// sums over a few ranks are exact even in bf16.
+fn value(r: usize, i: usize) -> f64 {
+    ((r * 7 + i * 3) % 11) as f64 - 5.0
+}
+
+/// A hash of the tensor's values (FNV-1a over their f64 bits).
+fn fingerprint(t: &Tensor) -> Result<u64> {
+    Ok(t.to_vec_f64()?.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, v| (h ^ v.to_bits()).wrapping_mul(0x100_0000_01b3)))
+}
+
+struct Checker {
+    device: Device,
+    checks: usize,
+}
+
+impl Checker {
+    fn dtypes(&self) -> Vec<DType> {
+        match self.device {
+            Device::Cpu => vec![DType::F32, DType::F64, DType::BF16],
+            Device::Cuda(_) => vec![DType::F32, DType::BF16],
+        }
+    }
+
+    fn tensor(&self, vals: &[f64], dtype: DType) -> Result<Tensor> {
+        let t = Tensor::from_vec(vals.to_vec(), [vals.len()], &Device::Cpu)?.to_dtype(dtype)?;
+        Ok(t.to_device(&self.device)?)
+    }
+
+    /// Compares element by element; sums of small integers must be exact, an
+    /// average may be off by the rounding of its dtype.
+    fn expect(&mut self, what: &str, t: &Tensor, want: &[Option<f64>], exact: bool) -> Result<()> {
+        let got = t.to_vec_f64()?;
+        let tol = match t.dtype() {
+            DType::BF16 | DType::F16 => 1e-2,
+            DType::F32 => 1e-6,
+            _ => 1e-12,
+        };
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            let Some(w) = w else { continue };
+            let ok = if exact { g == w } else { (g - w).abs() <= tol * w.abs().max(1.0) };
+            if !ok {
+                bail!("check '{what}' ({}) failed at element {i} of {}: got {g}, expected {w}", t.dtype(), got.len());
+            }
+        }
+        self.checks += 1;
+        Ok(())
+    }
+
+    fn group(&mut self, g: &ProcessGroup) -> Result<()> {
+        let me = g.members()[g.rank()];
+        let (size, gr) = (g.size(), g.rank());
+        let members = g.members().to_vec();
+        let sum = |i: usize| members.iter().map(|&r| value(r, i)).sum::<f64>();
+        for dtype in self.dtypes() {
+            for n in [0usize, 1, 5, 1000, 4099] {
+                let mine: Vec<f64> = (0..n).map(|i| value(me, i)).collect();
+                // all-reduce, whole tensor
+                let mut t = self.tensor(&mine, dtype)?;
+                g.all_reduce(&mut t, ReduceOp::Sum)?;
+                let want: Vec<Option<f64>> = (0..n).map(|i| Some(sum(i))).collect();
+                self.expect(&format!("all_reduce sum n={n}"), &t, &want, true)?;
+                let mut t = self.tensor(&mine, dtype)?;
+                g.all_reduce(&mut t, ReduceOp::Avg)?;
+                let avg: Vec<Option<f64>> = (0..n).map(|i| Some(sum(i) / size as f64)).collect();
+                self.expect(&format!("all_reduce avg n={n}"), &t, &avg, false)?;
+                // Replicas must stay bitwise identical: every rank gets the same bits.
+                let bits = fingerprint(&t)?;
+                let all = g.all_gather_host(&[bits])?;
+                if all.iter().any(|&b| b != bits) {
+                    bail!("all_reduce avg n={n} ({dtype}): ranks got different bits: {all:x?}");
+                }
+
+                // all-reduce of a sub-range: the rest is untouched
+                let pad: Vec<f64> = (0..n + 6).map(|i| value(me, i)).collect();
+                let mut t = self.tensor(&pad, dtype)?;
+                g.all_reduce_range(&mut t, 3..n + 3, ReduceOp::Sum)?;
+                let want: Vec<Option<f64>> =
+                    (0..n + 6).map(|i| Some(if (3..n + 3).contains(&i) { sum(i) } else { value(me, i) })).collect();
+                self.expect(&format!("all_reduce_range n={n}"), &t, &want, true)?;
+
+                // broadcast from every root
+                for (root, &root_world) in members.iter().enumerate() {
+                    let mut t = self.tensor(&mine, dtype)?;
+                    g.broadcast(&mut t, root)?;
+                    let want: Vec<Option<f64>> = (0..n).map(|i| Some(value(root_world, i))).collect();
+                    self.expect(&format!("broadcast from {root} n={n}"), &t, &want, true)?;
+                }
+
+                // send/recv around a ring (even ranks send first, so odd rings
+                // cannot deadlock either)
+                if size > 1 {
+                    let (next, prev) = ((gr + 1) % size, (gr + size - 1) % size);
+                    let out = self.tensor(&mine, dtype)?;
+                    let mut inb = self.tensor(&vec![-99.0; n], dtype)?;
+                    if gr % 2 == 0 {
+                        g.send(&out, next)?;
+                        g.recv(&mut inb, prev)?;
+                    } else {
+                        g.recv(&mut inb, prev)?;
+                        g.send(&out, next)?;
+                    }
+                    let want: Vec<Option<f64>> = (0..n).map(|i| Some(value(members[prev], i))).collect();
+                    self.expect(&format!("send/recv ring n={n}"), &inb, &want, true)?;
+                }
+            }
+
+            // reduce-scatter and all-gather on shards inside a larger buffer
+            for per in [0usize, 1, 3, 1025] {
+                let len = per * size;
+                let (off, total) = (2, len + 5);
+                let range = off..off + len;
+                let shard = g.shard(range.clone());
+                let base: Vec<f64> = (0..total).map(|i| value(me, i)).collect();
+
+                let mut t = self.tensor(&base, dtype)?;
+                g.reduce_scatter_range(&mut t, range.clone(), ReduceOp::Sum)?;
+                let want: Vec<Option<f64>> = (0..total)
+                    .map(|i| {
+                        if shard.contains(&i) {
+                            Some(sum(i))
+                        } else if range.contains(&i) {
+                            None
+                        } else {
+                            Some(value(me, i))
+                        }
+                    })
+                    .collect();
+                self.expect(&format!("reduce_scatter {per}/rank"), &t, &want, true)?;
+
+                let mut gathered: Vec<f64> = vec![-99.0; total];
+                for i in shard.clone() {
+                    gathered[i] = value(me, i);
+                }
+                let mut t = self.tensor(&gathered, dtype)?;
+                g.all_gather_range(&mut t, range.clone())?;
+                let want: Vec<Option<f64>> =
+                    (0..total)
+                        .map(|i| {
+                            if range.contains(&i) {
+                                Some(value(members[(i - off) / per.max(1)], i))
+                            } else {
+                                Some(-99.0)
+                            }
+                        })
+                        .collect();
+                self.expect(&format!("all_gather {per}/rank"), &t, &want, true)?;
+
+                // ZeRO-1's round trip: reduce-scatter (avg), then all-gather,
+                // gives every rank the all-reduced average, as two overlapped
+                // starts show too.
+                let mut t = self.tensor(&base, dtype)?;
+                let w = g.start_reduce_scatter(&mut t, range.clone(), ReduceOp::Avg)?;
+                w.wait()?;
+                let w = g.start_all_gather(&mut t, range.clone())?;
+                g.compute_waits_for_comm()?;
+                let _ = w.is_complete()?;
+                drop(w);
+                let want: Vec<Option<f64>> = (0..total)
+                    .map(|i| Some(if range.contains(&i) { sum(i) / size as f64 } else { value(me, i) }))
+                    .collect();
+                self.expect(&format!("reduce_scatter+all_gather avg {per}/rank"), &t, &want, false)?;
+            }
+
+            // Two buckets of one buffer in flight at once.
+            let n = 2000;
+            let mut t = self.tensor(&(0..n).map(|i| value(me, i)).collect::<Vec<_>>(), dtype)?;
+            let a = g.start_all_reduce(&mut t, 0..700, ReduceOp::Sum)?;
+            let b = g.start_all_reduce(&mut t, 700..n, ReduceOp::Sum)?;
+            a.wait()?;
+            b.synchronize()?;
+            let want: Vec<Option<f64>> = (0..n).map(|i| Some(sum(i))).collect();
+            self.expect("two buckets in flight", &t, &want, true)?;
+
+            // Shards that do not divide: refused on every rank, nothing sent.
+            if size > 1 {
+                let mut t = self.tensor(&vec![1.0; size * 2 + 1], dtype)?;
+                match g.reduce_scatter(&mut t, ReduceOp::Sum) {
+                    Err(e)
+                        if e.to_string().contains(&format!("pad the buffer to {}", shard_len(size * 2 + 1, size))) =>
+                    {
+                        self.checks += 1
+                    }
+                    other => bail!("reduce_scatter of {} elements over {size} ranks: {other:?}", size * 2 + 1),
+                }
+            }
+        }
+
+        // u32 sums (token counts)
+        let n = 33;
+        let mine: Vec<u32> = (0..n).map(|i| (me * 100 + i) as u32).collect();
+        let mut t = Tensor::from_vec(mine, [n], &Device::Cpu)?.to_device(&self.device)?;
+        g.all_reduce(&mut t, ReduceOp::Sum)?;
+        let want: Vec<Option<f64>> =
+            (0..n).map(|i| Some(members.iter().map(|&r| (r * 100 + i) as f64).sum())).collect();
+        self.expect("all_reduce u32", &t, &want, true)?;
+
+        // host values
+        let mut h = [me as f64, 1.0];
+        g.all_reduce_host(&mut h, ReduceOp::Avg)?;
+        let mean = members.iter().sum::<usize>() as f64 / size as f64;
+        if (h[0] - mean).abs() > 1e-12 || h[1] != 1.0 {
+            bail!("all_reduce_host avg: got {h:?}, expected [{mean}, 1]");
+        }
+        let mut c = [me as u64 + 1];
+        g.all_reduce_host(&mut c, ReduceOp::Sum)?;
+        if c[0] != members.iter().map(|&r| r as u64 + 1).sum::<u64>() {
+            bail!("all_reduce_host u64 sum: got {}", c[0]);
+        }
+        let all = g.all_gather_host(&[me as u64, 7])?;
+        let want: Vec<u64> = members.iter().flat_map(|&r| [r as u64, 7]).collect();
+        if all != want {
+            bail!("all_gather_host: got {all:?}, expected {want:?}");
+        }
+        let mut b = [me as i64; 3];
+        g.broadcast_host(&mut b, size - 1)?;
+        if b != [members[size - 1] as i64; 3] {
+            bail!("broadcast_host: got {b:?}");
+        }
+        g.barrier()?;
+        self.checks += 5;
+        Ok(())
+    }
+}
+
+fn bench(world: &World, g: &ProcessGroup, device: &Device, dtype: DType, max_mib: usize, iters: usize) -> Result<()> {
+    let n = g.size();
+    if world.rank() == 0 {
+        println!("all_reduce (sum) over {n} rank(s), {dtype}, {device}, {iters} iterations per size");
+        println!("{:>12} {:>12} {:>12} {:>12}", "bytes", "time_us", "algbw_GB/s", "busbw_GB/s");
+    }
+    let mut mib = 1;
+    while mib <= max_mib {
+        let bytes = mib << 20;
+        let elems = bytes / dtype.size_in_bytes();
+        let mut t = Tensor::zeros([elems], dtype, device)?;
+        for _ in 0..3 {
+            g.all_reduce(&mut t, ReduceOp::Sum)?;
+        }
+        device.synchronize()?;
+        g.barrier()?;
+        let start = Instant::now();
+        for _ in 0..iters {
+            g.all_reduce(&mut t, ReduceOp::Sum)?;
+        }
+        device.synchronize()?;
+        let mut secs = [start.elapsed().as_secs_f64() / iters as f64];
+        // The slowest rank's time is the collective's.
+        let all = g.all_gather_host(&secs)?;
+        secs[0] = all.iter().cloned().fold(0.0, f64::max);
+        let algbw = bytes as f64 / secs[0] / 1e9;
+        let busbw = algbw * 2.0 * (n as f64 - 1.0) / n as f64;
+        if world.rank() == 0 {
+            println!("{bytes:>12} {:>12.1} {algbw:>12.2} {busbw:>12.2}", secs[0] * 1e6);
+            if mib == 1024 {
+                println!("busbw at 1 GiB ({dtype}, {n} ranks): {busbw:.1} GB/s");
+            }
+        }
+        mib *= 4;
+    }
+    Ok(())
+}
