@@ -3,7 +3,10 @@
 //! tied to the token embedding.
 
 mod config;
+mod generate;
+pub mod hf;
 mod model;
 
 pub use config::{GptConfig, PRESETS};
-pub use model::{Gpt, GptActs};
+pub use generate::{Decoder, Generation, Sampling, StopReason, generate, sample};
+pub use model::{Gpt, GptActs, read_weights};
