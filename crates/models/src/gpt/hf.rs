@@ -21,7 +21,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
-use trainer_core::{DType, Device, Tensor, io};
+use trainer_core::{DType, Device, Shape, Tensor, io};
 
 use super::GptConfig;
 use crate::{Error, Result};
@@ -246,7 +246,11 @@ pub fn export(config: &GptConfig, tensors: &BTreeMap<String, Tensor>, source: &P
         if t.dims() != our_dims.as_slice() {
             return Err(file_err(
                 source,
-                format!("tensor {ours} has shape {} but the model config needs {our_dims:?}", t.shape()),
+                format!(
+                    "tensor {ours} has shape {} but the model config needs {}",
+                    t.shape(),
+                    Shape::from(our_dims.as_slice())
+                ),
             ));
         }
         let mut data = host_f32(t)?;
@@ -321,50 +325,51 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+#[derive(Debug)]
+struct Found {
+    tensor: Tensor,
+    file: PathBuf,
+    /// As in the file (with or without the prefix).
+    name: String,
+}
+
 /// Reads a transformers GPT-2 directory into our layout. Every error names the
 /// file and, where it applies, the tensor or config key.
 pub fn import(dir: &Path) -> Result<HfImport> {
     let (config, tied) = read_config_and_tie(dir)?;
     let config_path = dir.join(CONFIG_FILE);
-    // Tensors by name without the prefix, with the file each came from.
-    let mut found: BTreeMap<String, (Tensor, PathBuf)> = BTreeMap::new();
+    // Tensors by name without the prefix, with the file and name each came with.
+    let mut found: BTreeMap<String, Found> = BTreeMap::new();
     for file in weight_files(dir)? {
         let loaded = io::load(&file)?;
-        for (name, t) in loaded.tensors {
+        for (name, tensor) in loaded.tensors {
             let base = name.strip_prefix(PREFIX).unwrap_or(&name).to_string();
-            if let Some((_, other)) = found.get(&base) {
+            if let Some(other) = found.get(&base) {
                 return Err(file_err(
                     &file,
-                    format!("tensor {name} appears twice (also in {}, with or without \"{PREFIX}\")", other.display()),
+                    format!("tensor {name} appears twice (also as {} in {})", other.name, other.file.display()),
                 ));
             }
-            found.insert(base, (t, file.clone()));
+            found.insert(base, Found { tensor, file: file.clone(), name });
         }
     }
     let (e, vp) = (config.n_embd, config.padded_vocab_size());
     let mut tensors = BTreeMap::new();
     let mut wte_host = Vec::new();
     for spec in layout(&config) {
-        let (t, file) = found.remove(&spec.name).ok_or_else(|| {
+        let Found { tensor: t, file, name } = found.remove(&spec.name).ok_or_else(|| {
             file_err(
                 dir,
                 format!("missing tensor {PREFIX}{} (or {}), which {} requires", spec.name, spec.name, CONFIG_FILE),
             )
         })?;
         if t.dims() != spec.dims.as_slice() {
-            return Err(file_err(
-                &file,
-                format!(
-                    "tensor {} has shape {} but {} needs {:?}",
-                    spec.name,
-                    t.shape(),
-                    config_path.display(),
-                    spec.dims
-                ),
-            ));
+            let want = Shape::from(spec.dims.as_slice());
+            let msg = format!("tensor {name} has shape {} but {} needs {want}", t.shape(), config_path.display());
+            return Err(file_err(&file, msg));
         }
         if !t.dtype().is_float() {
-            return Err(file_err(&file, format!("tensor {} has dtype {}, expected a float", spec.name, t.dtype())));
+            return Err(file_err(&file, format!("tensor {name} has dtype {}, expected a float", t.dtype())));
         }
         let mut data = host_f32(&t)?;
         let dims = match (spec.name.as_str(), spec.conv1d) {
@@ -383,7 +388,7 @@ pub fn import(dir: &Path) -> Result<HfImport> {
     }
     // The head: ours is tied, so a saved lm_head must be the embedding itself.
     match found.remove("lm_head.weight") {
-        Some((head, file)) => {
+        Some(Found { tensor: head, file, .. }) => {
             let head_data = if head.dims() == [config.vocab_size, e] { Some(host_f32(&head)?) } else { None };
             match head_data {
                 Some(h) if h == wte_host => {}
@@ -401,7 +406,7 @@ pub fn import(dir: &Path) -> Result<HfImport> {
                     return Err(file_err(
                         &file,
                         format!(
-                            "tensor lm_head.weight has shape {} but wte.weight is [{}, {e}]",
+                            "tensor lm_head.weight has shape {} but wte.weight is ({}, {e})",
                             head.shape(),
                             config.vocab_size
                         ),
@@ -419,11 +424,8 @@ pub fn import(dir: &Path) -> Result<HfImport> {
     }
     // Attention-mask buffers (causal masks, not weights) from older versions.
     found.retain(|name, _| !(name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias")));
-    if let Some((name, (_, file))) = found.iter().next() {
-        return Err(file_err(
-            file,
-            format!("unexpected tensor {name}: not a weight of GPT2LMHeadModel for {CONFIG_FILE}"),
-        ));
+    if let Some(f) = found.values().next() {
+        return Err(file_err(&f.file, format!("unexpected tensor {}: not a weight of GPT2LMHeadModel", f.name)));
     }
     Ok(HfImport { config, tensors })
 }
