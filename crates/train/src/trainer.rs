@@ -82,7 +82,13 @@ pub fn train(cfg: &Config) -> Result<TrainSummary> {
     };
 
     let mut model = Gpt::new(gpt.clone(), compute_dtype(cfg), &device)?;
-    model.init(t_cfg.seed)?;
+    match &cfg.model.init_from {
+        Some(dir) => {
+            model.load_hf(std::path::Path::new(dir))?;
+            println!("init_from={dir}");
+        }
+        None => model.init(t_cfg.seed)?,
+    }
     let mut acts = model.new_acts(b, t)?;
     let o = &cfg.optimizer;
     let mut opt = AdamW::new(
