@@ -1,4 +1,7 @@
-//! `trainer`: train (the default), prepare, eval.
+//! `trainer`: train (the default), prepare, eval, generate, export, import.
+
+mod generate;
+mod interop;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,6 +30,12 @@ enum Command {
     Prepare(PrepareArgs),
     /// Validation loss and perplexity of saved weights.
     Eval(EvalArgs),
+    /// Continue a prompt: sampling with temperature, top-k and top-p, or greedy.
+    Generate(generate::GenerateArgs),
+    /// Write weights in another format (--format hf: a transformers GPT-2 directory).
+    Export(interop::ExportArgs),
+    /// Read a Hugging Face GPT-2 directory into a trainer weights file.
+    Import(interop::ImportArgs),
 }
 
 #[derive(Args, Debug)]
@@ -144,6 +153,9 @@ fn main() -> ExitCode {
         Some(Command::Train(job)) => run_train(job),
         Some(Command::Prepare(p)) => run_prepare(p),
         Some(Command::Eval(e)) => run_eval(e),
+        Some(Command::Generate(g)) => generate::run_generate(g),
+        Some(Command::Export(x)) => interop::run_export(x),
+        Some(Command::Import(i)) => interop::run_import(i),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

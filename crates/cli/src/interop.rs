@@ -1,0 +1,76 @@
+//! `trainer export` and `trainer import`: our weights to and from a Hugging
+//! Face GPT-2 directory (transformers' GPT2LMHeadModel format).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use trainer_core::{DType, Device};
+use trainer_models::gpt::{Gpt, hf, read_weights};
+use trainer_nn::Module;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ExportFormat {
+    /// config.json + model.safetensors that transformers' GPT2LMHeadModel.from_pretrained loads.
+    Hf,
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// Weights to export: a .safetensors written by trainer, a directory holding
+    /// model.safetensors (a run or checkpoint directory), or a Hugging Face directory.
+    #[arg(long, visible_alias = "checkpoint")]
+    weights: PathBuf,
+    #[arg(long, value_enum, default_value = "hf")]
+    format: ExportFormat,
+    /// Output directory (created if needed; its config.json and model.safetensors are replaced).
+    #[arg(long, short)]
+    output: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    /// A Hugging Face GPT-2 directory (config.json + model.safetensors, or a sharded index).
+    #[arg(long = "from")]
+    from: PathBuf,
+    /// The weights file to write (trainer's format: loads with --weights, eval, generate).
+    #[arg(long, short)]
+    output: PathBuf,
+}
+
+pub fn run_export(args: &ExportArgs) -> Result<()> {
+    let (config, tensors, source) = read_weights(&args.weights)?;
+    match args.format {
+        ExportFormat::Hf => hf::export(&config, &tensors, &source, &args.output)
+            .with_context(|| format!("export to {}", args.output.display()))?,
+    }
+    println!(
+        "exported format=hf vocab_size={} n_layer={} n_head={} n_embd={} block_size={} output={}",
+        config.vocab_size,
+        config.n_layer,
+        config.n_head,
+        config.n_embd,
+        config.block_size,
+        args.output.display()
+    );
+    Ok(())
+}
+
+pub fn run_import(args: &ImportArgs) -> Result<()> {
+    let imported = hf::import(&args.from)?;
+    let config = imported.config.clone();
+    let mut model = Gpt::new(config.clone(), DType::F32, &Device::Cpu)?;
+    model.load_named(imported.tensors, &args.from.join(hf::WEIGHTS_FILE))?;
+    model.save_weights(&args.output).with_context(|| format!("import into {}", args.output.display()))?;
+    println!(
+        "imported params={} vocab_size={} n_layer={} n_head={} n_embd={} block_size={} weights={}",
+        model.num_params(),
+        config.vocab_size,
+        config.n_layer,
+        config.n_head,
+        config.n_embd,
+        config.block_size,
+        args.output.display()
+    );
+    Ok(())
+}
