@@ -85,7 +85,7 @@ impl Stream<'_> {
             return Ok(());
         }
         let mut out = std::io::stdout().lock();
-        out.write_all(text[self.printed.len()..].as_bytes())?;
+        out.write_all(&text.as_bytes()[self.printed.len()..])?;
         out.flush()?;
         self.printed = text;
         Ok(())

@@ -112,10 +112,8 @@ fn config_from_json(v: &Value) -> std::result::Result<(GptConfig, bool), String>
             TANH_GELUS.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ")
         ));
     }
-    if let Some(x) = obj.get("n_inner").filter(|x| !x.is_null()) {
-        if x.as_u64() != Some(4 * c.n_embd as u64) {
-            return Err(format!("n_inner = {x}: only the GPT-2 MLP width 4 * n_embd = {} is supported", 4 * c.n_embd));
-        }
+    if let Some(x) = obj.get("n_inner").filter(|x| !x.is_null() && x.as_u64() != Some(4 * c.n_embd as u64)) {
+        return Err(format!("n_inner = {x}: only the GPT-2 MLP width 4 * n_embd = {} is supported", 4 * c.n_embd));
     }
     if let Some(x) = obj.get("layer_norm_epsilon") {
         let eps = x.as_f64().ok_or_else(|| format!("layer_norm_epsilon = {x}: expected a number"))?;

@@ -1,6 +1,7 @@
 //! GPT-2: learned token and position embeddings, pre-LN blocks with causal
 //! multi-head attention and a GELU(tanh) MLP, a final LayerNorm, and an LM head
-//! tied to the token embedding.
+//! tied to the token embedding. `hf` converts to and from transformers'
+//! GPT2LMHeadModel directories; `generate` decodes with a KV cache and samples.
 
 mod config;
 mod generate;
