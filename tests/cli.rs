@@ -1,13 +1,17 @@
 //! End-to-end tests of the `trainer` binary: a real (small) run from text to
-//! weights, determinism, and one test per kind of bad input, each of which must
+//! weights, determinism, one test per kind of bad input, each of which must
 //! give one clear `error:` line naming the file or key, a non-zero exit, and
-//! never a panic.
+//! never a panic; and the long-job behaviour: exact resume, stop signals,
+//! killed saves, corrupt checkpoints, the numerical guard.
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::fs;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::Duration;
 
 fn trainer(args: &[&str], cwd: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_trainer")).args(args).current_dir(cwd).output().expect("run trainer")
@@ -301,6 +305,29 @@ fn export_import_and_generate() {
     assert_eq!(greedy_tokens(&ws, "back.safetensors", &[]), tokens);
     assert_eq!(greedy_tokens(&ws, "hf", &[]), tokens);
     assert_eq!(greedy_tokens(&ws, "run", &[]), tokens, "a directory holding model.safetensors");
+    // The final checkpoint holds the same parameters; --checkpoint takes a directory of them.
+    let o = ws.run(&[
+        "generate",
+        "--checkpoint",
+        "run/checkpoints",
+        "--prompt",
+        "And God said",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "12",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let via_ckpt: Vec<u64> = j["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect();
+    assert_eq!(via_ckpt, tokens);
+    let o = ws.run(&["export", "--checkpoint", "run/checkpoints", "--output", "hf_ckpt"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        fs::read(ws.path().join("hf_ckpt/model.safetensors")).unwrap(),
+        fs::read(ws.path().join("hf/model.safetensors")).unwrap()
+    );
     let eval = |w: &str| metric(&stdout(&ws.run(&["eval", "--config", "job.toml", "--weights", w])), "val_loss");
     assert_eq!(eval("back.safetensors").unwrap(), eval("run/model.safetensors").unwrap());
 
@@ -333,6 +360,7 @@ fn generate_export_import_bad_input() {
         &ws.run(&["generate", "--weights", "nope.safetensors", "--prompt", "x"]),
         &["nope.safetensors"],
     );
+    assert_one_line_error(&ws.run(&["export", "--checkpoint", "nowhere", "--output", "o"]), &["nowhere"]);
     assert_one_line_error(
         &ws.run(&["generate", "--weights", golden, "--prompt", "Hello"]),
         &["prompt token id", "vocab_size 301", "--prompt-ids"],
@@ -370,4 +398,453 @@ fn generate_export_import_bad_input() {
         &["shards/config.json"],
     );
     assert!(!ws.path().join("x.safetensors").exists());
+}
+
+/// Width, height and RGB pixels of a PNG, or a failed test if it does not decode.
+fn decode_png(path: &Path) -> (u32, u32, Vec<u8>) {
+    let bytes = fs::read(path).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "PNG signature of {}", path.display());
+    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes)).read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    buf.truncate(info.buffer_size());
+    (info.width, info.height, buf)
+}
+
+fn count_color(rgb: &[u8], color: [u8; 3]) -> usize {
+    rgb.chunks_exact(3).filter(|p| *p == color).count()
+}
+
+#[test]
+fn report_after_training() {
+    let ws = Workspace::new();
+    let o = ws.run(&["--config", "job.toml", "--set", "training.max_steps=5"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let o = ws.run(&["report", "run"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stderr(&o), "", "no warnings for a file the trainer wrote");
+    let out = stdout(&o);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(out.starts_with("report=run/report.png steps=5 train_loss="), "{out}");
+    for key in ["train_loss", "val_loss", "mean_tok_per_s"] {
+        assert!(metric(&out, key).is_some(), "{key} in {out}");
+    }
+    // Four panels (loss, tokens/s, learning rate, gradient norm) in a 2 x 2 grid.
+    let (w, h, rgb) = decode_png(&ws.path().join("run/report.png"));
+    assert_eq!((w, h), (1280, 800));
+    // The train loss (blue) and validation loss (orange) curves are drawn.
+    assert!(count_color(&rgb, [31, 119, 180]) > 100, "train loss curve");
+    assert!(count_color(&rgb, [255, 127, 14]) > 20, "validation loss points");
+    // Text is rendered (embedded font): the title strip above the first panel's plot has dark pixels.
+    let title_strip = &rgb[..(w * 30 * 3) as usize];
+    assert!(title_strip.chunks_exact(3).filter(|p| p.iter().all(|&c| c < 80)).count() > 30, "panel title drawn");
+
+    let o = ws.run(&["report", "run", "--output", "plots.svg"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).starts_with("report=plots.svg steps=5 "), "{}", stdout(&o));
+    let svg = fs::read_to_string(ws.path().join("plots.svg")).unwrap();
+    assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(100)]);
+    for label in ["Loss", "train", "validation", "step", "tokens/s", "learning rate", "gradient norm"] {
+        assert!(svg.contains(&format!(">\n{label}\n</text>")), "SVG lacks the text {label:?}");
+    }
+}
+
+#[test]
+fn report_skips_malformed_lines_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir(dir.path().join("r")).unwrap();
+    // Line 3 is what a run killed in the middle of a write leaves behind.
+    fs::write(
+        dir.path().join("r/metrics.jsonl"),
+        concat!(
+            "{\"step\":0,\"val_loss\":10.9,\"val_ppl\":54000.0}\n",
+            "{\"step\":1,\"train_loss\":10.8,\"lr\":1e-3,\"grad_norm\":2.5,\"tok_per_s\":100}\n",
+            "{\"step\":2,\"train_lo\n",
+            "{\"step\":2,\"train_loss\":9.5,\"lr\":2e-3,\"grad_norm\":1.5,\"tok_per_s\":300}\n",
+            "{\"step\":3,\"train_loss\":null,\"lr\":3e-3,\"grad_norm\":null,\"tok_per_s\":500}\n",
+        ),
+    )
+    .unwrap();
+    let o = trainer(&["report", "r", "-o", "r/x.PNG"], dir.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("warning: r/metrics.jsonl:3: not valid JSON"), "{err}");
+    assert!(err.trim_end().ends_with("line skipped"), "{err}");
+    // The last train loss was non-finite; the mean leaves out step 1.
+    assert_eq!(stdout(&o).trim_end(), "report=r/x.PNG steps=3 train_loss=nan val_loss=10.9000 mean_tok_per_s=400");
+    let (w, h, _) = decode_png(&dir.path().join("r/x.PNG"));
+    assert_eq!((w, h), (1280, 800));
+}
+
+#[test]
+fn report_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| trainer(args, dir.path());
+    assert_one_line_error(&run(&["report", "nowhere"]), &["run directory nowhere does not exist"]);
+    fs::write(dir.path().join("file"), "").unwrap();
+    assert_one_line_error(&run(&["report", "file"]), &["file is not a directory"]);
+    fs::create_dir(dir.path().join("r")).unwrap();
+    assert_one_line_error(&run(&["report", "r"]), &["r/metrics.jsonl not found", "logging.run_dir"]);
+    fs::write(dir.path().join("r/metrics.jsonl"), "").unwrap();
+    assert_one_line_error(&run(&["report", "r"]), &["r/metrics.jsonl is empty"]);
+    fs::write(dir.path().join("r/metrics.jsonl"), "\n{\"step\":\"one\",\"train_loss\":3}\nnot json\n").unwrap();
+    assert_one_line_error(
+        &run(&["report", "r"]),
+        &["r/metrics.jsonl:2: \"step\" is \"one\"", "no line of the file is a metrics record"],
+    );
+    fs::write(dir.path().join("r/metrics.jsonl"), "{\"step\":1,\"train_loss\":3}\n").unwrap();
+    assert_one_line_error(&run(&["report", "r", "-o", "r/plot.jpg"]), &["r/plot.jpg", "'.jpg'", ".png or .svg"]);
+    assert_one_line_error(&run(&["report", "r", "-o", "r/plot"]), &["r/plot", "no extension"]);
+    assert_one_line_error(&run(&["report", "r", "-o", "missing/plot.svg"]), &["missing/plot.svg"]);
+    assert!(!dir.path().join("r/report.png").exists(), "nothing written on error");
+}
+
+#[test]
+fn report_of_a_resumed_gpu_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = String::from("{\"step\":0,\"val_loss\":10.9,\"val_ppl\":54000.0}\n");
+    let rec = |step: u64, loss: f64| {
+        format!(
+            "{{\"step\":{step},\"train_loss\":{loss},\"lr\":6e-4,\"grad_norm\":0.8,\"tok_per_s\":1000,\"mfu\":0.45,\"peak_mem_gb\":12.5}}\n"
+        )
+    };
+    for step in 1..=4 {
+        text += &rec(step, 10.0 - step as f64);
+    }
+    // Killed after step 4, resumed from the checkpoint at step 2; the guard refused one update.
+    text += &rec(3, 7.5);
+    text += "{\"step\":4,\"train_loss\":null,\"grad_norm\":null,\"skipped\":1,\"bad_in_a_row\":1}\n";
+    text += &rec(4, 6.5);
+    text += "{\"step\":4,\"val_loss\":6.75,\"val_ppl\":854.06}\n";
+    fs::write(dir.path().join("metrics.jsonl"), text).unwrap();
+
+    let o = trainer(&["report", ".", "--output", "r.svg"], dir.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o).trim_end(),
+        "report=r.svg steps=4 train_loss=6.5000 val_loss=6.7500 mean_tok_per_s=1000 restarts=1 skipped_steps=1"
+    );
+    let svg = fs::read_to_string(dir.path().join("r.svg")).unwrap();
+    for label in ["Model FLOPs utilization", "45.0%", "Peak memory", "GB"] {
+        assert!(svg.contains(&format!(">\n{label}\n</text>")), "SVG lacks the text {label:?}");
+    }
+    let o = trainer(&["report", "."], dir.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Six panels: loss, tokens/s, learning rate, gradient norm, MFU, memory.
+    let (w, h, _) = decode_png(&dir.path().join("report.png"));
+    assert_eq!((w, h), (1280, 1200));
+}
+
+// ---------------------------------------------------------------------------
+// Long jobs: checkpoints, exact resume, stop signals, atomic saves, the
+// numerical guard. Runs that must be interrupted read the binary's output as it
+// comes and act on a line it prints, never on a time.
+
+/// The train_loss of every step record in a metrics file, by step, at full precision.
+fn recorded_losses(path: &Path) -> Vec<(u64, f64)> {
+    fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r.get("train_loss").is_some_and(|v| v.is_f64()))
+        .map(|r| (r["step"].as_u64().unwrap(), r["train_loss"].as_f64().unwrap()))
+        .collect()
+}
+
+/// A running trainer whose stdout and stderr lines arrive on one channel.
+struct Running {
+    child: Child,
+    lines: Receiver<String>,
+}
+
+impl Running {
+    fn start(ws: &Workspace, args: &[&str], env: &[(&str, &str)]) -> Running {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_trainer"))
+            .args(args)
+            .envs(env.iter().copied())
+            .current_dir(ws.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = channel();
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(std::result::Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        Running { child, lines }
+    }
+
+    /// Lines up to and including the first one for which `done` holds. The
+    /// limit only keeps a broken binary from hanging the test suite.
+    fn wait_for(&self, done: impl Fn(&str) -> bool) -> Vec<String> {
+        let mut seen = Vec::new();
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(600)) {
+                Ok(line) => {
+                    let stop = done(&line);
+                    seen.push(line);
+                    if stop {
+                        return seen;
+                    }
+                }
+                Err(e) => panic!("no awaited line ({e}); saw: {seen:#?}"),
+            }
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let ok = Command::new("kill").args([&format!("-{name}"), &self.child.id().to_string()]).status().unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits until no signal is pending for the process any more (Linux: the
+    /// ShdPnd mask in /proc), so that the next one is not merged with it.
+    fn wait_delivered(&self) {
+        let status = format!("/proc/{}/status", self.child.id());
+        loop {
+            let text = fs::read_to_string(&status).unwrap_or_default();
+            let pending = text.lines().find_map(|l| l.strip_prefix("ShdPnd:")).map(str::trim);
+            if pending.is_none_or(|mask| mask.chars().all(|c| c == '0')) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for the exit; returns the status code and the remaining lines.
+    fn finish(mut self) -> (Option<i32>, Vec<String>) {
+        let status = self.child.wait().unwrap();
+        (status.code(), self.lines.iter().collect())
+    }
+}
+
+fn step_dirs(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = match fs::read_dir(dir) {
+        Ok(entries) => entries.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect(),
+        Err(_) => Vec::new(),
+    };
+    names.sort();
+    names
+}
+
+#[test]
+fn resume_from_a_checkpoint_is_exact() {
+    let ws = Workspace::new();
+    let a = ws.run(&["--config", "job.toml", "--set", "checkpoint.interval=10", "--set", "checkpoint.keep_last=5"]);
+    assert!(a.status.success(), "{}", stderr(&a));
+    assert_eq!(step_dirs(&ws.path().join("run/checkpoints")), ["step_00000010", "step_00000020", "step_00000030"]);
+    let manifest: serde_json::Value = serde_json::from_str(
+        &fs::read_to_string(ws.path().join("run/checkpoints/step_00000010/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["step"], 10);
+    assert_eq!(manifest["state"]["data"][0]["index"], 10, "10 windows consumed");
+    assert_eq!(manifest["layout"]["world_size"], 1);
+
+    // Another run directory, continuing from step 10 of the first run.
+    let b = ws.run(&[
+        "--config",
+        "job.toml",
+        "--set",
+        "logging.run_dir=b",
+        "--set",
+        "checkpoint.resume=run/checkpoints/step_00000010",
+    ]);
+    assert!(b.status.success(), "{}", stderr(&b));
+    assert!(stdout(&b).contains("resumed from run/checkpoints/step_00000010 at step 10"), "{}", stdout(&b));
+    let full = recorded_losses(&ws.path().join("run/metrics.jsonl"));
+    let resumed = recorded_losses(&ws.path().join("b/metrics.jsonl"));
+    assert_eq!(resumed.len(), 20);
+    assert_eq!(resumed[..], full[10..], "steps 11-30 bit for bit");
+
+    // `eval --checkpoint` on a checkpoint, and on the directory of them (the newest).
+    let final_val =
+        stdout(&a).lines().filter(|l| l.starts_with("step=30 val_loss")).find_map(|l| metric(l, "val_loss"));
+    for dir in ["run/checkpoints/step_00000030", "run/checkpoints"] {
+        let e = ws.run(&["eval", "--config", "job.toml", "--checkpoint", dir]);
+        assert!(e.status.success(), "{}", stderr(&e));
+        assert_eq!(metric(&stdout(&e), "val_loss"), final_val, "{}", stdout(&e));
+        assert!(stdout(&e).contains("checkpoint=run/checkpoints/step_00000030"), "{}", stdout(&e));
+    }
+
+    // With nothing left to do, the default (resume = "auto") picks up the finished run.
+    let again = ws.run(&["--config", "job.toml"]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert!(stdout(&again).contains("resumed from run/checkpoints/step_00000030 at step 30"), "{}", stdout(&again));
+    assert!(!stdout(&again).contains("train_loss=") || stdout(&again).lines().all(|l| !l.starts_with("step=")));
+}
+
+#[test]
+fn sigterm_writes_a_checkpoint_and_the_run_resumes() {
+    let ws = Workspace::new();
+    // A constant rate: the schedule does not depend on max_steps, so the
+    // stopped-and-resumed run can be compared with one uninterrupted run.
+    let base = ["--config", "job.toml", "--set", "lr_schedule.kind=constant"];
+    let long: Vec<&str> = base.iter().copied().chain(["--set", "training.max_steps=1000000"]).collect();
+    let run = Running::start(&ws, &long, &[]);
+    run.wait_for(|l| l.starts_with("step=3 train_loss"));
+    run.signal("TERM");
+    let (code, lines) = run.finish();
+    assert_eq!(code, Some(143), "128 + SIGTERM: {lines:#?}");
+    let stopped = lines.iter().find(|l| l.starts_with("stopped by SIGTERM at step")).expect("a stop line");
+    let k: u64 = stopped["stopped by SIGTERM at step ".len()..].split(':').next().unwrap().parse().unwrap();
+    assert!(k >= 3, "{stopped}");
+    assert!(ws.path().join(format!("run/checkpoints/step_{k:08}/manifest.json")).exists(), "{lines:#?}");
+    assert!(!ws.path().join("run/model.safetensors").exists(), "no final weights for a stopped run");
+
+    // Resume (the default) and finish at k + 3; the same as one run of k + 3 steps.
+    let end = format!("training.max_steps={}", k + 3);
+    let resumed: Vec<&str> = base.iter().copied().chain(["--set", &end]).collect();
+    let r = ws.run(&resumed);
+    assert!(r.status.success(), "{}", stderr(&r));
+    assert!(stdout(&r).contains(&format!("at step {k}")), "{}", stdout(&r));
+    let reference: Vec<&str> = base.iter().copied().chain(["--set", &end, "--set", "logging.run_dir=ref"]).collect();
+    assert!(ws.run(&reference).status.success());
+    let got = recorded_losses(&ws.path().join("run/metrics.jsonl"));
+    let want = recorded_losses(&ws.path().join("ref/metrics.jsonl"));
+    assert_eq!(got, want, "stopped at {k}, resumed: the same losses bit for bit");
+}
+
+#[test]
+fn a_second_signal_exits_at_once() {
+    let ws = Workspace::new();
+    let args = ["--config", "job.toml", "--set", "checkpoint.interval=2"];
+    let run = Running::start(&ws, &args, &[("TRAINER_TEST_STALL_SAVE", "2")]);
+    run.wait_for(|l| l.contains("checkpoint save of step 2 stalled"));
+    // The first signal asks for a stop after the save, which never ends; the second ends the process.
+    run.signal("INT");
+    run.wait_delivered();
+    run.signal("INT");
+    let (code, _) = run.finish();
+    assert_eq!(code, Some(130), "128 + SIGINT");
+}
+
+#[test]
+fn sigkill_during_a_save_leaves_the_previous_checkpoint() {
+    let ws = Workspace::new();
+    let args = ["--config", "job.toml", "--set", "checkpoint.interval=5"];
+    let mut run = Running::start(&ws, &args, &[("TRAINER_TEST_STALL_SAVE", "10")]);
+    run.wait_for(|l| l.contains("checkpoint save of step 10 stalled"));
+    run.child.kill().unwrap(); // SIGKILL
+    let _ = run.finish();
+    let ck = ws.path().join("run/checkpoints");
+    assert_eq!(step_dirs(&ck), [".step_00000010.partial", "step_00000005"]);
+    assert!(fs::read_dir(ck.join(".step_00000010.partial")).unwrap().count() >= 2, "data files were written");
+
+    // The partial save is not picked up: the run continues from step 5 and cleans up.
+    let r = ws.run(&["--config", "job.toml", "--set", "training.max_steps=12", "--set", "checkpoint.interval=5"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    assert!(stdout(&r).contains("resumed from run/checkpoints/step_00000005 at step 5"), "{}", stdout(&r));
+    assert!(stderr(&r).contains("warning: removed") && stderr(&r).contains(".step_00000010.partial"), "{}", stderr(&r));
+    assert_eq!(step_dirs(&ck), ["step_00000005", "step_00000010", "step_00000012"]);
+}
+
+#[test]
+fn corrupt_checkpoints_are_skipped_or_refused() {
+    let ws = Workspace::new();
+    let args = ["--config", "job.toml", "--set", "checkpoint.interval=10", "--set", "training.max_steps=20"];
+    assert!(ws.run(&args).status.success());
+    let ck = ws.path().join("run/checkpoints");
+    // The newest checkpoint loses its tail.
+    let f = ck.join("step_00000020/optim_rank00000.safetensors");
+    let len = fs::metadata(&f).unwrap().len();
+    fs::File::options().write(true).open(&f).unwrap().set_len(len - 10).unwrap();
+
+    // Resume = "auto" warns and takes step 10.
+    let r = ws.run(&args);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let err = stderr(&r);
+    assert!(err.starts_with("warning: skipping run/checkpoints/step_00000020"), "{err}");
+    assert!(err.contains("optim_rank00000.safetensors") && err.contains("truncated"), "{err}");
+    assert!(stdout(&r).contains("resumed from run/checkpoints/step_00000010 at step 10"), "{}", stdout(&r));
+
+    // Named explicitly, a corrupt checkpoint is an error naming the file.
+    let model = ck.join("step_00000010/model.safetensors");
+    let mut bytes = fs::read(&model).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    fs::write(&model, bytes).unwrap();
+    let set = "checkpoint.resume=run/checkpoints/step_00000010";
+    assert_one_line_error(
+        &ws.run(&["--config", "job.toml", "--set", "logging.run_dir=other", "--set", set]),
+        &["step_00000010/model.safetensors", "corrupt"],
+    );
+    assert_one_line_error(
+        &ws.run(&["eval", "--config", "job.toml", "--checkpoint", "run/checkpoints/step_00000010"]),
+        &["step_00000010/model.safetensors", "corrupt"],
+    );
+}
+
+#[test]
+fn resume_mismatches_are_one_line_errors() {
+    let ws = Workspace::new();
+    assert!(ws.run(&["--config", "job.toml", "--set", "training.max_steps=3"]).status.success());
+    // Another model shape.
+    assert_one_line_error(
+        &ws.run(&["--config", "job.toml", "--set", "model.n_embd=64"]),
+        &["run/checkpoints/step_00000003/manifest.json", "model.n_embd = 32 there, 64 here"],
+    );
+    // A fresh run into a directory that holds checkpoints.
+    assert_one_line_error(
+        &ws.run(&["--config", "job.toml", "--set", "checkpoint.resume=none"]),
+        &["checkpoint.resume = \"none\"", "run/checkpoints"],
+    );
+    // A path that is no checkpoint.
+    assert_one_line_error(
+        &ws.run(&["--config", "job.toml", "--set", "checkpoint.resume=shards", "--set", "logging.run_dir=x"]),
+        &["shards", "manifest.json"],
+    );
+}
+
+#[test]
+fn non_finite_steps_are_skipped_then_stop_the_run() {
+    let ws = Workspace::new();
+    // Two bad attempts: skipped, and the run still makes all its updates.
+    let args = ["--config", "job.toml", "--set", "training.max_steps=10", "--set", "training.max_bad_steps=3"];
+    let o = trainer_env(&ws, &args, &[("TRAINER_TEST_NAN_ATTEMPTS", "4-5")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let skipped: Vec<String> = stdout(&o).lines().filter(|l| l.contains("skipped=1")).map(String::from).collect();
+    assert_eq!(skipped.len(), 2, "{}", stdout(&o));
+    assert!(skipped[0].starts_with("step=4 train_loss=nan") && skipped[1].contains("bad_in_a_row=2"), "{skipped:?}");
+    let steps: Vec<u64> = recorded_losses(&ws.path().join("run/metrics.jsonl")).iter().map(|s| s.0).collect();
+    assert_eq!(steps, (1..=10).collect::<Vec<_>>(), "each update once, none lost");
+
+    // A rate so large that the model breaks after one step: three bad steps stop
+    // the run with a checkpoint of step 1, the last good one.
+    let o = ws.run(&[
+        "--config",
+        "job.toml",
+        "--set",
+        "logging.run_dir=diverged",
+        "--set",
+        "optimizer.lr=1e30",
+        "--set",
+        "training.max_bad_steps=3",
+    ]);
+    assert_one_line_error(
+        &o,
+        &["diverged", "3 steps in a row", "step 1", "diverged/checkpoints/step_00000001", "optimizer.lr"],
+    );
+    assert_eq!(stdout(&o).lines().filter(|l| l.contains("skipped=1")).count(), 3);
+    assert_eq!(step_dirs(&ws.path().join("diverged/checkpoints")), ["step_00000001"]);
+}
+
+fn trainer_env(ws: &Workspace, args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(ws.path())
+        .output()
+        .unwrap()
 }

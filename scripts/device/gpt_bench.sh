@@ -16,6 +16,7 @@ declare -A preset=([124m]=gpt2-124m [350m]=gpt2-350m [774m]=gpt2-774m [1558m]=gp
 table=()
 for r in $runs; do
   size=${r%:*}; b=${r#*:}; name="${size}_b$b"
+  rm -rf "/tmp/run_$name"  # a run directory with checkpoints would be resumed, not benchmarked
   .dev/trainer --config configs/gpt2-124m.toml --set model.preset="\"${preset[$size]}\"" \
     --set training.micro_batch_size="$b" --set training.grad_accum_steps=1 --set training.max_steps=20 \
     --set 'data.train="/tmp/kjv/train_*.bin"' --set 'data.val=""' --set logging.run_dir="\"/tmp/run_$name\"" \
@@ -29,6 +30,7 @@ PY
 )
   mem=$(grep -oE "peak_mem_gb=[0-9.]+" "$out/ours_$name.log" | cut -d= -f2)
   python3 .dev/torch_gpt_bench.py --size "$size" --batch "$b" --compile > "$out/peer_$name.log" 2>&1
+  rm -rf "/tmp/run_$name"  # its final checkpoint: up to 21 GB for 1.5B
   peer=$(grep -oE "tok_s=[0-9]+ mfu=[0-9.]+% mem_GB=[0-9.]+" "$out/peer_$name.log" | tr '\n' ' ')
   table+=("$(printf '%-10s ours tok/s=%s mfu=%s mem_GB=%s | peer %s' "$name" ${ours:-fail fail} "${mem:-?}" "${peer:-fail}")")
 done

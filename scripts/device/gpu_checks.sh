@@ -20,6 +20,7 @@ status() { if [ "$1" -eq 0 ]; then echo pass; else echo "FAIL($1)"; fi; }
 # Tiny model, same seed, CPU vs GPU (fp32): the loss trajectories should agree
 # up to reduction order.
 .dev/trainer prepare --input data/kjv/kjv.txt --output /tmp/kjv --val-tokens 65536 --overwrite > /dev/null
+rm -rf /tmp/r_cpu /tmp/r_gpu /tmp/r_124m  # run directories with checkpoints would be resumed
 common=(--config configs/tiny.toml --set 'data.train="/tmp/kjv/train_*.bin"' --set 'data.val="/tmp/kjv/val_*.bin"'
         --set training.max_steps=60 --set eval.interval=30)
 ( time .dev/trainer "${common[@]}" --set training.device=cpu --set logging.run_dir='"/tmp/r_cpu"' ) > "$out/tiny_cpu.log" 2>&1; tc=$?

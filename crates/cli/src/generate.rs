@@ -11,6 +11,8 @@ use trainer_core::{DType, Device, Tensor, io};
 use trainer_data::Tokenizer;
 use trainer_models::gpt::{Gpt, Sampling, generate};
 
+use crate::interop::ModelSource;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DeviceArg {
     Cpu,
@@ -26,10 +28,8 @@ pub enum DtypeArg {
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// The model: a .safetensors written by trainer, a directory holding
-    /// model.safetensors (a run or checkpoint directory), or a Hugging Face GPT-2 directory.
-    #[arg(long, visible_alias = "checkpoint")]
-    weights: PathBuf,
+    #[command(flatten)]
+    source: ModelSource,
     /// Text to continue ("" starts from the end-of-text token, as GPT-2's unconditional samples do).
     #[arg(long, required_unless_present = "prompt_ids", conflicts_with = "prompt_ids")]
     prompt: Option<String>,
@@ -107,7 +107,7 @@ pub fn run_generate(args: &GenerateArgs) -> Result<()> {
     let sampling = Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
     sampling.validate()?;
     let tokenizer = Tokenizer::load(&args.tokenizer)?;
-    let model = Gpt::from_path(&args.weights, dtype, &device)?;
+    let model = Gpt::from_path(&args.source.resolve()?, dtype, &device)?;
     let vocab = model.config.vocab_size;
     // The end-of-text token stops generation, if the model's vocabulary has it.
     let eot = Some(tokenizer.eot()).filter(|&id| (id as usize) < vocab);

@@ -3,11 +3,12 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use trainer_core::{DType, Device};
 use trainer_models::gpt::{Gpt, hf, read_weights};
 use trainer_nn::Module;
+use trainer_train::checkpoint;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum ExportFormat {
@@ -15,12 +16,37 @@ pub enum ExportFormat {
     Hf,
 }
 
+/// Where a command reads a model from: `--weights` or `--checkpoint`.
+#[derive(Args, Debug)]
+pub struct ModelSource {
+    /// A weights file written by trainer, a directory holding model.safetensors
+    /// (e.g. a run directory), or a Hugging Face GPT-2 directory.
+    #[arg(long, required_unless_present = "checkpoint", conflicts_with = "checkpoint")]
+    pub weights: Option<PathBuf>,
+    /// A checkpoint directory, or a directory of them (the newest complete one).
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+}
+
+impl ModelSource {
+    /// The path to read with `read_weights` / `Gpt::from_path`.
+    pub fn resolve(&self) -> Result<PathBuf> {
+        match (&self.weights, &self.checkpoint) {
+            (Some(w), _) => Ok(w.clone()),
+            (None, Some(c)) => {
+                let only_model = |f: &checkpoint::FileEntry| f.name == hf::WEIGHTS_FILE;
+                let dir = checkpoint::resolve(c, &only_model, &|w| eprintln!("warning: {w}"))?.dir;
+                Ok(dir.join(hf::WEIGHTS_FILE))
+            }
+            (None, None) => bail!("give --weights PATH or --checkpoint DIR"),
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct ExportArgs {
-    /// Weights to export: a .safetensors written by trainer, a directory holding
-    /// model.safetensors (a run or checkpoint directory), or a Hugging Face directory.
-    #[arg(long, visible_alias = "checkpoint")]
-    weights: PathBuf,
+    #[command(flatten)]
+    source: ModelSource,
     #[arg(long, value_enum, default_value = "hf")]
     format: ExportFormat,
     /// Output directory (created if needed; its config.json and model.safetensors are replaced).
@@ -39,7 +65,7 @@ pub struct ImportArgs {
 }
 
 pub fn run_export(args: &ExportArgs) -> Result<()> {
-    let (config, tensors, source) = read_weights(&args.weights)?;
+    let (config, tensors, source) = read_weights(&args.source.resolve()?)?;
     match args.format {
         ExportFormat::Hf => hf::export(&config, &tensors, &source, &args.output)
             .with_context(|| format!("export to {}", args.output.display()))?,

@@ -1,15 +1,18 @@
-//! `trainer`: train (the default), prepare, eval, generate, export, import.
+//! `trainer`: train (the default), prepare, eval, report, generate, export, import.
 
 mod generate;
 mod interop;
+mod sagemaker;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use trainer_data::{PrepareOptions, Tokenizer, prepare};
-use trainer_train::{Config, evaluate_weights, train};
+use trainer_train::{
+    Config, Outcome, StopSignal, TrainSummary, evaluate_checkpoint, evaluate_weights, signal_name, train,
+};
 
 #[derive(Parser, Debug)]
 #[command(name = "trainer", version, about = "Train GPT-style models from one CPU core to many GPUs")]
@@ -28,8 +31,16 @@ enum Command {
     Train(JobArgs),
     /// Tokenize .txt and .jsonl files into train and validation shards.
     Prepare(PrepareArgs),
-    /// Validation loss and perplexity of saved weights.
+    /// Validation loss and perplexity of saved weights or a checkpoint.
     Eval(EvalArgs),
+    /// Plot a run's loss, throughput, learning rate and gradient norm into a PNG or SVG image.
+    Report(ReportArgs),
+    /// What SageMaker runs to host a model: refused, this image trains.
+    #[command(hide = true)]
+    Serve {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Continue a prompt: sampling with temperature, top-k and top-p, or greedy.
     Generate(generate::GenerateArgs),
     /// Write weights in another format (--format hf: a transformers GPT-2 directory).
@@ -53,8 +64,20 @@ struct EvalArgs {
     #[command(flatten)]
     job: JobArgs,
     /// Weights to evaluate [default: <logging.run_dir>/model.safetensors].
-    #[arg(long)]
+    #[arg(long, conflicts_with = "checkpoint")]
     weights: Option<PathBuf>,
+    /// A checkpoint directory to evaluate, or a directory of them (the newest complete one).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct ReportArgs {
+    /// The run directory (logging.run_dir) holding metrics.jsonl.
+    run_dir: PathBuf,
+    /// The image to write, .png or .svg [default: RUN_DIR/report.png].
+    #[arg(long, short)]
+    output: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -81,9 +104,16 @@ struct PrepareArgs {
 
 fn load_config(job: &JobArgs) -> Result<Config> {
     let Some(path) = &job.config else {
-        bail!("no config given: pass --config FILE (for example configs/tiny.toml)");
+        bail!(
+            "no config given: pass --config FILE (for example configs/tiny.toml); inside a SageMaker \
+             training job (/opt/ml/input/config) the job's settings are used"
+        );
     };
-    let cfg = Config::load(path, &job.overrides)?;
+    load_config_file(path, &job.overrides)
+}
+
+fn load_config_file(path: &Path, overrides: &[String]) -> Result<Config> {
+    let cfg = Config::load(path, overrides)?;
     if cfg.training.cpu_threads > 0 {
         // Only fails if a pool exists already, in which case that one is used.
         let _ = rayon::ThreadPoolBuilder::new().num_threads(cfg.training.cpu_threads).build_global();
@@ -91,35 +121,67 @@ fn load_config(job: &JobArgs) -> Result<Config> {
     Ok(cfg)
 }
 
-fn run_train(job: &JobArgs) -> Result<()> {
-    let cfg = load_config(job)?;
-    let s = train(&cfg)?;
+/// `trainer train`: the job's settings inside SageMaker when no config is
+/// given, else the config file. A run stopped by a signal exits with 128 + its
+/// number, as if the signal had ended it, after its checkpoint is written.
+fn run_train(job: &JobArgs, sm: Option<&trainer_sagemaker::Paths>) -> Result<ExitCode> {
+    match (sm, &job.config) {
+        (Some(paths), None) => sagemaker::run(paths, &job.overrides).map(|()| ExitCode::SUCCESS),
+        _ => {
+            let s = train_and_report(&load_config(job)?)?;
+            Ok(match s.outcome {
+                Outcome::Stopped { signal } => ExitCode::from(u8::try_from(128 + signal).unwrap_or(1)),
+                Outcome::Finished => ExitCode::SUCCESS,
+            })
+        }
+    }
+}
+
+/// Trains and prints the summary line (or, stopped by a signal, where the
+/// checkpoint to resume from is).
+fn train_and_report(cfg: &Config) -> Result<TrainSummary> {
+    let stop = StopSignal::install()?;
+    let s = train(cfg, &stop)?;
+    let checkpoint = s.checkpoint.as_ref().map_or("none".to_string(), |p| p.display().to_string());
+    if let Outcome::Stopped { signal } = s.outcome {
+        println!(
+            "stopped by {} at step {}: checkpoint={} (run the same command to resume); exit status {}",
+            signal_name(signal),
+            s.steps,
+            checkpoint,
+            128 + signal
+        );
+        return Ok(s);
+    }
     let val = |v: Option<f64>| v.map_or("none".to_string(), |v| format!("{v:.4}"));
     println!(
-        "done steps={} train_loss={:.4} first_val_loss={} val_loss={} avg_tok_per_s={:.0}{} weights={}",
+        "done steps={} train_loss={:.4} first_val_loss={} val_loss={} avg_tok_per_s={:.0}{} weights={} checkpoint={}",
         s.steps,
         s.final_train_loss,
         val(s.first_val_loss),
         val(s.final_val_loss),
         s.tokens_per_second,
         s.peak_memory.map_or(String::new(), |b| format!(" peak_mem_gb={:.2}", b as f64 / 1e9)),
-        s.weights.display()
+        s.weights.as_ref().map_or("none".to_string(), |p| p.display().to_string()),
+        checkpoint
     );
-    Ok(())
+    Ok(s)
 }
 
 fn run_eval(args: &EvalArgs) -> Result<()> {
     let cfg = load_config(&args.job)?;
-    let weights = args.weights.clone().unwrap_or_else(|| PathBuf::from(&cfg.logging.run_dir).join("model.safetensors"));
-    let r = evaluate_weights(&cfg, &weights)?;
-    println!(
-        "val_loss={:.4} val_ppl={:.2} batches={} tokens={} weights={}",
-        r.loss,
-        r.perplexity,
-        r.batches,
-        r.tokens,
-        weights.display()
-    );
+    let (r, source) = match &args.checkpoint {
+        Some(dir) => {
+            let (r, used) = evaluate_checkpoint(&cfg, dir)?;
+            (r, format!("checkpoint={}", used.display()))
+        }
+        None => {
+            let weights =
+                args.weights.clone().unwrap_or_else(|| PathBuf::from(&cfg.logging.run_dir).join("model.safetensors"));
+            (evaluate_weights(&cfg, &weights)?, format!("weights={}", weights.display()))
+        }
+    };
+    println!("val_loss={:.4} val_ppl={:.2} batches={} tokens={} {source}", r.loss, r.perplexity, r.batches, r.tokens);
     Ok(())
 }
 
@@ -146,22 +208,77 @@ fn run_prepare(args: &PrepareArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_report(args: &ReportArgs) -> Result<()> {
+    let r = trainer_report::report(&args.run_dir, args.output.as_deref())?;
+    let m = &r.metrics;
+    let file = args.run_dir.join(trainer_report::METRICS_FILE);
+    // Few lines by name, the rest counted: a garbled file should not flood the terminal.
+    const SHOWN: usize = 5;
+    for bad in m.malformed.iter().take(SHOWN) {
+        eprintln!("warning: {}:{}: {}; line skipped", file.display(), bad.line, bad.reason);
+    }
+    if m.malformed.len() > SHOWN {
+        eprintln!("warning: {}: {} more malformed lines skipped", file.display(), m.malformed.len() - SHOWN);
+    }
+    // Non-finite values as the metrics lines print them: never as numbers.
+    let num = |v: Option<f64>, digits: usize| match v {
+        None => "none".to_string(),
+        Some(v) if v.is_nan() => "nan".to_string(),
+        Some(v) if v.is_infinite() => if v > 0.0 { "inf" } else { "-inf" }.to_string(),
+        Some(v) => format!("{v:.digits$}"),
+    };
+    println!(
+        "report={} steps={} train_loss={} val_loss={} mean_tok_per_s={}{}{}",
+        r.output.display(),
+        m.last_step().unwrap_or(0),
+        num(trainer_report::last_value(&m.train_loss), 4),
+        num(trainer_report::last_value(&m.val_loss), 4),
+        num(m.mean_tok_per_s(), 0),
+        if m.restarts > 0 { format!(" restarts={}", m.restarts) } else { String::new() },
+        if m.skipped_steps > 0 { format!(" skipped_steps={}", m.skipped_steps) } else { String::new() },
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Inside a SageMaker training job every failure, a panic or a bad command
+    // line included, also leaves its reason in /opt/ml/output/failure.
+    let sm = trainer_sagemaker::Paths::detect();
+    if let Some(paths) = &sm {
+        sagemaker::install_failure_hook(paths);
+    }
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            if let Some(paths) = sm.as_ref().filter(|_| e.use_stderr()) {
+                let first = e.to_string().lines().next().unwrap_or_default().trim_start_matches("error: ").to_string();
+                sagemaker::record_failure(paths, &anyhow!("{first}"));
+            }
+            e.exit()
+        }
+    };
     let result = match &cli.command {
-        None => run_train(&cli.train),
-        Some(Command::Train(job)) => run_train(job),
-        Some(Command::Prepare(p)) => run_prepare(p),
-        Some(Command::Eval(e)) => run_eval(e),
-        Some(Command::Generate(g)) => generate::run_generate(g),
-        Some(Command::Export(x)) => interop::run_export(x),
-        Some(Command::Import(i)) => interop::run_import(i),
+        None => run_train(&cli.train, sm.as_ref()),
+        Some(Command::Train(job)) => run_train(job, sm.as_ref()),
+        Some(Command::Prepare(p)) => run_prepare(p).map(|()| ExitCode::SUCCESS),
+        Some(Command::Eval(e)) => run_eval(e).map(|()| ExitCode::SUCCESS),
+        Some(Command::Report(r)) => run_report(r).map(|()| ExitCode::SUCCESS),
+        Some(Command::Serve { .. }) => Err(anyhow!(
+            "`serve` is not supported: this image trains models (SageMaker training jobs run it with `train`); \
+             host the trained model (model.tar.gz) with a serving container"
+        )),
+        Some(Command::Generate(g)) => generate::run_generate(g).map(|()| ExitCode::SUCCESS),
+        Some(Command::Export(x)) => interop::run_export(x).map(|()| ExitCode::SUCCESS),
+        Some(Command::Import(i)) => interop::run_import(i).map(|()| ExitCode::SUCCESS),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             // One line: the whole cause chain, joined by ": ".
             eprintln!("error: {e:#}");
+            if let Some(paths) = &sm {
+                sagemaker::record_failure(paths, &e);
+            }
             ExitCode::FAILURE
         }
     }

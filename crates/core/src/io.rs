@@ -10,7 +10,8 @@ use safetensors::tensor::{Dtype as StDtype, TensorView};
 
 use crate::{CpuStorage, DType, Device, Error, Result, Tensor};
 
-fn st_dtype(d: DType) -> StDtype {
+/// The safetensors dtype of ours (for writers that stream tensors themselves).
+pub fn st_dtype(d: DType) -> StDtype {
     match d {
         DType::F32 => StDtype::F32,
         DType::F64 => StDtype::F64,

@@ -12,7 +12,7 @@
 
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use trainer_core::ops::{self, AdamWHyper};
+use trainer_core::ops::{self, AdamWHyper, AdamWSpan, Span};
 use trainer_core::{Device, Tensor};
 
 const H: f64 = 1e-5;
@@ -250,7 +250,9 @@ fn adamw_matches_scalar_reference() {
         |step| AdamWHyper { lr: 0.01, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step, grad_scale: 0.5 };
     let (mut rp, mut rm, mut rv) = (p.to_vec_f64().unwrap(), vec![0.0; n], vec![0.0; n]);
     for step in 1..=3u64 {
-        ops::adamw_update(&mut p, None, &g, &mut m, &mut v, h(step)).unwrap();
+        let span = Span::whole(0, &p);
+        let spans = [AdamWSpan { param: span, grad: span, state_start: 0, decays: true }];
+        ops::adamw_update(&mut [&mut p], &[&g], None, &mut m, &mut v, &spans, h(step)).unwrap();
         let hh = h(step);
         let (b1, b2, lr, wd) = (hh.beta1, hh.beta2, hh.lr, hh.weight_decay);
         for (i, &gi) in g.to_vec_f64().unwrap().iter().enumerate() {
@@ -265,6 +267,69 @@ fn adamw_matches_scalar_reference() {
     for (a, b) in p.to_vec_f64().unwrap().iter().zip(&rp) {
         assert!((a - b).abs() < 1e-12, "{a} vs {b}");
     }
+}
+
+/// Spans over several tensors, gradients read from one flat buffer, flat
+/// state: the same as one whole-tensor update per parameter, and weight decay
+/// only where a span says so.
+#[test]
+fn adamw_spans_match_per_tensor_updates() {
+    let mut r = rng(12);
+    let (mut a, mut b) = (randn(&mut r, &[7]), randn(&mut r, &[2, 5]));
+    let (ga, gb) = (randn(&mut r, &[7]), randn(&mut r, &[2, 5]));
+    let mut flat_grad = zeros(&[20]);
+    ops::copy_spans(
+        &mut [&mut flat_grad],
+        &[&ga, &gb],
+        &[
+            (Span { tensor: 0, start: 3, len: 7 }, Span::whole(0, &ga)),
+            (Span { tensor: 0, start: 10, len: 10 }, Span::whole(1, &gb)),
+        ],
+    )
+    .unwrap();
+    let (mut ra, mut rb) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+    let (mut m, mut v) = (zeros(&[17]), zeros(&[17]));
+    let (mut ma, mut va, mut mb, mut vb) = (zeros(&[7]), zeros(&[7]), zeros(&[10]), zeros(&[10]));
+    for step in 1..=3u64 {
+        let h = AdamWHyper { lr: 0.01, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step, grad_scale: 0.5 };
+        let spans = [
+            AdamWSpan {
+                param: Span::whole(0, &a),
+                grad: Span { tensor: 0, start: 3, len: 7 },
+                state_start: 0,
+                decays: false,
+            },
+            AdamWSpan {
+                param: Span::whole(1, &b),
+                grad: Span { tensor: 0, start: 10, len: 10 },
+                state_start: 7,
+                decays: true,
+            },
+        ];
+        ops::adamw_update(&mut [&mut a, &mut b], &[&flat_grad], None, &mut m, &mut v, &spans, h).unwrap();
+        let whole = |t: &Tensor, decays| {
+            [AdamWSpan { param: Span::whole(0, t), grad: Span::whole(0, t), state_start: 0, decays }]
+        };
+        let sa = whole(&ra, false);
+        ops::adamw_update(&mut [&mut ra], &[&ga], None, &mut ma, &mut va, &sa, h).unwrap();
+        let sb = whole(&rb, true);
+        ops::adamw_update(&mut [&mut rb], &[&gb], None, &mut mb, &mut vb, &sb, h).unwrap();
+    }
+    assert_eq!(a.to_vec_f64().unwrap(), ra.to_vec_f64().unwrap());
+    assert_eq!(b.to_vec_f64().unwrap(), rb.to_vec_f64().unwrap());
+    let state = m.to_vec_f64().unwrap();
+    assert_eq!(state[..7], ma.to_vec_f64().unwrap()[..]);
+    assert_eq!(state[7..], mb.to_vec_f64().unwrap()[..]);
+    // A bad span is an error naming the op, not a panic.
+    let bad = [AdamWSpan {
+        param: Span { tensor: 0, start: 5, len: 7 },
+        grad: Span::whole(0, &ga),
+        state_start: 0,
+        decays: true,
+    }];
+    let h = AdamWHyper { lr: 0.01, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step: 1, grad_scale: 1.0 };
+    let err = ops::adamw_update(&mut [&mut a], &[&ga], None, &mut m, &mut v, &bad, h).unwrap_err().to_string();
+    assert!(err.contains("adamw_update") && err.contains("exceeds"), "{err}");
 }
 
 #[test]

@@ -19,15 +19,33 @@ pub struct BlockActs {
     pub ln1: Tensor,
     pub ln1_stats: LayerNormStats,
     pub attn: AttentionActs,
-    pub attn_out: Tensor,
-    /// r = x + attn_out
+    /// r = x + attn(ln_1(x))
     pub resid_mid: Tensor,
     pub ln2: Tensor,
     pub ln2_stats: LayerNormStats,
     pub mlp: MlpActs,
-    pub mlp_out: Tensor,
-    /// The block's output: r + mlp_out.
+    /// The block's output: r + mlp(ln_2(r)).
     pub out: Tensor,
+}
+
+/// Forward-pass scratch that no backward reads, so one instance serves every
+/// block: the branch outputs before their residual add, and the GELU output
+/// (recomputed in the backward, see [`MlpActs`]).
+#[derive(Debug)]
+pub struct BlockScratch {
+    /// (B, T, C)
+    pub branch: Tensor,
+    /// (B, T, 4C)
+    pub gelu: Tensor,
+}
+
+impl BlockScratch {
+    pub fn new(b: usize, t: usize, c: usize, hidden: usize, dtype: DType, device: &Device) -> Result<Self> {
+        Ok(BlockScratch {
+            branch: Tensor::zeros([b, t, c], dtype, device)?,
+            gelu: Tensor::zeros([b, t, hidden], dtype, device)?,
+        })
+    }
 }
 
 /// Scratch for activation gradients inside a block's backward. One instance
@@ -75,24 +93,22 @@ impl Block {
             ln1: bt(c)?,
             ln1_stats: LayerNormStats::new(b * t, dtype, device)?,
             attn: AttentionActs::new(b, t, c, self.attn.n_head, dtype, device)?,
-            attn_out: bt(c)?,
             resid_mid: bt(c)?,
             ln2: bt(c)?,
             ln2_stats: LayerNormStats::new(b * t, dtype, device)?,
             mlp: MlpActs::new(b, t, 4 * c, dtype, device)?,
-            mlp_out: bt(c)?,
             out: bt(c)?,
         })
     }
 
     /// x (B, T, C) -> acts.out (B, T, C).
-    pub fn forward(&self, x: &Tensor, acts: &mut BlockActs) -> Result<()> {
+    pub fn forward(&self, x: &Tensor, acts: &mut BlockActs, scratch: &mut BlockScratch) -> Result<()> {
         self.ln_1.forward(&mut acts.ln1, &mut acts.ln1_stats, x)?;
-        self.attn.forward(&mut acts.attn_out, &acts.ln1, &mut acts.attn)?;
-        ops::add(&mut acts.resid_mid, x, &acts.attn_out)?;
+        self.attn.forward(&mut scratch.branch, &acts.ln1, &mut acts.attn)?;
+        ops::add(&mut acts.resid_mid, x, &scratch.branch)?;
         self.ln_2.forward(&mut acts.ln2, &mut acts.ln2_stats, &acts.resid_mid)?;
-        self.mlp.forward(&mut acts.mlp_out, &acts.ln2, &mut acts.mlp)?;
-        ops::add(&mut acts.out, &acts.resid_mid, &acts.mlp_out)
+        self.mlp.forward(&mut scratch.branch, &acts.ln2, &mut acts.mlp, &mut scratch.gelu)?;
+        ops::add(&mut acts.out, &acts.resid_mid, &scratch.branch)
     }
 
     /// The residual stream's gradient flows through in place: on entry `dresid`

@@ -12,6 +12,7 @@
 
 mod attention;
 mod block;
+mod flat;
 pub mod init;
 mod layernorm;
 mod linear;
@@ -21,10 +22,11 @@ mod param;
 mod schedule;
 
 pub use attention::{AttentionActs, SelfAttention};
-pub use block::{Block, BlockActs, BlockGrads};
+pub use block::{Block, BlockActs, BlockGrads, BlockScratch};
+pub use flat::{FlatEntry, FlatLayout, FlatPiece};
 pub use layernorm::{LayerNorm, LayerNormStats};
 pub use linear::Linear;
 pub use mlp::{Mlp, MlpActs};
-pub use optim::{AdamW, AdamWConfig, clip_coefficient, global_grad_norm};
+pub use optim::{AdamW, AdamWConfig, Placement, clip_coefficient, global_grad_norm};
 pub use param::{Module, Param};
 pub use schedule::{Decay, LrSchedule};

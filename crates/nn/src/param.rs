@@ -36,8 +36,10 @@ pub trait Module {
     fn params(&self) -> Vec<&Param>;
     fn params_mut(&mut self) -> Vec<&mut Param>;
 
+    /// One launch on a GPU, however many parameters.
     fn zero_grad(&mut self) -> Result<()> {
-        self.params_mut().into_iter().try_for_each(Param::zero_grad)
+        let mut grads: Vec<&mut Tensor> = self.params_mut().into_iter().map(|p| &mut p.grad).collect();
+        ops::fill_all(&mut grads, 0.0)
     }
 
     fn num_params(&self) -> usize {

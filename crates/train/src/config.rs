@@ -27,6 +27,8 @@ pub struct Config {
     pub logging: LoggingConfig,
     #[serde(default)]
     pub eval: EvalConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
 }
 
 /// A preset, optionally with fields overridden, or every size field given.
@@ -82,6 +84,9 @@ pub struct TrainingConfig {
     pub grad_clip: f64,
     /// CPU worker threads; 0 uses every core.
     pub cpu_threads: usize,
+    /// A step with a non-finite loss or gradient norm is skipped (no update);
+    /// this many in a row stop the run with a checkpoint of the last good state.
+    pub max_bad_steps: u64,
 }
 
 impl Default for TrainingConfig {
@@ -96,6 +101,7 @@ impl Default for TrainingConfig {
             seed: 1337,
             grad_clip: 1.0,
             cpu_threads: 0,
+            max_bad_steps: 5,
         }
     }
 }
@@ -167,6 +173,34 @@ impl Default for EvalConfig {
     fn default() -> Self {
         EvalConfig { interval: 250, batches: 20 }
     }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Where checkpoints go; unset means `<logging.run_dir>/checkpoints`.
+    pub dir: Option<String>,
+    /// Write one every this many steps; 0 only at the end and on a stop signal.
+    pub interval: u64,
+    /// How many of the newest checkpoints to keep.
+    pub keep_last: usize,
+    /// "auto" (continue from the newest complete checkpoint in `dir`, if any),
+    /// "none" (start afresh), or the path of one checkpoint directory.
+    pub resume: String,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig { dir: None, interval: 1000, keep_last: 3, resume: "auto".into() }
+    }
+}
+
+/// What `checkpoint.resume` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    Auto,
+    Never,
+    From(std::path::PathBuf),
 }
 
 /// The config as a table, with `section.key=value` overrides applied. Values are
@@ -271,6 +305,22 @@ impl Config {
         Ok(config)
     }
 
+    /// The directory of this run's checkpoints.
+    pub fn checkpoint_dir(&self) -> std::path::PathBuf {
+        match &self.checkpoint.dir {
+            Some(d) => d.into(),
+            None => Path::new(&self.logging.run_dir).join("checkpoints"),
+        }
+    }
+
+    pub fn resume(&self) -> Resume {
+        match self.checkpoint.resume.as_str() {
+            "auto" => Resume::Auto,
+            "none" => Resume::Never,
+            path => Resume::From(path.into()),
+        }
+    }
+
     /// An error about this config (the message names the key).
     pub fn error(&self, msg: impl Into<String>) -> Error {
         Error::Config { file: self.file.clone(), msg: msg.into() }
@@ -320,6 +370,18 @@ impl Config {
         at_least_1("training.max_steps", t.max_steps)?;
         at_least_1("logging.interval", self.logging.interval)?;
         at_least_1("eval.batches", self.eval.batches as u64)?;
+        at_least_1("training.max_bad_steps", t.max_bad_steps)?;
+        at_least_1("checkpoint.keep_last", self.checkpoint.keep_last as u64)?;
+        if self.checkpoint.dir.as_deref().is_some_and(|d| d.trim().is_empty()) {
+            return Err(
+                "checkpoint.dir is empty: give a directory, or leave it out for <logging.run_dir>/checkpoints".into()
+            );
+        }
+        if self.checkpoint.resume.trim().is_empty() {
+            return Err(
+                "checkpoint.resume is empty: use \"auto\", \"none\" or the path of a checkpoint directory".into()
+            );
+        }
         if t.seq_len > g.block_size {
             return Err(format!(
                 "training.seq_len = {}: must not exceed the model's block_size ({})",
@@ -391,6 +453,12 @@ train = "x/train_*.bin"
         assert_eq!(c.logging.run_dir, "runs/x");
         assert_eq!(c.training.seq_len, 16);
         assert_eq!(c.gpt().unwrap().n_embd, 32);
+        assert_eq!(c.checkpoint_dir(), Path::new("runs/x/checkpoints"));
+        assert_eq!(c.resume(), Resume::Auto);
+        let c = load("[checkpoint]\ndir = \"ck\"\nresume = \"ck/step_00000010\"\n", &[]).unwrap();
+        assert_eq!(c.checkpoint_dir(), Path::new("ck"));
+        assert_eq!(c.resume(), Resume::From("ck/step_00000010".into()));
+        assert_eq!(load("", &["checkpoint.resume=none"]).unwrap().resume(), Resume::Never);
     }
 
     #[test]
@@ -407,6 +475,11 @@ train = "x/train_*.bin"
             ("", &["model.n_head=5"], &["model.n_embd", "model.n_head"]),
             ("", &["nosection"], &["section.key"]),
             ("[bogus]\nx = 1\n", &[], &["bogus"]),
+            ("", &["checkpoint.keep_last=0"], &["checkpoint.keep_last = 0", "at least 1"]),
+            ("", &["checkpoint.resume=\"\""], &["checkpoint.resume", "auto", "none"]),
+            ("", &["checkpoint.dir=\" \""], &["checkpoint.dir is empty"]),
+            ("", &["checkpoint.every=5"], &["checkpoint.every", "interval"]),
+            ("", &["training.max_bad_steps=0"], &["training.max_bad_steps = 0", "at least 1"]),
             ("[training\n", &[], &["line", "column"]),
         ];
         for (extra, overrides, needles) in cases {

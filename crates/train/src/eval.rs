@@ -1,10 +1,12 @@
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use trainer_data::BatchLoader;
 use trainer_models::gpt::{Gpt, GptActs};
 
 use crate::Result;
+use crate::checkpoint;
 use crate::config::Config;
+use crate::state::MODEL_FILE;
 use crate::trainer::{compute_dtype, open_device, open_loader};
 
 #[derive(Debug, Clone, Copy)]
@@ -40,7 +42,17 @@ pub fn evaluate_weights(cfg: &Config, weights: &Path) -> Result<EvalReport> {
     let pattern =
         cfg.data.val.as_deref().ok_or_else(|| cfg.error("data.val is not set: evaluation needs validation shards"))?;
     let (b, t) = (cfg.training.micro_batch_size, cfg.training.seq_len);
-    let mut loader = open_loader("data.val", pattern, model.config.vocab_size, b, t, cfg.training.seed, false)?;
+    let mut loader =
+        open_loader("data.val", pattern, model.config.vocab_size, (b, t), cfg.training.seed, false, (0, 1))?;
     let mut acts = model.new_acts(b, t)?;
     evaluate(&model, &mut acts, &mut loader, cfg.eval.batches)
+}
+
+/// `trainer eval --checkpoint`: the model of a checkpoint directory, or of the
+/// newest complete one in a directory of checkpoints (newer ones that do not
+/// check out are skipped with a warning on stderr). Returns the checkpoint used.
+pub fn evaluate_checkpoint(cfg: &Config, path: &Path) -> Result<(EvalReport, PathBuf)> {
+    let only_model = |f: &checkpoint::FileEntry| f.name == MODEL_FILE;
+    let dir = checkpoint::resolve(path, &only_model, &|w| eprintln!("warning: {w}"))?.dir;
+    Ok((evaluate_weights(cfg, &dir.join(MODEL_FILE))?, dir))
 }

@@ -1,16 +1,23 @@
-//! The training job: configuration, the loop, evaluation and metrics.
+//! The training job: configuration, the loop, evaluation, metrics, checkpoints.
 //! The trainer composes a model, data loaders and an optimizer; it knows which
 //! device to use but nothing of how ops run there.
 
+pub mod checkpoint;
 pub mod config;
 mod eval;
+mod hooks;
 mod metrics;
+mod progress;
+mod signals;
+mod state;
 mod trainer;
 
 pub use config::Config;
-pub use eval::{EvalReport, evaluate, evaluate_weights};
+pub use eval::{EvalReport, evaluate, evaluate_checkpoint, evaluate_weights};
 pub use metrics::{Metrics, Value};
-pub use trainer::{TrainSummary, train};
+pub use progress::Console;
+pub use signals::{StopSignal, signal_name};
+pub use trainer::{Outcome, TrainSummary, train};
 
 /// Errors of a training job, each a complete sentence naming the file or key.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +36,9 @@ pub enum Error {
 
     #[error("{path}: {err}")]
     Io { path: String, err: std::io::Error },
+
+    #[error("checkpoint {path}: {msg}")]
+    Checkpoint { path: String, msg: String },
 
     #[error("{0}")]
     Diverged(String),

@@ -7,6 +7,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
+use crate::progress::Console;
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, Copy)]
@@ -49,7 +50,9 @@ impl Value {
 #[derive(Debug)]
 pub struct Metrics {
     path: PathBuf,
-    file: BufWriter<File>,
+    /// None on ranks other than 0, which record nothing.
+    file: Option<BufWriter<File>>,
+    console: Console,
 }
 
 impl Metrics {
@@ -62,7 +65,17 @@ impl Metrics {
             .append(true)
             .open(&path)
             .map_err(|e| Error::Io { path: path.display().to_string(), err: e })?;
-        Ok(Metrics { path, file: BufWriter::new(file) })
+        Ok(Metrics { path, file: Some(BufWriter::new(file)), console: Console::plain() })
+    }
+
+    /// Records nothing and prints nothing (ranks other than 0).
+    pub fn disabled() -> Self {
+        Metrics { path: PathBuf::new(), file: None, console: Console::silent() }
+    }
+
+    /// Prints through `console` (e.g. above a progress bar) from now on.
+    pub fn set_console(&mut self, console: Console) {
+        self.console = console;
     }
 
     pub fn path(&self) -> &Path {
@@ -71,17 +84,15 @@ impl Metrics {
 
     /// Prints the record and appends it, both flushed at once.
     pub fn log(&mut self, record: &[(&str, Value)]) -> Result<()> {
+        let Some(file) = self.file.as_mut() else { return Ok(()) };
         let line: Vec<String> = record.iter().map(|(k, v)| format!("{k}={}", v.text())).collect();
-        let mut out = std::io::stdout().lock();
-        // A closed stdout (a pipe whose reader left) must not kill the run.
-        let _ = writeln!(out, "{}", line.join(" "));
-        let _ = out.flush();
+        self.console.line(&line.join(" "));
         let obj: serde_json::Map<String, serde_json::Value> =
             record.iter().map(|(k, v)| (k.to_string(), v.json())).collect();
         let io = |e| Error::Io { path: self.path.display().to_string(), err: e };
-        serde_json::to_writer(&mut self.file, &obj).map_err(|e| io(e.into()))?;
-        self.file.write_all(b"\n").map_err(io)?;
-        self.file.flush().map_err(io)
+        serde_json::to_writer(&mut *file, &obj).map_err(|e| io(e.into()))?;
+        file.write_all(b"\n").map_err(io)?;
+        file.flush().map_err(io)
     }
 }
 

@@ -8,13 +8,17 @@ use std::path::{Path, PathBuf};
 use trainer_core::{DType, Device};
 use trainer_data::{BatchLoader, Shard, write_shard};
 use trainer_models::gpt::Gpt;
-use trainer_train::{Config, evaluate, train};
+use trainer_train::{Config, StopSignal, evaluate, train};
 
 fn hf_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/hf_gpt2_tiny")
 }
 
 fn config(dir: &Path, model: &str) -> Result<Config, String> {
+    config_in(dir, model, "run")
+}
+
+fn config_in(dir: &Path, model: &str, run: &str) -> Result<Config, String> {
     let src = format!(
         r#"
 [model]
@@ -29,7 +33,7 @@ max_steps = 2
 [eval]
 batches = 3
 [logging]
-run_dir = "{d}/run"
+run_dir = "{d}/{run}"
 "#,
         d = dir.display()
     );
@@ -60,13 +64,13 @@ fn training_starts_from_the_imported_weights() {
     let shard = Shard::open(&dir.path().join("val_000000.bin")).unwrap();
     let mut loader = BatchLoader::new(vec![shard], 2, 16, cfg.training.seed, false, 0, 1).unwrap();
     let want = evaluate(&model, &mut acts, &mut loader, 3).unwrap().loss;
-    let summary = train(&cfg).unwrap();
+    let summary = train(&cfg, &StopSignal::new()).unwrap();
     let got = summary.first_val_loss.unwrap();
     assert!((got - want).abs() <= 1e-12, "first val loss {got} vs the imported model's {want}");
 
     // A random initialization of the same shape starts elsewhere.
     let shape = "n_layer = 2\nn_head = 4\nn_embd = 32\nvocab_size = 301\nblock_size = 40";
-    let random = train(&config(dir.path(), shape).unwrap()).unwrap();
+    let random = train(&config_in(dir.path(), shape, "random").unwrap(), &StopSignal::new()).unwrap();
     assert!((random.first_val_loss.unwrap() - want).abs() > 1e-3);
 }
 

@@ -19,7 +19,7 @@ pub const MODULES: &[(&str, &str)] = &[
     ("layernorm", include_str!("../../../../kernels/layernorm.cu")),
     ("embedding", include_str!("../../../../kernels/embedding.cu")),
     ("cross_entropy", include_str!("../../../../kernels/cross_entropy.cu")),
-    ("adamw", include_str!("../../../../kernels/adamw.cu")),
+    ("multi_tensor", include_str!("../../../../kernels/multi_tensor.cu")),
     ("attention", include_str!("../../../../kernels/attention.cu")),
     ("attention_mma", include_str!("../../../../kernels/attention_mma.cu")),
     ("attention_cached", include_str!("../../../../kernels/attention_cached.cu")),

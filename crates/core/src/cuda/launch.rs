@@ -24,6 +24,7 @@ pub(crate) enum Arg {
     U32(u32),
     F32(f32),
     Dims(AttnDims),
+    Adam(AdamWScalars),
 }
 
 /// Mirrors `struct Dims` in kernels/attention.cu.
@@ -40,6 +41,23 @@ pub(crate) struct AttnDims {
 // SAFETY: AttnDims is plain old data with the C layout of the kernel's struct.
 unsafe impl DeviceRepr for AttnDims {}
 
+/// Mirrors `struct AdamWScalars` in kernels/multi_tensor.cu.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AdamWScalars {
+    lr_decay: f32,
+    one_minus_b1: f32,
+    b2: f32,
+    one_minus_b2: f32,
+    step_size: f32,
+    bc2_sqrt: f32,
+    eps: f32,
+    grad_scale: f32,
+}
+
+// SAFETY: AdamWScalars is plain old data with the C layout of the kernel's struct.
+unsafe impl DeviceRepr for AdamWScalars {}
+
 fn suffix(s: &CudaStorage) -> Result<&'static str> {
     match s.dtype() {
         DType::F32 => Ok("f32"),
@@ -49,25 +67,31 @@ fn suffix(s: &CudaStorage) -> Result<&'static str> {
 }
 
 /// The device address of a buffer.
-fn ptr(s: &CudaStorage) -> Arg {
+fn addr(s: &CudaStorage) -> u64 {
     let stream = s.device.stream();
-    let raw = match &s.data {
+    match &s.data {
         CudaData::F32(v) => v.device_ptr(stream).0,
         CudaData::BF16(v) => v.device_ptr(stream).0,
         CudaData::U32(v) => v.device_ptr(stream).0,
-    };
-    Arg::Ptr(raw)
+    }
 }
 
 /// The device address of a buffer the kernel writes.
-fn ptr_mut(s: &mut CudaStorage) -> Arg {
+fn addr_mut(s: &mut CudaStorage) -> u64 {
     let stream = s.device.stream().clone();
-    let raw = match &mut s.data {
+    match &mut s.data {
         CudaData::F32(v) => v.device_ptr_mut(&stream).0,
         CudaData::BF16(v) => v.device_ptr_mut(&stream).0,
         CudaData::U32(v) => v.device_ptr_mut(&stream).0,
-    };
-    Arg::Ptr(raw)
+    }
+}
+
+fn ptr(s: &CudaStorage) -> Arg {
+    Arg::Ptr(addr(s))
+}
+
+fn ptr_mut(s: &mut CudaStorage) -> Arg {
+    Arg::Ptr(addr_mut(s))
 }
 
 fn grid_1d(n: usize) -> LaunchConfig {
@@ -87,6 +111,7 @@ fn launch(dev: &CudaDevice, module: &'static str, name: &str, cfg: LaunchConfig,
             Arg::U32(v) => b.arg(v),
             Arg::F32(v) => b.arg(v),
             Arg::Dims(v) => b.arg(v),
+            Arg::Adam(v) => b.arg(v),
         };
     }
     dev.timed(name, || {
@@ -472,7 +497,11 @@ pub(crate) fn cross_entropy(
     v: usize,
     grad_scale: Option<f64>,
 ) -> Result<()> {
-    let (dev, name) = (logits.device.clone(), format!("cross_entropy_{}", suffix(logits)?));
+    // 16-byte packs need rows that are a whole number of them (and so aligned:
+    // every allocation is).
+    let packed = (vp * logits.dtype().size_in_bytes()).is_multiple_of(16);
+    let (dev, name) =
+        (logits.device.clone(), format!("cross_entropy_{}{}", if packed { "vec_" } else { "" }, suffix(logits)?));
     let cfg = LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
     let args = [
         ptr_mut(logits),
@@ -487,46 +516,6 @@ pub(crate) fn cross_entropy(
         return Ok(());
     }
     launch(&dev, "cross_entropy", &name, cfg, &args)
-}
-
-// ------------------------------------------------------------------ optimizer
-
-/// f32 parameters update in place; bf16 ones through their f32 `master` copy.
-pub(crate) fn adamw(
-    param: &mut CudaStorage,
-    master: Option<&mut CudaStorage>,
-    grad: &CudaStorage,
-    m: &mut CudaStorage,
-    v: &mut CudaStorage,
-    n: usize,
-    h: crate::ops::AdamWHyper,
-) -> Result<()> {
-    let dev = param.device.clone();
-    let bc1 = 1.0 - h.beta1.powi(h.step as i32);
-    let bc2_sqrt = (1.0 - h.beta2.powi(h.step as i32)).sqrt();
-    let (name, head) = match (param.dtype(), master) {
-        (DType::F32, None) => ("adamw_f32", vec![ptr_mut(param)]),
-        (DType::BF16, Some(master)) => ("adamw_bf16", vec![ptr_mut(master), ptr_mut(param)]),
-        (dtype, _) => {
-            return Err(Error::Unsupported { op: "adamw_update (master weights)", dtype, device: "cuda".into() });
-        }
-    };
-    let tail = [
-        ptr(grad),
-        ptr_mut(m),
-        ptr_mut(v),
-        n64(n),
-        Arg::F32((1.0 - h.lr * h.weight_decay) as f32),
-        Arg::F32((1.0 - h.beta1) as f32),
-        Arg::F32(h.beta2 as f32),
-        Arg::F32((1.0 - h.beta2) as f32),
-        Arg::F32((h.lr / bc1) as f32),
-        Arg::F32(bc2_sqrt as f32),
-        Arg::F32(h.eps as f32),
-        Arg::F32(h.grad_scale as f32),
-    ];
-    let args: Vec<Arg> = head.into_iter().chain(tail).collect();
-    launch(&dev, "adamw", name, grid_1d(n), &args)
 }
 
 // ------------------------------------------------------------------ attention
@@ -661,4 +650,144 @@ pub(crate) fn attention_cached(
         Arg::F32(1.0 / (hs as f32).sqrt()),
     ];
     launch(&dev, "attention_cached", &format!("attention_cached_{}_r{r}", suffix(out)?), cfg, &args)
+}
+
+// ------------------------------------------------------------------ multi-tensor
+
+/// Blocks per span (grid x) for a span table: enough for the longest span to
+/// fill the GPU, fixed by the spans alone so partial sums are deterministic.
+fn span_grid(max_len: usize, spans: usize) -> Result<LaunchConfig> {
+    if spans > 65_535 {
+        return Err(Error::Shape { op: "multi-tensor op", msg: format!("{spans} spans (at most 65535 per launch)") });
+    }
+    let gx = max_len.div_ceil(BLOCK as usize * 8).clamp(1, 512) as u32;
+    Ok(LaunchConfig { grid_dim: (gx, spans.max(1) as u32, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 })
+}
+
+/// Uploads a span table into the device scratch behind `reserve` floats (left
+/// for the kernel's outputs) and runs `f(scratch, table address)`. Stream order
+/// keeps the table alive until the kernel has read it.
+fn with_span_table<R>(
+    dev: &CudaDevice,
+    reserve: usize,
+    table: &[i64],
+    f: impl FnOnce(&mut cudarc::driver::CudaSlice<f32>, u64) -> Result<R>,
+) -> Result<R> {
+    let reserve = reserve.next_multiple_of(2); // the i64 table needs 8-byte alignment
+    let words: &[f32] = bytemuck::cast_slice(table);
+    let stream = dev.stream().clone();
+    dev.with_scratch_slice(reserve + words.len(), |buf| {
+        stream
+            .memcpy_htod(words, &mut buf.slice_mut(reserve..reserve + words.len()))
+            .map_err(|e| cuda_err("span table upload", e))?;
+        let table_addr = buf.device_ptr_mut(&stream).0 + 4 * reserve as u64;
+        f(buf, table_addr)
+    })
+}
+
+fn elem_offset(base: u64, s: &CudaStorage, start: usize) -> i64 {
+    (base + (start * s.dtype().size_in_bytes()) as u64) as i64
+}
+
+pub(crate) fn fill_spans(xs: &mut [&mut CudaStorage], value: f64) -> Result<()> {
+    let Some(first) = xs.first() else { return Ok(()) };
+    let (dev, name) = (first.device.clone(), format!("fill_spans_{}", suffix(first)?));
+    let max_len = xs.iter().map(|x| x.len()).max().unwrap_or(0);
+    let table: Vec<i64> = xs.iter_mut().flat_map(|x| [addr_mut(x) as i64, x.len() as i64]).collect();
+    let cfg = span_grid(max_len, xs.len())?;
+    with_span_table(&dev, 0, &table, |_, t| {
+        launch(&dev, "multi_tensor", &name, cfg, &[Arg::Ptr(t), Arg::F32(value as f32)])
+    })
+}
+
+pub(crate) fn copy_spans(
+    dst: &mut [&mut CudaStorage],
+    src: &[&CudaStorage],
+    pairs: &[(crate::ops::Span, crate::ops::Span)],
+) -> Result<()> {
+    let Some(first) = dst.first() else { return Ok(()) };
+    let (dev, name) = (first.device.clone(), format!("copy_spans_{}", suffix(first)?));
+    let dst_base: Vec<u64> = dst.iter_mut().map(|d| addr_mut(d)).collect();
+    let mut table = Vec::with_capacity(3 * pairs.len());
+    for (d, s) in pairs {
+        let (dt, st) = (&dst[d.tensor], src[s.tensor]);
+        table.extend([elem_offset(dst_base[d.tensor], dt, d.start), elem_offset(addr(st), st, s.start), d.len as i64]);
+    }
+    let cfg = span_grid(pairs.iter().map(|p| p.0.len).max().unwrap_or(0), pairs.len())?;
+    with_span_table(&dev, 0, &table, |_, t| launch(&dev, "multi_tensor", &name, cfg, &[Arg::Ptr(t)]))
+}
+
+pub(crate) fn sum_squares_spans(xs: &[&CudaStorage], spans: &[crate::ops::Span]) -> Result<f64> {
+    let Some(first) = xs.first() else { return Ok(0.0) };
+    if spans.is_empty() {
+        return Ok(0.0);
+    }
+    let (dev, name) = (first.device.clone(), format!("sumsq_spans_{}", suffix(first)?));
+    let table: Vec<i64> =
+        spans.iter().flat_map(|s| [elem_offset(addr(xs[s.tensor]), xs[s.tensor], s.start), s.len as i64]).collect();
+    let cfg = span_grid(spans.iter().map(|s| s.len).max().unwrap_or(0), spans.len())?;
+    let n_partials = (cfg.grid_dim.0 * cfg.grid_dim.1) as usize;
+    let stream = dev.stream().clone();
+    let partials = with_span_table(&dev, n_partials, &table, |buf, t| {
+        let out = buf.device_ptr_mut(&stream).0;
+        launch(&dev, "multi_tensor", &name, cfg, &[Arg::Ptr(out), Arg::Ptr(t)])?;
+        let mut host = vec![0f32; n_partials];
+        stream.memcpy_dtoh(&buf.slice(..n_partials), &mut host).map_err(|e| cuda_err("device-to-host copy", e))?;
+        stream.synchronize().map_err(|e| cuda_err("synchronize", e))?;
+        Ok(host)
+    })?;
+    Ok(partials.iter().map(|&p| p as f64).sum())
+}
+
+/// f32 parameters update in place; bf16 ones through the f32 `master` array.
+pub(crate) fn adamw_spans(
+    params: &mut [&mut CudaStorage],
+    grads: &[&CudaStorage],
+    master: Option<&mut CudaStorage>,
+    m: &mut CudaStorage,
+    v: &mut CudaStorage,
+    spans: &[crate::ops::AdamWSpan],
+    h: crate::ops::AdamWHyper,
+) -> Result<()> {
+    let Some(first) = params.first() else { return Ok(()) };
+    if spans.is_empty() {
+        return Ok(());
+    }
+    let dev = first.device.clone();
+    let p_base: Vec<u64> = params.iter_mut().map(|p| addr_mut(p)).collect();
+    let mut table = Vec::with_capacity(5 * spans.len());
+    for s in spans {
+        let (p, g) = (&params[s.param.tensor], grads[s.grad.tensor]);
+        table.extend([
+            elem_offset(p_base[s.param.tensor], p, s.param.start),
+            elem_offset(addr(g), g, s.grad.start),
+            s.state_start as i64,
+            s.param.len as i64,
+            s.decays as i64,
+        ]);
+    }
+    let bc1 = 1.0 - h.beta1.powi(h.step as i32);
+    let scalars = AdamWScalars {
+        lr_decay: (1.0 - h.lr * h.weight_decay) as f32,
+        one_minus_b1: (1.0 - h.beta1) as f32,
+        b2: h.beta2 as f32,
+        one_minus_b2: (1.0 - h.beta2) as f32,
+        step_size: (h.lr / bc1) as f32,
+        bc2_sqrt: (1.0 - h.beta2.powi(h.step as i32)).sqrt() as f32,
+        eps: h.eps as f32,
+        grad_scale: h.grad_scale as f32,
+    };
+    let (name, mut args) = match (params[0].dtype(), master) {
+        (DType::F32, None) => ("adamw_spans_f32", vec![]),
+        (DType::BF16, Some(master)) => ("adamw_spans_bf16", vec![ptr_mut(master)]),
+        (dtype, _) => {
+            return Err(Error::Unsupported { op: "adamw_update (master weights)", dtype, device: "cuda".into() });
+        }
+    };
+    args.extend([ptr_mut(m), ptr_mut(v), Arg::Adam(scalars)]);
+    let cfg = span_grid(spans.iter().map(|s| s.param.len).max().unwrap_or(0), spans.len())?;
+    with_span_table(&dev, 0, &table, |_, t| {
+        let all: Vec<Arg> = std::iter::once(Arg::Ptr(t)).chain(args.iter().copied()).collect();
+        launch(&dev, "multi_tensor", name, cfg, &all)
+    })
 }

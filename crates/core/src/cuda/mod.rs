@@ -304,6 +304,14 @@ impl CudaStorage {
         }
     }
 
+    pub(crate) fn len(&self) -> usize {
+        match &self.data {
+            CudaData::F32(v) => v.len(),
+            CudaData::BF16(v) => v.len(),
+            CudaData::U32(v) => v.len(),
+        }
+    }
+
     pub(crate) fn try_clone(&self) -> Result<Self> {
         let s = self.device.stream();
         let e = |e| cuda_err("device-to-device copy", e);

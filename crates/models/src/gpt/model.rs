@@ -5,7 +5,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use trainer_core::ops::TokenIndex;
 use trainer_core::{DType, Device, Tensor, io, ops};
-use trainer_nn::{Block, BlockActs, BlockGrads, LayerNorm, LayerNormStats, Module, Param, init};
+use trainer_nn::{Block, BlockActs, BlockGrads, BlockScratch, LayerNorm, LayerNormStats, Module, Param, init};
 
 use super::{GptConfig, hf};
 use crate::{Error, Result};
@@ -50,6 +50,8 @@ pub struct GptActs {
     /// (B, T, C): gradient into the final LayerNorm's output.
     pub dlnf: Tensor,
     pub grads: BlockGrads,
+    /// Forward scratch shared by the blocks.
+    pub scratch: BlockScratch,
 }
 
 impl GptActs {
@@ -136,6 +138,7 @@ impl Gpt {
             dresid: Tensor::zeros([b, t, c], dt, dev)?,
             dlnf: Tensor::zeros([b, t, c], dt, dev)?,
             grads: BlockGrads::new(b, t, c, 4 * c, dt, dev)?,
+            scratch: BlockScratch::new(b, t, c, 4 * c, dt, dev)?,
         })
     }
 
@@ -192,7 +195,7 @@ impl Gpt {
         for (i, block) in self.blocks.iter().enumerate() {
             let (done, rest) = acts.blocks.split_at_mut(i);
             let x = done.last().map_or(&acts.encoded, |prev| &prev.out);
-            block.forward(x, &mut rest[0])?;
+            block.forward(x, &mut rest[0], &mut acts.scratch)?;
         }
         let last = acts.blocks.last().map_or(&acts.encoded, |a| &a.out);
         self.ln_f.forward(&mut acts.lnf, &mut acts.lnf_stats, last)?;

@@ -12,7 +12,6 @@
 //!   itself; then it dispatches on the storage: the CPU reference (f32, f64) or
 //!   the CUDA kernels (f32, bf16).
 
-pub use crate::cpu::adamw::AdamWHyper;
 use crate::cuda::launch;
 use crate::{CpuStorage, DType, Device, Element, Error, Result, Storage, Tensor, cpu};
 
@@ -32,6 +31,12 @@ macro_rules! cpu_float {
         }
     }};
 }
+
+// After the macro, so the child module sees it.
+mod multi_tensor;
+pub use multi_tensor::{
+    AdamWHyper, AdamWSpan, Span, adamw_update, copy_spans, fill_all, sum_squares_all, sum_squares_spans,
+};
 
 fn on_cuda(t: &Tensor) -> bool {
     matches!(t.storage(), Storage::Cuda(_))
@@ -229,22 +234,6 @@ pub fn scale(x: &mut Tensor, s: f64) -> Result<()> {
 /// Deterministic; on a GPU it waits for the device (the value is needed on the host).
 pub fn sum_squares(x: &Tensor) -> Result<f64> {
     sum_squares_all(&[x])
-}
-
-/// Sum of squares over several tensors on one device (a global gradient norm):
-/// on a GPU, one host synchronization for all of them.
-pub fn sum_squares_all(xs: &[&Tensor]) -> Result<f64> {
-    const OP: &str = "sum_squares";
-    let Some(first) = xs.first() else { return Ok(0.0) };
-    if on_cuda(first) {
-        let parts = xs.iter().map(|x| Ok((x.cuda(OP)?, x.numel()))).collect::<Result<Vec<_>>>()?;
-        return launch::sum(&parts, true);
-    }
-    let mut total = 0.0;
-    for x in xs {
-        total += cpu_float!(OP, x, |F| Ok(cpu::elementwise::sum_squares::<F>(x.as_slice()?)))?;
-    }
-    Ok(total)
 }
 
 /// Sum of all elements, accumulated in f64 (for losses). Like [`sum_squares`].
@@ -825,53 +814,6 @@ pub fn softmax_cross_entropy(
             vocab_size,
             grad_scale.map(F::from_f64),
         );
-        Ok(())
-    })
-}
-
-// ---------------------------------------------------------------- optimizer
-
-/// One AdamW step on one parameter tensor: grad is scaled by `h.grad_scale`,
-/// moments m and v updated, then param decayed and updated (PyTorch's order).
-///
-/// Mixed precision: a bf16 `param` (and grad) comes with its f32 `master`
-/// copy; the moments are f32 like the master; the update runs on the master
-/// and param is rewritten from it. An f32 or f64 param has no master.
-pub fn adamw_update(
-    param: &mut Tensor,
-    master: Option<&mut Tensor>,
-    grad: &Tensor,
-    m: &mut Tensor,
-    v: &mut Tensor,
-    h: AdamWHyper,
-) -> Result<()> {
-    const OP: &str = "adamw_update";
-    same_kind(OP, param, &[grad])?;
-    let state = master.as_deref().unwrap_or(param);
-    same_kind(OP, state, &[m, v])?;
-    for (name, t) in [("grad", grad), ("m", &*m), ("v", &*v)] {
-        expect_numel(OP, name, t, param.numel())?;
-    }
-    let n = param.numel();
-    if on_cuda(param) {
-        let master = match master {
-            Some(t) => {
-                expect_numel(OP, "master", t, n)?;
-                Some(t.cuda_mut(OP)?)
-            }
-            None => None,
-        };
-        return launch::adamw(param.cuda_mut(OP)?, master, grad.cuda(OP)?, m.cuda_mut(OP)?, v.cuda_mut(OP)?, n, h);
-    }
-    if master.is_some() {
-        return Err(Error::Unsupported {
-            op: "adamw_update (master weights)",
-            dtype: param.dtype(),
-            device: "cpu".into(),
-        });
-    }
-    cpu_float!(OP, param, |F| {
-        cpu::adamw::update::<F>(param.as_mut_slice()?, grad.as_slice()?, m.as_mut_slice()?, v.as_mut_slice()?, h);
         Ok(())
     })
 }
