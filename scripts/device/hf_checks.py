@@ -30,6 +30,7 @@ Logs and files go to $OUT (or /tmp/hf_checks). Exit status 1 if any check fails.
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -123,6 +124,8 @@ def make_ours(trainer, args):
     run([trainer, "prepare", "--input", "data/kjv/kjv.txt", "--output", shards, "--val-tokens", "65536",
          "--overwrite"], "train.log")
     run_dir = os.path.join(OUT, "run_tiny")
+    # A fresh run: with checkpoint.resume = "auto" an old one would be continued.
+    shutil.rmtree(run_dir, ignore_errors=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     run([trainer, "--config", "configs/tiny.toml", "--set", f'data.train="{shards}/train_*.bin"',
          "--set", f'data.val="{shards}/val_*.bin"', "--set", "training.max_steps=80", "--set", "eval.interval=0",
