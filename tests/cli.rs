@@ -277,6 +277,129 @@ fn eval_with_wrong_weights() {
     );
 }
 
+/// `trainer generate --json` on `weights` (greedy): the generated token ids.
+fn greedy_tokens(ws: &Workspace, weights: &str, extra: &[&str]) -> Vec<u64> {
+    let mut args = vec!["generate", "--weights", weights, "--prompt", "And God said", "--temperature", "0"];
+    args.extend_from_slice(&["--max-new-tokens", "12", "--json"]);
+    args.extend_from_slice(extra);
+    let o = ws.run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    j["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect()
+}
+
+#[test]
+fn export_import_and_generate() {
+    let ws = Workspace::new();
+    let o = ws.run(&["--config", "job.toml", "--set", "training.max_steps=10"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = ws.run(&["export", "--weights", "run/model.safetensors", "--format", "hf", "--output", "hf"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(ws.path().join("hf/config.json").is_file() && ws.path().join("hf/model.safetensors").is_file());
+    let o = ws.run(&["import", "--from", "hf", "--output", "back.safetensors"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // The same model through every route: the same greedy tokens and eval loss.
+    let tokens = greedy_tokens(&ws, "run/model.safetensors", &[]);
+    assert_eq!(tokens.len(), 12);
+    assert_eq!(greedy_tokens(&ws, "back.safetensors", &[]), tokens);
+    assert_eq!(greedy_tokens(&ws, "hf", &[]), tokens);
+    assert_eq!(greedy_tokens(&ws, "run", &[]), tokens, "a directory holding model.safetensors");
+    // The final checkpoint holds the same parameters; --checkpoint takes a directory of them.
+    let o = ws.run(&[
+        "generate",
+        "--checkpoint",
+        "run/checkpoints",
+        "--prompt",
+        "And God said",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "12",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let via_ckpt: Vec<u64> = j["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect();
+    assert_eq!(via_ckpt, tokens);
+    let o = ws.run(&["export", "--checkpoint", "run/checkpoints", "--output", "hf_ckpt"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        fs::read(ws.path().join("hf_ckpt/model.safetensors")).unwrap(),
+        fs::read(ws.path().join("hf/model.safetensors")).unwrap()
+    );
+    let eval = |w: &str| metric(&stdout(&ws.run(&["eval", "--config", "job.toml", "--weights", w])), "val_loss");
+    assert_eq!(eval("back.safetensors").unwrap(), eval("run/model.safetensors").unwrap());
+
+    // Streaming text: the prompt, then the continuation; a summary on stderr.
+    let o =
+        ws.run(&["generate", "--weights", "hf", "--prompt", "And God said", "--max-new-tokens", "8", "--seed", "3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).starts_with("And God said"), "{}", stdout(&o));
+    assert!(stderr(&o).contains("generated tokens=") && stderr(&o).contains("stop="), "{}", stderr(&o));
+    let again =
+        ws.run(&["generate", "--weights", "hf", "--prompt", "And God said", "--max-new-tokens", "8", "--seed", "3"]);
+    assert_eq!(stdout(&o), stdout(&again), "same seed, same text");
+
+    // --logits-out: ids and logits of the whole sequence.
+    greedy_tokens(&ws, "hf", &["--logits-out", "logits.safetensors"]);
+    let bytes = fs::read(ws.path().join("logits.safetensors")).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let t = header["ids"]["shape"][0].as_u64().unwrap();
+    assert_eq!(header["logits"]["shape"], serde_json::json!([t, 50257]));
+    assert_eq!(t, 3 + 12, "prompt (3 tokens) + generated");
+}
+
+#[test]
+fn generate_export_import_bad_input() {
+    let ws = Workspace::new();
+    let golden = repo_root().join("tests/data/hf_gpt2_tiny");
+    let golden = golden.to_str().unwrap();
+    assert_one_line_error(
+        &ws.run(&["generate", "--weights", "nope.safetensors", "--prompt", "x"]),
+        &["nope.safetensors"],
+    );
+    assert_one_line_error(&ws.run(&["export", "--checkpoint", "nowhere", "--output", "o"]), &["nowhere"]);
+    assert_one_line_error(
+        &ws.run(&["generate", "--weights", golden, "--prompt", "Hello"]),
+        &["prompt token id", "vocab_size 301", "--prompt-ids"],
+    );
+    assert_one_line_error(
+        &ws.run(&["generate", "--weights", golden, "--prompt-ids", "1,2", "--top-p", "0"]),
+        &["top_p = 0"],
+    );
+    assert_one_line_error(
+        &ws.run(&["generate", "--weights", golden, "--prompt-ids", "1", "--temperature=-1"]),
+        &["temperature = -1"],
+    );
+    assert_one_line_error(
+        &ws.run(&["generate", "--weights", golden, "--prompt-ids", "1", "--dtype", "bf16"]),
+        &["--dtype bf16", "GPU"],
+    );
+    let long: Vec<String> = (0..41).map(|i| (i % 300).to_string()).collect();
+    assert_one_line_error(
+        &ws.run(&["generate", "--weights", golden, "--prompt-ids", &long.join(",")]),
+        &["41 tokens", "block_size (40)"],
+    );
+    // A directory that is not GPT-2.
+    fs::create_dir_all(ws.path().join("llama")).unwrap();
+    fs::write(ws.path().join("llama/config.json"), r#"{"model_type": "llama"}"#).unwrap();
+    assert_one_line_error(
+        &ws.run(&["import", "--from", "llama", "--output", "x.safetensors"]),
+        &["llama/config.json", "model_type"],
+    );
+    assert_one_line_error(
+        &ws.run(&["export", "--weights", "llama", "--output", "out"]),
+        &["llama/config.json", "model_type"],
+    );
+    assert_one_line_error(
+        &ws.run(&["import", "--from", "shards", "--output", "x.safetensors"]),
+        &["shards/config.json"],
+    );
+    assert!(!ws.path().join("x.safetensors").exists());
+}
+
 /// Width, height and RGB pixels of a PNG, or a failed test if it does not decode.
 fn decode_png(path: &Path) -> (u32, u32, Vec<u8>) {
     let bytes = fs::read(path).unwrap();

@@ -1,5 +1,7 @@
-//! `trainer`: train (the default), prepare, eval, report.
+//! `trainer`: train (the default), prepare, eval, report, generate, export, import.
 
+mod generate;
+mod interop;
 mod sagemaker;
 
 use std::path::{Path, PathBuf};
@@ -39,6 +41,12 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Continue a prompt: sampling with temperature, top-k and top-p, or greedy.
+    Generate(generate::GenerateArgs),
+    /// Write weights in another format (--format hf: a transformers GPT-2 directory).
+    Export(interop::ExportArgs),
+    /// Read a Hugging Face GPT-2 directory into a trainer weights file.
+    Import(interop::ImportArgs),
 }
 
 #[derive(Args, Debug)]
@@ -259,6 +267,9 @@ fn main() -> ExitCode {
             "`serve` is not supported: this image trains models (SageMaker training jobs run it with `train`); \
              host the trained model (model.tar.gz) with a serving container"
         )),
+        Some(Command::Generate(g)) => generate::run_generate(g).map(|()| ExitCode::SUCCESS),
+        Some(Command::Export(x)) => interop::run_export(x).map(|()| ExitCode::SUCCESS),
+        Some(Command::Import(i)) => interop::run_import(i).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -284,6 +284,39 @@ fn attention_forward_backward() {
 }
 
 #[test]
+fn attention_cached_and_copy_rows() {
+    let Some(dev) = gpu() else { return };
+    let mut r = ChaCha8Rng::seed_from_u64(9);
+    // (B, Tmax, past, tq, n_head, head size): one query per step (tq = 1) as in
+    // generation, a prefill (past = 0), chunks past a 32-key boundary, every R.
+    for (b, tmax, past, tq, nh, hs) in [
+        (1, 80, 0, 37, 2, 8),
+        (2, 80, 36, 1, 4, 32),
+        (1, 100, 64, 5, 3, 64),
+        (2, 40, 3, 1, 2, 96),
+        (1, 130, 97, 1, 2, 128),
+    ] {
+        let c = nh * hs;
+        let cache = randn(&mut r, &[b, tmax, 3 * c], 1.0);
+        let mut out = zeros(&[b, tq, c]);
+        ops::attention_cached(&mut out, &cache, past, nh).unwrap();
+        for dt in [DType::F32, DType::BF16] {
+            let tol = if dt == DType::F32 { F32_TOL } else { BF16_TOL };
+            let mut gout = poisoned(&[b, tq, c], dt, &dev);
+            ops::attention_cached(&mut gout, &up(&cache, &dev, dt), past, nh).unwrap();
+            check(&format!("attention_cached {dt} B={b} past={past} tq={tq} H={nh} hs={hs}"), &gout, &out, tol);
+        }
+    }
+    // copy_rows: a window of rows into the middle of a poisoned tensor.
+    let src = randn(&mut r, &[7, 24], 1.0);
+    let mut dst = zeros(&[10, 24]);
+    let mut gdst = up(&dst, &dev, DType::F32);
+    ops::copy_rows(&mut dst, 4, &src, 2, 5).unwrap();
+    ops::copy_rows(&mut gdst, 4, &up(&src, &dev, DType::F32), 2, 5).unwrap();
+    check("copy_rows", &gdst, &dst, 0.0);
+}
+
+#[test]
 fn embedding_forward_backward_deterministic() {
     let Some(dev) = gpu() else { return };
     let mut r = ChaCha8Rng::seed_from_u64(5);

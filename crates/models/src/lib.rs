@@ -15,6 +15,14 @@ pub enum Error {
 
     #[error("weights file {path}: {msg}")]
     Weights { path: String, msg: String },
+
+    /// A file or directory that is not what it should be (Hugging Face
+    /// config.json, a model directory, ...).
+    #[error("{path}: {msg}")]
+    File { path: String, msg: String },
+
+    #[error("generate: {0}")]
+    Generation(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

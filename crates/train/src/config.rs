@@ -41,6 +41,10 @@ pub struct ModelConfig {
     pub n_layer: Option<usize>,
     pub n_head: Option<usize>,
     pub n_embd: Option<usize>,
+    /// A Hugging Face GPT-2 directory (config.json + model.safetensors) to
+    /// start from: the shape comes from its config.json, the weights replace
+    /// the random initialization.
+    pub init_from: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -229,6 +233,41 @@ fn line_col(src: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
+/// The shape of `model.init_from`'s config.json; explicit shape keys may
+/// repeat it but not contradict it.
+fn init_from_shape(m: &ModelConfig, dir: &str) -> std::result::Result<GptConfig, String> {
+    if dir.trim().is_empty() {
+        return Err("model.init_from is empty: give a Hugging Face model directory".into());
+    }
+    let g = trainer_models::gpt::hf::read_config(Path::new(dir))
+        .map_err(|e| format!("model.init_from = \"{dir}\": {e}"))?;
+    if let Some(p) = &m.preset {
+        return Err(format!(
+            "model.preset = \"{p}\" conflicts with model.init_from = \"{dir}\", whose config.json gives the shape: \
+             remove model.preset"
+        ));
+    }
+    for (key, hf_key, given, have) in [
+        ("vocab_size", "vocab_size", m.vocab_size, g.vocab_size),
+        ("block_size", "n_positions", m.block_size, g.block_size),
+        ("n_layer", "n_layer", m.n_layer, g.n_layer),
+        ("n_head", "n_head", m.n_head, g.n_head),
+        ("n_embd", "n_embd", m.n_embd, g.n_embd),
+    ] {
+        match given {
+            Some(v) if v != have => {
+                return Err(format!(
+                    "model.{key} = {v} conflicts with {hf_key} = {have} in {dir}/config.json (model.init_from): \
+                     remove model.{key}"
+                ));
+            }
+            _ => {}
+        }
+    }
+    g.validate().map_err(|e| format!("model.init_from = \"{dir}\": {e}"))?;
+    Ok(g)
+}
+
 impl Config {
     /// Reads, overrides, deserializes and validates a config file.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
@@ -290,6 +329,9 @@ impl Config {
     /// The resolved model shape.
     pub fn gpt(&self) -> std::result::Result<GptConfig, String> {
         let m = &self.model;
+        if let Some(dir) = &m.init_from {
+            return init_from_shape(m, dir);
+        }
         let mut g = match &m.preset {
             Some(name) => GptConfig::preset(name).ok_or_else(|| {
                 let names: Vec<&str> = PRESETS.iter().map(|p| p.0).collect();

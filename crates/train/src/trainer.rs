@@ -241,7 +241,14 @@ impl<'a> Run<'a> {
         let mut resume_from = find_resume(cfg, &store, &gpt, &place, &console)?;
         let mut model = Gpt::new(gpt.clone(), compute_dtype(cfg), &device)?;
         if resume_from.is_none() {
-            model.init(t_cfg.seed)?;
+            // A checkpoint, when there is one, supersedes model.init_from.
+            match &cfg.model.init_from {
+                Some(dir) => {
+                    model.load_hf(std::path::Path::new(dir))?;
+                    console.line(&format!("init_from={dir}"));
+                }
+                None => model.init(t_cfg.seed)?,
+            }
         }
         let acts = model.new_acts(bt.0, bt.1)?;
         let o = &cfg.optimizer;

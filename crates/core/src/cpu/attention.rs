@@ -117,3 +117,50 @@ pub(crate) fn backward<F: Float>(
             }
         });
 }
+
+/// Attention of `tq` new queries against a KV cache (incremental decoding).
+/// cache (B, tmax, 3C) holds q | k | v rows laid out as qkv, filled for
+/// positions [0, past + tq); out (B, tq, C). Query i sits at position past + i
+/// and attends to keys [0, past + i]. The arithmetic is the forward's, so a
+/// cached decode reproduces a full causal forward up to summation order.
+pub(crate) fn cached<F: Float>(
+    out: &mut [F],
+    cache: &[F],
+    tmax: usize,
+    past: usize,
+    tq: usize,
+    c: usize,
+    n_head: usize,
+) {
+    let hs = c / n_head;
+    let scale = F::one() / F::from_usize(hs).sqrt();
+    out.par_chunks_mut(tq * c).zip(cache.par_chunks(tmax * 3 * c)).for_each(|(out, cache)| {
+        let mut p = vec![F::zero(); past + tq];
+        for h in 0..n_head {
+            for i in 0..tq {
+                let pos = past + i;
+                let q = &cache[pos * 3 * c + h * hs..][..hs];
+                let mut max = F::neg_infinity();
+                for (j, pj) in p.iter_mut().enumerate().take(pos + 1) {
+                    let k = &cache[j * 3 * c + c + h * hs..][..hs];
+                    *pj = dot(q, k) * scale;
+                    max = max.max(*pj);
+                }
+                let mut sum = F::zero();
+                for pj in p.iter_mut().take(pos + 1) {
+                    *pj = (*pj - max).exp();
+                    sum += *pj;
+                }
+                let o = &mut out[i * c + h * hs..][..hs];
+                o.fill(F::zero());
+                for (j, &pj) in p.iter().enumerate().take(pos + 1) {
+                    let w = pj / sum;
+                    let v = &cache[j * 3 * c + 2 * c + h * hs..][..hs];
+                    for (o, &v) in o.iter_mut().zip(v) {
+                        *o += w * v;
+                    }
+                }
+            }
+        }
+    });
+}

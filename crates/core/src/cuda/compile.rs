@@ -22,6 +22,7 @@ pub const MODULES: &[(&str, &str)] = &[
     ("multi_tensor", include_str!("../../../../kernels/multi_tensor.cu")),
     ("attention", include_str!("../../../../kernels/attention.cu")),
     ("attention_mma", include_str!("../../../../kernels/attention_mma.cu")),
+    ("attention_cached", include_str!("../../../../kernels/attention_cached.cu")),
 ];
 
 /// Directories that may hold cuda_bf16.h, in order: TRAINER_CUDA_INCLUDE, then

@@ -149,6 +149,26 @@ pub(crate) fn copy(dst: &mut CudaStorage, src: &CudaStorage) -> Result<()> {
     }
 }
 
+/// dst[dst_off .. dst_off + n] = src[src_off .. src_off + n] (elements); `ops`
+/// checked both ranges.
+pub(crate) fn copy_range(
+    dst: &mut CudaStorage,
+    dst_off: usize,
+    src: &CudaStorage,
+    src_off: usize,
+    n: usize,
+) -> Result<()> {
+    let stream = dst.device.stream().clone();
+    let e = |e| cuda_err("device-to-device copy", e);
+    let (d, s) = (dst_off..dst_off + n, src_off..src_off + n);
+    match (&mut dst.data, &src.data) {
+        (CudaData::F32(dv), CudaData::F32(sv)) => stream.memcpy_dtod(&sv.slice(s), &mut dv.slice_mut(d)).map_err(e),
+        (CudaData::BF16(dv), CudaData::BF16(sv)) => stream.memcpy_dtod(&sv.slice(s), &mut dv.slice_mut(d)).map_err(e),
+        (CudaData::U32(dv), CudaData::U32(sv)) => stream.memcpy_dtod(&sv.slice(s), &mut dv.slice_mut(d)).map_err(e),
+        _ => Err(Error::DType { op: "copy_rows", expected: dst.dtype(), got: src.dtype() }),
+    }
+}
+
 pub(crate) fn add(out: &mut CudaStorage, a: &CudaStorage, b: &CudaStorage, n: usize) -> Result<()> {
     let (dev, name) = (out.device.clone(), format!("add_{}", suffix(out)?));
     launch(&dev, "elementwise", &name, grid_1d(n), &[ptr_mut(out), ptr(a), ptr(b), n64(n)])
@@ -590,6 +610,46 @@ pub(crate) fn attention_backward(
     }
     launch(&dev, "attention", &format!("attention_backward_dq_{s}_r{r}"), cfg, &args)?;
     launch(&dev, "attention", &format!("attention_backward_dkv_{s}_r{r}"), cfg, &args)
+}
+
+/// Incremental decoding: out (B, tq, C) from the KV cache (B, tmax, 3C), query i
+/// at position past + i. One warp per (query, batch, head).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_cached(
+    out: &mut CudaStorage,
+    cache: &CudaStorage,
+    b: usize,
+    tmax: usize,
+    past: usize,
+    tq: usize,
+    c: usize,
+    n_head: usize,
+) -> Result<()> {
+    let hs = c / n_head;
+    let r = hs.div_ceil(32);
+    if r == 0 || r > 4 {
+        return Err(Error::Shape {
+            op: "attention_cached (cuda)",
+            msg: format!("head size {hs} is not supported: it must be between 1 and 128"),
+        });
+    }
+    if tq == 0 || b == 0 {
+        return Ok(());
+    }
+    let dev = out.device.clone();
+    let cfg =
+        LaunchConfig { grid_dim: (tq as u32, (b * n_head) as u32, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
+    let args = [
+        ptr_mut(out),
+        ptr(cache),
+        Arg::I32(tmax as i32),
+        Arg::I32(past as i32),
+        Arg::I32(tq as i32),
+        Arg::I32(n_head as i32),
+        Arg::I32(hs as i32),
+        Arg::F32(1.0 / (hs as f32).sqrt()),
+    ];
+    launch(&dev, "attention_cached", &format!("attention_cached_{}_r{r}", suffix(out)?), cfg, &args)
 }
 
 // ------------------------------------------------------------------ multi-tensor

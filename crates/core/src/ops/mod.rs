@@ -145,6 +145,48 @@ pub fn copy(dst: &mut Tensor, src: &Tensor) -> Result<()> {
     }
 }
 
+/// Copies `rows` rows of `src` starting at row `src_row` into `dst` starting at
+/// row `dst_row`. Both are seen as matrices (leading dims flattened) with the
+/// same number of columns. Serves as a slice where ops take whole tensors: a
+/// KV-cache append, the last position of a sequence, a window of a table.
+pub fn copy_rows(dst: &mut Tensor, dst_row: usize, src: &Tensor, src_row: usize, rows: usize) -> Result<()> {
+    const OP: &str = "copy_rows";
+    same_kind(OP, dst, &[src])?;
+    let (dr, dc) = dst.shape().as_rows_cols();
+    let (sr, sc) = src.shape().as_rows_cols();
+    if dc != sc || dst_row + rows > dr || src_row + rows > sr {
+        return Err(Error::Shape {
+            op: OP,
+            msg: format!(
+                "rows [{src_row}, {}) of src {} into rows [{dst_row}, {}) of dst {}",
+                src_row + rows,
+                src.shape(),
+                dst_row + rows,
+                dst.shape()
+            ),
+        });
+    }
+    let (d0, s0, n) = (dst_row * dc, src_row * sc, rows * dc);
+    if n == 0 {
+        return Ok(());
+    }
+    match (dst.storage_mut(), src.storage()) {
+        (Storage::Cpu(d), Storage::Cpu(s)) => {
+            match (d, s) {
+                (CpuStorage::F32(d), CpuStorage::F32(s)) => d[d0..d0 + n].copy_from_slice(&s[s0..s0 + n]),
+                (CpuStorage::F64(d), CpuStorage::F64(s)) => d[d0..d0 + n].copy_from_slice(&s[s0..s0 + n]),
+                (CpuStorage::BF16(d), CpuStorage::BF16(s)) => d[d0..d0 + n].copy_from_slice(&s[s0..s0 + n]),
+                (CpuStorage::F16(d), CpuStorage::F16(s)) => d[d0..d0 + n].copy_from_slice(&s[s0..s0 + n]),
+                (CpuStorage::U32(d), CpuStorage::U32(s)) => d[d0..d0 + n].copy_from_slice(&s[s0..s0 + n]),
+                _ => unreachable!("same_kind checked the dtypes"),
+            }
+            Ok(())
+        }
+        (Storage::Cuda(d), Storage::Cuda(s)) => launch::copy_range(d, d0, s, s0, n),
+        _ => unreachable!("same_kind checked the devices"),
+    }
+}
+
 /// out = a + b, elementwise.
 pub fn add(out: &mut Tensor, a: &Tensor, b: &Tensor) -> Result<()> {
     const OP: &str = "add";
@@ -556,6 +598,40 @@ pub fn attention_backward(
             lse.as_slice()?,
             d,
         );
+        Ok(())
+    })
+}
+
+/// Causal attention of new queries against a KV cache, for incremental
+/// decoding. `cache` (B, Tmax, 3C) holds q | k | v rows laid out as qkv (append
+/// them with [`copy_rows`]), filled for positions [0, past + tq); out (B, tq, C)
+/// receives the attention of the queries at positions past .. past + tq, each
+/// over the keys up to and including its own position. No lse is kept: this is
+/// inference only. With past = 0 and tq = T it equals [`attention_forward`]
+/// (causal) over the same qkv.
+pub fn attention_cached(out: &mut Tensor, cache: &Tensor, past: usize, n_head: usize) -> Result<()> {
+    const OP: &str = "attention_cached";
+    same_kind(OP, out, &[cache])?;
+    let (b, d) = attention_dims(OP, cache, n_head, true)?;
+    let tmax = d.t;
+    let [ob, tq, oc] = out.dims() else {
+        return Err(Error::Shape { op: OP, msg: format!("out must be (B, tq, C), got {}", out.shape()) });
+    };
+    let (tq, c) = (*tq, d.c);
+    if *ob != b || *oc != c {
+        return Err(Error::Shape { op: OP, msg: format!("out {} for cache {}", out.shape(), cache.shape()) });
+    }
+    if past + tq > tmax {
+        return Err(Error::Shape { op: OP, msg: format!("positions up to {} exceed the cache's {tmax}", past + tq) });
+    }
+    if tq == 0 || b == 0 {
+        return Ok(());
+    }
+    if on_cuda(out) {
+        return launch::attention_cached(out.cuda_mut(OP)?, cache.cuda(OP)?, b, tmax, past, tq, c, n_head);
+    }
+    cpu_float!(OP, out, |F| {
+        cpu::attention::cached::<F>(out.as_mut_slice()?, cache.as_slice()?, tmax, past, tq, c, n_head);
         Ok(())
     })
 }

@@ -1,5 +1,5 @@
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -7,7 +7,7 @@ use trainer_core::ops::TokenIndex;
 use trainer_core::{DType, Device, Tensor, io, ops};
 use trainer_nn::{Block, BlockActs, BlockGrads, BlockScratch, LayerNorm, LayerNormStats, Module, Param, init};
 
-use super::GptConfig;
+use super::{GptConfig, hf};
 use crate::{Error, Result};
 
 /// GPT-2. Parameter names follow nanoGPT (`transformer.h.0.attn.c_attn.weight`),
@@ -238,21 +238,24 @@ impl Gpt {
     /// The config stored in a weights file by [`Gpt::save_weights`].
     pub fn config_from_weights(path: &Path) -> Result<GptConfig> {
         let loaded = io::load(path)?;
-        let raw = loaded.metadata.get("gpt_config").ok_or_else(|| Error::Weights {
-            path: path.display().to_string(),
-            msg: "no gpt_config metadata: not a weights file written by trainer".into(),
-        })?;
-        serde_json::from_str(raw).map_err(|e| Error::Weights { path: path.display().to_string(), msg: e.to_string() })
+        config_from_metadata(&loaded.metadata, path)
     }
 
-    /// Loads every parameter by name; names, shapes and the parameter set must
-    /// match exactly, and nothing is changed unless all of them do.
+    /// Loads every parameter by name from a weights file written by
+    /// [`Gpt::save_weights`]; see [`Gpt::load_named`].
     pub fn load_weights(&mut self, path: &Path) -> Result<()> {
-        let mut loaded = io::load(path)?;
-        let err = |msg: String| Error::Weights { path: path.display().to_string(), msg };
+        self.load_named(io::load(path)?.tensors, path)
+    }
+
+    /// Loads every parameter from `tensors` (our names and shapes, any float
+    /// dtype, on any device). Names, shapes and the parameter set must match
+    /// exactly, and nothing is changed unless all of them do. `source` names
+    /// where the tensors came from, for errors.
+    pub fn load_named(&mut self, mut tensors: BTreeMap<String, Tensor>, source: &Path) -> Result<()> {
+        let err = |msg: String| Error::Weights { path: source.display().to_string(), msg };
         let mut staged = Vec::new();
         for p in self.params() {
-            let t = loaded.take(path, &p.name)?;
+            let t = tensors.remove(&p.name).ok_or_else(|| err(format!("missing tensor {}", p.name)))?;
             if t.dims() != p.value.dims() {
                 return Err(err(format!(
                     "tensor {} has shape {} but this model needs {}",
@@ -264,9 +267,9 @@ impl Gpt {
             if !t.dtype().is_float() {
                 return Err(err(format!("tensor {} has dtype {}, expected a float", p.name, t.dtype())));
             }
-            staged.push(t.to_dtype(self.dtype)?.to_device(&self.device)?);
+            staged.push(t.to_device(&Device::Cpu)?.to_dtype(self.dtype)?.to_device(&self.device)?);
         }
-        if let Some(extra) = loaded.tensors.keys().next() {
+        if let Some(extra) = tensors.keys().next() {
             return Err(err(format!("tensor {extra} is not a parameter of this model")));
         }
         for (p, t) in self.params_mut().into_iter().zip(staged) {
@@ -274,6 +277,72 @@ impl Gpt {
         }
         Ok(())
     }
+
+    /// Loads the weights of a Hugging Face GPT-2 directory (see [`hf`]), whose
+    /// config.json must describe this model's shape.
+    pub fn load_hf(&mut self, dir: &Path) -> Result<()> {
+        let imported = hf::import(dir)?;
+        if imported.config != self.config {
+            return Err(Error::File {
+                path: dir.join(hf::CONFIG_FILE).display().to_string(),
+                msg: format!("describes {:?}, but the model is {:?}", imported.config, self.config),
+            });
+        }
+        self.load_named(imported.tensors, &dir.join(hf::WEIGHTS_FILE))
+    }
+
+    /// A model from saved weights, whose shape comes with them: see [`read_weights`].
+    pub fn from_path(path: &Path, dtype: DType, device: &Device) -> Result<Gpt> {
+        let (config, tensors, source) = read_weights(path)?;
+        let mut model = Gpt::new(config, dtype, device)?;
+        model.load_named(tensors, &source)?;
+        Ok(model)
+    }
+}
+
+fn config_from_metadata(metadata: &BTreeMap<String, String>, path: &Path) -> Result<GptConfig> {
+    let raw = metadata.get("gpt_config").ok_or_else(|| Error::Weights {
+        path: path.display().to_string(),
+        msg: "no gpt_config metadata: not a weights file written by trainer".into(),
+    })?;
+    serde_json::from_str(raw).map_err(|e| Error::Weights { path: path.display().to_string(), msg: e.to_string() })
+}
+
+/// Weights in our names and layouts, with their model config, from any of:
+/// a weights file written by [`Gpt::save_weights`]; a directory holding one as
+/// `model.safetensors`; a Hugging Face GPT-2 directory (config.json +
+/// model.safetensors, converted by [`hf::import`]). Also returns the file the
+/// tensors came from, for error messages.
+pub fn read_weights(path: &Path) -> Result<(GptConfig, BTreeMap<String, Tensor>, PathBuf)> {
+    let file_err = |msg: &str| Error::File { path: path.display().to_string(), msg: msg.into() };
+    if path.is_dir() {
+        if hf::is_hf_dir(path) {
+            let imported = hf::import(path)?;
+            return Ok((imported.config, imported.tensors, path.join(hf::WEIGHTS_FILE)));
+        }
+        let inner = path.join(hf::WEIGHTS_FILE);
+        if !inner.is_file() {
+            return Err(file_err(&format!(
+                "holds neither {} (a Hugging Face model) nor {}",
+                hf::CONFIG_FILE,
+                hf::WEIGHTS_FILE
+            )));
+        }
+        return read_weights(&inner);
+    }
+    if !path.exists() {
+        return Err(file_err("no such file or directory"));
+    }
+    let loaded = io::load(path)?;
+    if !loaded.metadata.contains_key("gpt_config") {
+        // A Hugging Face model.safetensors named directly: read its directory.
+        if let Some(dir) = path.parent().filter(|d| hf::is_hf_dir(d)) {
+            let imported = hf::import(dir)?;
+            return Ok((imported.config, imported.tensors, path.to_path_buf()));
+        }
+    }
+    let config = config_from_metadata(&loaded.metadata, path)?;
+    Ok((config, loaded.tensors, path.to_path_buf()))
 }
 
 impl Module for Gpt {
