@@ -29,6 +29,8 @@ pub struct Config {
     pub eval: EvalConfig,
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
+    #[serde(default)]
+    pub parallel: ParallelConfig,
 }
 
 /// A preset, optionally with fields overridden, or every size field given.
@@ -73,7 +75,15 @@ pub struct TrainingConfig {
     pub dtype: Precision,
     pub micro_batch_size: usize,
     pub seq_len: usize,
-    pub grad_accum_steps: usize,
+    /// Micro-steps per optimizer step on each data-parallel rank; unset: 1, or
+    /// derived from `global_batch_size`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_accum_steps: Option<usize>,
+    /// Sequences per optimizer step over all data-parallel ranks (micro_batch_size
+    /// x grad_accum_steps x parallel.dp); an alternative to grad_accum_steps that
+    /// keeps the global batch whatever the number of ranks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub global_batch_size: Option<usize>,
     pub max_steps: u64,
     pub seed: u64,
     /// Global gradient-norm clipping threshold; 0 disables clipping.
@@ -92,7 +102,8 @@ impl Default for TrainingConfig {
             dtype: Precision::Fp32,
             micro_batch_size: 8,
             seq_len: 1024,
-            grad_accum_steps: 1,
+            grad_accum_steps: None,
+            global_batch_size: None,
             max_steps: 1000,
             seed: 1337,
             grad_clip: 1.0,
@@ -110,12 +121,61 @@ pub struct OptimizerConfig {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    /// How `lr` changes with the number of data-parallel ranks: "none" (the
+    /// default: `lr` is used as written) or "linear" (`lr` x parallel.dp, the
+    /// rule of Goyal et al. for a global batch that grows with the ranks).
+    pub lr_scaling: LrScaling,
 }
 
 impl Default for OptimizerConfig {
     fn default() -> Self {
-        OptimizerConfig { lr: 6e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 }
+        OptimizerConfig { lr: 6e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, lr_scaling: LrScaling::None }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrScaling {
+    None,
+    Linear,
+}
+
+/// The `[parallel]` section: how the processes `mpirun` starts share the work.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParallelConfig {
+    /// Data-parallel ranks; unset: the number of processes / (tp x pp).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dp: Option<usize>,
+    /// Tensor-parallel ranks (only 1 so far).
+    pub tp: usize,
+    /// Pipeline stages (only 1 so far).
+    pub pp: usize,
+    /// 0: every rank holds the whole optimizer state; 1 (ZeRO-1): each
+    /// data-parallel rank holds 1/dp of the master weights and moments.
+    pub zero_stage: u32,
+    /// Gradients are all-reduced in buckets of this many MiB.
+    pub bucket_mb: f64,
+    /// A collective that has not completed within this many seconds aborts the
+    /// job, naming the operation.
+    pub timeout_secs: u64,
+}
+
+impl Default for ParallelConfig {
+    fn default() -> Self {
+        ParallelConfig { dp: None, tp: 1, pp: 1, zero_stage: 0, bucket_mb: 25.0, timeout_secs: 600 }
+    }
+}
+
+/// The batch of one optimizer step, resolved against the number of
+/// data-parallel ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchShape {
+    pub micro_batch_size: usize,
+    pub grad_accum_steps: usize,
+    pub dp: usize,
+    /// micro_batch_size x grad_accum_steps x dp sequences.
+    pub global_batch_size: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -316,6 +376,74 @@ impl Config {
         Ok(g)
     }
 
+    fn validate_parallel(&self) -> std::result::Result<(), String> {
+        let p = &self.parallel;
+        if p.dp == Some(0) {
+            return Err("parallel.dp = 0: must be at least 1 (or left out: the number of processes)".into());
+        }
+        for (key, v, what) in [("tp", p.tp, "tensor"), ("pp", p.pp, "pipeline")] {
+            if v != 1 {
+                return Err(format!("parallel.{key} = {v}: {what} parallelism is not supported yet; use 1"));
+            }
+        }
+        if p.zero_stage > 1 {
+            return Err(format!(
+                "parallel.zero_stage = {}: allowed are 0 (no sharding) and 1 (optimizer state sharded)",
+                p.zero_stage
+            ));
+        }
+        if !(p.bucket_mb.is_finite() && p.bucket_mb > 0.0) {
+            return Err(format!(
+                "parallel.bucket_mb = {}: must be a number > 0 (MiB per all-reduce bucket)",
+                p.bucket_mb
+            ));
+        }
+        if p.timeout_secs == 0 {
+            return Err("parallel.timeout_secs = 0: must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The settings of the communication layer.
+    pub fn comm_options(&self) -> trainer_comm::CommOptions {
+        trainer_comm::CommOptions { timeout: std::time::Duration::from_secs(self.parallel.timeout_secs) }
+    }
+
+    /// The mesh sizes as written (dp unset: inferred from the world).
+    pub fn mesh_spec(&self) -> trainer_comm::MeshSpec {
+        trainer_comm::MeshSpec { dp: self.parallel.dp, tp: self.parallel.tp, pp: self.parallel.pp }
+    }
+
+    /// The step's batch with `dp` data-parallel ranks: grad_accum_steps as
+    /// given, or derived from global_batch_size (which must divide evenly).
+    pub fn batch(&self, dp: usize) -> std::result::Result<BatchShape, String> {
+        let t = &self.training;
+        let micro = t.micro_batch_size;
+        let accum = match (t.global_batch_size, t.grad_accum_steps) {
+            (Some(g), _) => {
+                let per_step = micro * dp;
+                if g % per_step != 0 {
+                    return Err(format!(
+                        "training.global_batch_size = {g} is not a multiple of training.micro_batch_size x \
+                         parallel.dp = {micro} x {dp} = {per_step}: change training.global_batch_size, \
+                         training.micro_batch_size or the number of processes"
+                    ));
+                }
+                g / per_step
+            }
+            (None, a) => a.unwrap_or(1),
+        };
+        Ok(BatchShape { micro_batch_size: micro, grad_accum_steps: accum, dp, global_batch_size: micro * accum * dp })
+    }
+
+    /// The peak learning rate with `dp` data-parallel ranks (see `optimizer.lr_scaling`).
+    pub fn peak_lr(&self, dp: usize) -> f64 {
+        match self.optimizer.lr_scaling {
+            LrScaling::None => self.optimizer.lr,
+            LrScaling::Linear => self.optimizer.lr * dp as f64,
+        }
+    }
+
     /// Range checks that the types cannot express. Each message names the key,
     /// the value given and what is allowed.
     pub fn validate(&self) -> std::result::Result<(), String> {
@@ -324,7 +452,26 @@ impl Config {
         let at_least_1 = |k: &str, v: u64| if v >= 1 { Ok(()) } else { Err(format!("{k} = {v}: must be at least 1")) };
         at_least_1("training.micro_batch_size", t.micro_batch_size as u64)?;
         at_least_1("training.seq_len", t.seq_len as u64)?;
-        at_least_1("training.grad_accum_steps", t.grad_accum_steps as u64)?;
+        if let Some(a) = t.grad_accum_steps {
+            at_least_1("training.grad_accum_steps", a as u64)?;
+        }
+        if let Some(g) = t.global_batch_size {
+            at_least_1("training.global_batch_size", g as u64)?;
+            if t.grad_accum_steps.is_some() {
+                return Err(format!(
+                    "training.global_batch_size = {g} and training.grad_accum_steps = {} are both set: give one \
+                     (global_batch_size = micro_batch_size x grad_accum_steps x parallel.dp)",
+                    t.grad_accum_steps.unwrap_or(1)
+                ));
+            }
+            if !g.is_multiple_of(t.micro_batch_size) {
+                return Err(format!(
+                    "training.global_batch_size = {g} is not a multiple of training.micro_batch_size = {}",
+                    t.micro_batch_size
+                ));
+            }
+        }
+        self.validate_parallel()?;
         at_least_1("training.max_steps", t.max_steps)?;
         at_least_1("logging.interval", self.logging.interval)?;
         at_least_1("eval.batches", self.eval.batches as u64)?;
