@@ -11,14 +11,20 @@
 //! differs is only the order of the floating-point sums that make up a
 //! gradient: one process adds the micro-batches' gradients one after another
 //! (each scaled by 1/accum), the ranks add their own micro-batches and MPI then
-//! sums the ranks' partial results and divides by dp. f32 sums of a handful of
-//! terms in another order differ by a few ulps (relative ~1e-7); AdamW divides
-//! by sqrt(v), which keeps that relative, and a few steps of training grow it
-//! by at most a few times. So the losses and gradient norms must agree to 1e-5
-//! relative and every weight to 1e-5 absolute (the weights are O(0.1) and an
-//! update moves them by ~lr = 1e-2): a real mistake (a missing 1/dp, a rank
-//! reading the wrong batch, a stale shard) shows up at 1e-3 or more in the
-//! first step.
+//! sums the ranks' partial results and divides by dp. That changes an f32 sum
+//! by a few ulps: the losses and gradient norms of these runs agree to ~4e-8
+//! relative (measured), checked against 1e-6.
+//!
+//! The weights pass through AdamW, which divides each gradient by its own
+//! running magnitude: an element whose gradient is small because its terms
+//! cancel keeps the sums' absolute round-off but gets a step of order lr, so
+//! its relative error grows to (round-off / gradient) x lr per step. Measured:
+//! at most ~9e-7 after 6 steps at lr 1e-2, checked against 2e-6 (one wrong
+//! micro-batch, a missing 1/dp or a stale shard moves weights by ~1e-3).
+//! The attention's key bias is left out: its gradient is zero in exact
+//! arithmetic (adding the same to every score of a query leaves the softmax
+//! unchanged), so all it ever receives is round-off, which AdamW turns into
+//! steps of lr x noise / (|noise| + eps): its values are noise in every run.
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
@@ -32,8 +38,10 @@ use std::sync::Mutex;
 static SERIAL: Mutex<()> = Mutex::new(());
 
 const BIN: &str = env!("CARGO_BIN_EXE_trainer");
-const REL_TOL: f64 = 1e-5;
-const WEIGHT_TOL: f64 = 1e-5;
+const REL_TOL: f64 = 1e-6;
+const WEIGHT_TOL: f64 = 2e-6;
+/// n_embd of the "test" model: c_attn.bias holds the query, key and value biases, each this long.
+const N_EMBD: usize = 32;
 
 /// Whether mpirun can be used; panics when it is required but missing.
 fn mpi_available() -> bool {
@@ -61,9 +69,9 @@ impl Workspace {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let text = fs::read_to_string(root.join("data/kjv/kjv.txt")).unwrap();
-        let cut = text.char_indices().nth(60_000).map_or(text.len(), |(i, _)| i);
-        fs::write(dir.path().join("corpus.txt"), &text[..cut]).unwrap();
+        let corpus = fs::read_to_string(root.join("data/kjv/kjv.txt")).unwrap();
+        let cut = corpus.char_indices().nth(60_000).map_or(corpus.len(), |(i, _)| i);
+        fs::write(dir.path().join("corpus.txt"), &corpus[..cut]).unwrap();
         let o = Command::new(BIN)
             .args(["prepare", "--input", "corpus.txt", "--output", "shards", "--val-tokens", "2048"])
             .current_dir(dir.path())
@@ -192,8 +200,11 @@ fn assert_matches(ws: &Workspace, base: &str, other: &str) {
     assert_eq!(wa.keys().collect::<Vec<_>>(), wb.keys().collect::<Vec<_>>());
     let mut worst = 0f64;
     for (name, va) in &wa {
-        for (x, y) in va.iter().zip(&wb[name]) {
-            worst = worst.max((*x as f64 - *y as f64).abs());
+        for (i, (x, y)) in va.iter().zip(&wb[name]).enumerate() {
+            let key_bias = name.ends_with("attn.c_attn.bias") && (N_EMBD..2 * N_EMBD).contains(&i);
+            if !key_bias {
+                worst = worst.max((*x as f64 - *y as f64).abs());
+            }
         }
     }
     eprintln!("{other}: largest weight difference from one process {worst:e}");
