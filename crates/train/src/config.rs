@@ -597,6 +597,59 @@ train = "x/train_*.bin"
     }
 
     #[test]
+    fn global_batch_and_parallel_settings() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.parallel.zero_stage, 0);
+        assert_eq!(c.mesh_spec(), trainer_comm::MeshSpec { dp: None, tp: 1, pp: 1 });
+        assert_eq!(c.comm_options().timeout, std::time::Duration::from_secs(600));
+        let b = c.batch(4).unwrap();
+        assert_eq!((b.grad_accum_steps, b.global_batch_size), (1, 32));
+
+        let c = load("", &["training.global_batch_size=64", "training.micro_batch_size=4"]).unwrap();
+        assert_eq!(c.batch(1).unwrap().grad_accum_steps, 16);
+        assert_eq!(c.batch(4).unwrap().grad_accum_steps, 4);
+        assert_eq!(c.batch(16).unwrap().grad_accum_steps, 1);
+        let e = c.batch(32).unwrap_err();
+        assert!(e.contains("training.global_batch_size = 64 is not a multiple of training.micro_batch_size x parallel.dp = 4 x 32 = 128"), "{e}");
+        // The written config keeps what was given (a resume re-derives it).
+        let again = Config::from_toml(&toml::to_string(&c).unwrap(), "again.toml", &[]).unwrap();
+        assert_eq!((again.training.global_batch_size, again.training.grad_accum_steps), (Some(64), None));
+
+        let c = load("", &["training.grad_accum_steps=3"]).unwrap();
+        assert_eq!(c.batch(2).unwrap().global_batch_size, 8 * 3 * 2);
+
+        assert_eq!(c.peak_lr(4), 6e-4);
+        let c = load("", &["optimizer.lr_scaling=\"linear\"", "optimizer.lr=1e-3"]).unwrap();
+        assert_eq!(c.peak_lr(4), 4e-3);
+    }
+
+    #[test]
+    fn parallel_errors_name_the_key() {
+        let cases: &[(&[&str], &[&str])] = &[
+            (&["parallel.tp=2"], &["parallel.tp = 2", "not supported yet"]),
+            (&["parallel.pp=4"], &["parallel.pp = 4", "pipeline", "not supported yet"]),
+            (&["parallel.dp=0"], &["parallel.dp = 0", "at least 1"]),
+            (&["parallel.zero_stage=3"], &["parallel.zero_stage = 3", "0", "1"]),
+            (&["parallel.bucket_mb=0"], &["parallel.bucket_mb = 0", "> 0"]),
+            (&["parallel.timeout_secs=0"], &["parallel.timeout_secs = 0"]),
+            (&["parallel.world=2"], &["parallel", "world"]),
+            (&["optimizer.lr_scaling=\"sqrt\""], &["optimizer.lr_scaling", "none", "linear"]),
+            (
+                &["training.global_batch_size=64", "training.grad_accum_steps=2"],
+                &["training.global_batch_size = 64", "training.grad_accum_steps = 2", "both"],
+            ),
+            (&["training.global_batch_size=20"], &["training.global_batch_size = 20", "training.micro_batch_size = 8"]),
+            (&["training.global_batch_size=0"], &["training.global_batch_size = 0", "at least 1"]),
+        ];
+        for (overrides, needles) in cases {
+            let e = load("", overrides).unwrap_err();
+            for n in *needles {
+                assert!(e.contains(n), "{overrides:?}: {e:?} lacks {n:?}");
+            }
+        }
+    }
+
+    #[test]
     fn explicit_model_needs_every_size() {
         let src = "[model]\nn_layer = 2\nn_head = 2\n[data]\ntrain = \"x\"\n";
         let e = Config::from_toml(src, "m.toml", &[]).unwrap_err().to_string();
