@@ -2,11 +2,14 @@
 //!
 //! - `model.safetensors` (rank 0): every parameter as the model holds it, with
 //!   the model config in its metadata: also a weights file for `trainer eval`.
-//! - `optim_rankNNNNN.safetensors` (each rank): the AdamW state this rank
-//!   holds, flat over its range of the parameters' flat layout
-//!   (`trainer_nn::FlatLayout`): moments `exp_avg` and `exp_avg_sq`, and for
-//!   half-precision parameters the f32 `master`; the range is in the metadata.
-//! - The manifest: counters, every rank's data position, the seed, the configs.
+//! - `optim_rankNNNNN.safetensors`: the AdamW state, flat over a range of the
+//!   parameters' flat layout (`trainer_nn::FlatLayout`): moments `exp_avg` and
+//!   `exp_avg_sq`, and for half-precision parameters the f32 `master`; the
+//!   range is in the metadata. Under ZeRO-1 every rank writes its own shard;
+//!   otherwise rank 0 alone writes the whole state (every rank holds the same)
+//!   and every rank reads it back.
+//! - The manifest (rank 0, after gathering every rank's file entries and data
+//!   position): counters, every rank's data position, the seed, the configs.
 //!
 //! A resume checks the checkpoint against the live model and config (shape,
 //! dtype, layout, every tensor's presence, shape and dtype) before it changes
