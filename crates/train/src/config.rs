@@ -156,6 +156,10 @@ pub struct ParallelConfig {
     pub zero_stage: u32,
     /// Gradients are all-reduced in buckets of this many MiB.
     pub bucket_mb: f64,
+    /// Start each bucket's all-reduce during the last micro-step's backward
+    /// pass, as soon as its gradients are final (ZeRO stage 0), so that
+    /// communication overlaps computation; false: all after the backward pass.
+    pub overlap: bool,
     /// A collective that has not completed within this many seconds aborts the
     /// job, naming the operation.
     pub timeout_secs: u64,
@@ -163,7 +167,7 @@ pub struct ParallelConfig {
 
 impl Default for ParallelConfig {
     fn default() -> Self {
-        ParallelConfig { dp: None, tp: 1, pp: 1, zero_stage: 0, bucket_mb: 25.0, timeout_secs: 600 }
+        ParallelConfig { dp: None, tp: 1, pp: 1, zero_stage: 0, bucket_mb: 25.0, overlap: true, timeout_secs: 600 }
     }
 }
 

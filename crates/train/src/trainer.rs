@@ -316,7 +316,8 @@ impl<'a> Run<'a> {
         let opt = AdamW::for_range(adamw, &model.params(), layout.clone(), range)?;
         let data_parallel = if dp > 1 {
             let bucket_bytes = (cfg.parallel.bucket_mb * (1 << 20) as f64) as usize;
-            Some(DataParallel::new(mesh.dp().clone(), zero_stage, bucket_bytes, layout, &model)?)
+            let buckets = (bucket_bytes, cfg.parallel.overlap);
+            Some(DataParallel::new(mesh.dp().clone(), zero_stage, buckets, layout, &model)?)
         } else {
             None
         };
@@ -505,9 +506,18 @@ impl<'a> Run<'a> {
         let accum = self.batch.grad_accum_steps;
         self.model.zero_grad()?;
         let mut loss = 0.0;
-        for _ in 0..accum {
+        for micro in 0..accum {
             self.train_loader.next_batch(x, y);
-            self.model.forward_backward(&mut self.acts, x, y, 1.0 / accum as f64)?;
+            let scale = 1.0 / accum as f64;
+            match self.dp.as_mut().filter(|dp| dp.overlaps() && micro + 1 == accum) {
+                // The last micro-step: buckets start as their gradients become final.
+                Some(dp) => {
+                    dp.begin_step();
+                    let ready = &mut |m: &Gpt, params| dp.grads_ready(m, params);
+                    self.model.forward_backward_with(&mut self.acts, x, y, scale, ready)?;
+                }
+                None => self.model.forward_backward(&mut self.acts, x, y, scale)?,
+            }
             loss += self.acts.mean_loss()? / accum as f64;
         }
         match &mut self.dp {
