@@ -7,7 +7,8 @@
 #     tokens: micro-batch 16 x grad_accum 4/2/1), 20 steps: loss trajectories
 #     side by side and the largest difference from 1 GPU;
 # (b) weak scaling: micro-batch 32, grad_accum 1, 1 GPU vs 4 GPUs: tokens/s
-#     per GPU and the efficiency;
+#     per GPU and the efficiency; and 4 GPUs without overlapping the gradient
+#     all-reduce with the backward pass (parallel.overlap = false);
 # (c) ZeRO-1 on 4 GPUs against (b)'s ZeRO-0: tokens/s, peak memory, optimizer
 #     state per rank;
 # (d) the peer: PyTorch DDP, 4 GPUs, micro-batch 32, torch.compile.
@@ -60,6 +61,7 @@ train 4 a_4gpu training.micro_batch_size=16 training.grad_accum_steps=1
 # (b) weak scaling, (c) ZeRO-1.
 train 1 b_1gpu training.micro_batch_size=32 training.grad_accum_steps=1
 train 4 b_4gpu training.micro_batch_size=32 training.grad_accum_steps=1
+train 4 b_4gpu_no_overlap training.micro_batch_size=32 training.grad_accum_steps=1 parallel.overlap=false
 train 4 c_4gpu_zero1 training.micro_batch_size=32 training.grad_accum_steps=1 parallel.zero_stage=1
 # (d) the peer.
 timeout 400 torchrun --nproc_per_node 4 .dev/torch_gpt_bench.py --size 124m --batch 32 --compile \
@@ -100,6 +102,7 @@ ok = all(d == d and d <= 0.05 for d in diffs.values()) and all(len(loss[r]) == 2
 
 t1, t4 = tok("b_1gpu", 1), tok("b_4gpu", 4)
 t4z = tok("c_4gpu_zero1", 4)
+t4n = tok("b_4gpu_no_overlap", 4)
 peer = re.search(r"tok_s=(\d+) mfu=([0-9.]+)% mem_GB=([0-9.]+)", open(os.path.join(out, "d_peer.log")).read())
 print()
 print(f'{"check":<42} result')
@@ -109,6 +112,7 @@ print(f'{"(a) trajectories match (bf16, <= 0.05)":<42} {"pass" if ok else "FAIL"
 print(f'{"(b) 1 GPU tok/s per GPU (b32)":<42} {t1:.0f}  peak_mem_gb={mem("b_1gpu"):.2f}')
 print(f'{"(b) 4 GPUs tok/s per GPU (b32)":<42} {t4:.0f}  total={4*t4:.0f} peak_mem_gb={mem("b_4gpu"):.2f} optimizer_state_gb={state("b_4gpu"):.3f}')
 print(f'{"(b) weak-scaling efficiency (target 95%)":<42} {100*t4/t1:.1f}%')
+print(f'{"(b) 4 GPUs without overlap, tok/s per GPU":<42} {t4n:.0f}  efficiency={100*t4n/t1:.1f}%')
 print(f'{"(c) 4 GPUs ZeRO-1 tok/s per GPU":<42} {t4z:.0f}  total={4*t4z:.0f} peak_mem_gb={mem("c_4gpu_zero1"):.2f} optimizer_state_gb={state("c_4gpu_zero1"):.3f}')
 if peer:
     print(f'{"(d) PyTorch DDP 4 GPUs b32 compile":<42} total={peer.group(1)} per_gpu={int(peer.group(1))/4:.0f} mfu={peer.group(2)}% mem_GB={peer.group(3)}')

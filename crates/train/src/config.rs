@@ -603,7 +603,7 @@ train = "x/train_*.bin"
     #[test]
     fn global_batch_and_parallel_settings() {
         let c = load("", &[]).unwrap();
-        assert_eq!(c.parallel.zero_stage, 0);
+        assert_eq!((c.parallel.zero_stage, c.parallel.bucket_mb, c.parallel.overlap), (0, 25.0, true));
         assert_eq!(c.mesh_spec(), trainer_comm::MeshSpec { dp: None, tp: 1, pp: 1 });
         assert_eq!(c.comm_options().timeout, std::time::Duration::from_secs(600));
         let b = c.batch(4).unwrap();

@@ -93,7 +93,18 @@ impl DataParallel {
             })
             .collect();
         let overlap = overlap && zero_stage == 0;
-        Ok(DataParallel { group, zero_stage, layout, pieces, own, flat, buckets, overlap, param_buckets, work: Vec::new() })
+        Ok(DataParallel {
+            group,
+            zero_stage,
+            layout,
+            pieces,
+            own,
+            flat,
+            buckets,
+            overlap,
+            param_buckets,
+            work: Vec::new(),
+        })
     }
 
     /// Whether [`DataParallel::grads_ready`] should hear of the last
