@@ -267,29 +267,51 @@ fn state_bytes(out: &str) -> u64 {
     field.and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no optimizer_state_bytes_per_rank in {out}"))
 }
 
-#[test]
-fn resume_under_two_ranks_is_exact() {
+/// Trains 6 steps under 2 ranks with a checkpoint at step 3, then resumes a
+/// second job from a copy of it: steps 4 to 6 and the weights, bit for bit.
+fn resume_under_two_ranks_is_exact(zero_stage: u32) {
     if !mpi_available() {
         return;
     }
     let ws = Workspace::new();
-    let sets = ["parallel.zero_stage=1", "checkpoint.interval=3"];
+    let zero = format!("parallel.zero_stage={zero_stage}");
+    let sets = [zero.as_str(), "checkpoint.interval=3"];
     let out = ws.train(Some(2), "full", &sets);
     let ckpt = ws.path().join("full/checkpoints/step_00000003");
     let manifest: serde_json::Value =
         serde_json::from_str(&fs::read_to_string(ckpt.join("manifest.json")).unwrap()).unwrap();
-    assert_eq!(manifest["layout"], serde_json::json!({"world_size": 2, "data_parallel": 2, "zero_stage": 1}));
+    let layout = serde_json::json!({"world_size": 2, "data_parallel": 2, "zero_stage": zero_stage});
+    assert_eq!(manifest["layout"], layout);
     let ranks: Vec<u64> =
         manifest["state"]["data"].as_array().unwrap().iter().map(|d| d["rank"].as_u64().unwrap()).collect();
     assert_eq!(ranks, vec![0, 1], "every rank's data position");
-    let files: Vec<&str> = manifest["files"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
-    for f in ["model.safetensors", "optim_rank00000.safetensors", "optim_rank00001.safetensors"] {
-        assert!(files.contains(&f), "{f} in {files:?}");
-    }
-    // ZeRO-1 halves the optimizer state of a rank (up to the layout's padding).
+    let files: Vec<(&str, Option<u64>)> = manifest["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["name"].as_str().unwrap(), f["rank"].as_u64()))
+        .collect();
+    let expected: Vec<(&str, Option<u64>)> = if zero_stage == 1 {
+        // Each rank's shard, read back by that rank.
+        vec![
+            ("model.safetensors", None),
+            ("optim_rank00000.safetensors", Some(0)),
+            ("optim_rank00001.safetensors", Some(1)),
+        ]
+    } else {
+        // The replicated state once, read back by every rank.
+        vec![("model.safetensors", None), ("optim_rank00000.safetensors", None)]
+    };
+    assert_eq!(files, expected);
     let single = ws.train(None, "single", &["training.max_steps=1"]);
-    let (sharded, whole) = (state_bytes(&out), state_bytes(&single));
-    assert!(sharded * 2 >= whole && sharded * 2 <= whole + 4096, "{sharded} x 2 vs {whole}");
+    let (per_rank, whole) = (state_bytes(&out), state_bytes(&single));
+    if zero_stage == 1 {
+        // ZeRO-1 halves the optimizer state of a rank (up to the layout's padding).
+        assert!(per_rank * 2 >= whole && per_rank * 2 <= whole + 4096, "{per_rank} x 2 vs {whole}");
+        assert!(out.contains(&format!("(unsharded {whole}, saved {} per rank)", whole - per_rank)), "{out}");
+    } else {
+        assert_eq!(per_rank, whole);
+    }
 
     // A second job finds the step-3 checkpoint in its own checkpoint
     // directory (resume = "auto": rank 0 decides, rank 1 follows).
@@ -306,6 +328,16 @@ fn resume_under_two_ranks_is_exact() {
     let (a, b) = (ws.steps("full"), ws.steps("resumed"));
     assert_eq!(&a[3..], &b[..], "steps 4 to 6, bit for bit");
     assert_eq!(ws.weights("full"), ws.weights("resumed"));
+}
+
+#[test]
+fn resume_under_two_ranks_is_exact_zero1() {
+    resume_under_two_ranks_is_exact(1);
+}
+
+#[test]
+fn resume_under_two_ranks_is_exact_zero0() {
+    resume_under_two_ranks_is_exact(0);
 }
 
 #[test]
