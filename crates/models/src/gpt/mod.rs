@@ -6,4 +6,4 @@ mod config;
 mod model;
 
 pub use config::{GptConfig, PRESETS};
-pub use model::{Gpt, GptActs};
+pub use model::{Gpt, GptActs, GradsReady};

@@ -26,6 +26,10 @@ pub struct Gpt {
     device: Device,
 }
 
+/// Told which parameters' gradients (indices into [`Module::params`]) are final
+/// during a backward pass; see [`Gpt::forward_backward_with`].
+pub type GradsReady<'a, E> = dyn FnMut(&Gpt, Range<usize>) -> std::result::Result<(), E> + 'a;
+
 /// Activations of one micro-batch of shape (B, T), allocated once and reused.
 #[derive(Debug)]
 pub struct GptActs {
@@ -191,7 +195,7 @@ impl Gpt {
         tokens: &[u32],
         targets: &[u32],
         loss_scale: f64,
-        ready: &mut dyn FnMut(&Gpt, Range<usize>) -> std::result::Result<(), E>,
+        ready: &mut GradsReady<'_, E>,
     ) -> std::result::Result<(), E> {
         self.forward_to_logits(acts, tokens)?;
         acts.targets.copy_from_slice(targets)?;
@@ -228,7 +232,7 @@ impl Gpt {
     fn backward<E: From<Error> + From<trainer_core::Error>>(
         &mut self,
         acts: &mut GptActs,
-        ready: &mut dyn FnMut(&Gpt, Range<usize>) -> std::result::Result<(), E>,
+        ready: &mut GradsReady<'_, E>,
     ) -> std::result::Result<(), E> {
         // Parameter order: wte, wpe, each block's, ln_f's.
         let per_block = self.blocks.first().map_or(0, |b| b.params().len());
