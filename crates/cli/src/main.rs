@@ -9,9 +9,10 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
+use trainer_comm::{World, abort_job};
 use trainer_data::{PrepareOptions, Tokenizer, prepare};
 use trainer_train::{
-    Config, Outcome, StopSignal, TrainSummary, evaluate_checkpoint, evaluate_weights, signal_name, train,
+    Config, Outcome, StopSignal, TrainSummary, evaluate_checkpoint, evaluate_weights, signal_name, train_in,
 };
 
 #[derive(Parser, Debug)]
@@ -138,10 +139,20 @@ fn run_train(job: &JobArgs, sm: Option<&trainer_sagemaker::Paths>) -> Result<Exi
 }
 
 /// Trains and prints the summary line (or, stopped by a signal, where the
-/// checkpoint to resume from is).
+/// checkpoint to resume from is). Under `mpirun` this process is one rank of
+/// the job: an error ends every rank (with this rank's message) rather than
+/// returning, since the others would wait for this one in a collective.
 fn train_and_report(cfg: &Config) -> Result<TrainSummary> {
     let stop = StopSignal::install()?;
-    let s = train(cfg, &stop)?;
+    let world = World::init(cfg.comm_options())?;
+    let s = match train_in(cfg, &stop, &world) {
+        Ok(s) => s,
+        Err(e) if world.is_distributed() => abort_job(&format!("{e:#}")),
+        Err(e) => return Err(e.into()),
+    };
+    if s.rank != 0 {
+        return Ok(s);
+    }
     let checkpoint = s.checkpoint.as_ref().map_or("none".to_string(), |p| p.display().to_string());
     if let Outcome::Stopped { signal } = s.outcome {
         println!(

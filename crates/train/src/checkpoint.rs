@@ -9,7 +9,7 @@
 //!   manifest.json                 format version, step, parallel layout, each file's
 //!                                 size and sha256, the trainer's counters and config
 //!   model.safetensors             (written by rank 0) parameters
-//!   optim_rank00000.safetensors   (one per rank) that rank's optimizer state
+//!   optim_rank00000.safetensors   optimizer state: rank 0's, or one per rank under ZeRO-1
 //! .step_00000200.partial/         a save in progress, or one that was killed: never read
 //! .step_00000050.deleting/        a checkpoint being pruned or replaced: never read
 //! ```
@@ -23,7 +23,8 @@
 //!
 //! With several ranks the caller puts a barrier between [`Store::begin`] on rank
 //! 0 and the other ranks' writes, and gathers every rank's [`FileEntry`]s to rank
-//! 0 (see [`PendingSave::add_entries`]) before it commits.
+//! 0 (see [`PendingSave::add_entries`]) before it commits (the trainer's
+//! `state::save` does both).
 
 use std::borrow::Cow;
 use std::cell::RefCell;
@@ -59,9 +60,9 @@ fn io_err(path: &Path, e: std::io::Error) -> Error {
 pub struct Layout {
     pub world_size: usize,
     pub data_parallel: usize,
-    /// 0: every rank's optimizer file holds the whole optimizer state (rank 0's is
-    /// read); 1 (ZeRO-1): each data-parallel rank holds its 1/dp of the masters
-    /// and moments.
+    /// 0: rank 0's optimizer file holds the whole optimizer state, which every
+    /// rank reads back; 1 (ZeRO-1): each data-parallel rank writes and reads its
+    /// own file with its 1/dp of the masters and moments.
     pub zero_stage: u32,
 }
 

@@ -29,6 +29,8 @@ pub struct Config {
     pub eval: EvalConfig,
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
+    #[serde(default)]
+    pub parallel: ParallelConfig,
 }
 
 /// A preset, optionally with fields overridden, or every size field given.
@@ -77,7 +79,15 @@ pub struct TrainingConfig {
     pub dtype: Precision,
     pub micro_batch_size: usize,
     pub seq_len: usize,
-    pub grad_accum_steps: usize,
+    /// Micro-steps per optimizer step on each data-parallel rank; unset: 1, or
+    /// derived from `global_batch_size`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_accum_steps: Option<usize>,
+    /// Sequences per optimizer step over all data-parallel ranks (micro_batch_size
+    /// x grad_accum_steps x parallel.dp); an alternative to grad_accum_steps that
+    /// keeps the global batch whatever the number of ranks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub global_batch_size: Option<usize>,
     pub max_steps: u64,
     pub seed: u64,
     /// Global gradient-norm clipping threshold; 0 disables clipping.
@@ -96,7 +106,8 @@ impl Default for TrainingConfig {
             dtype: Precision::Fp32,
             micro_batch_size: 8,
             seq_len: 1024,
-            grad_accum_steps: 1,
+            grad_accum_steps: None,
+            global_batch_size: None,
             max_steps: 1000,
             seed: 1337,
             grad_clip: 1.0,
@@ -114,12 +125,65 @@ pub struct OptimizerConfig {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    /// How `lr` changes with the number of data-parallel ranks: "none" (the
+    /// default: `lr` is used as written) or "linear" (`lr` x parallel.dp, the
+    /// rule of Goyal et al. for a global batch that grows with the ranks).
+    pub lr_scaling: LrScaling,
 }
 
 impl Default for OptimizerConfig {
     fn default() -> Self {
-        OptimizerConfig { lr: 6e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 }
+        OptimizerConfig { lr: 6e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, lr_scaling: LrScaling::None }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrScaling {
+    None,
+    Linear,
+}
+
+/// The `[parallel]` section: how the processes `mpirun` starts share the work.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParallelConfig {
+    /// Data-parallel ranks; unset: the number of processes / (tp x pp).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dp: Option<usize>,
+    /// Tensor-parallel ranks (only 1 so far).
+    pub tp: usize,
+    /// Pipeline stages (only 1 so far).
+    pub pp: usize,
+    /// 0: every rank holds the whole optimizer state; 1 (ZeRO-1): each
+    /// data-parallel rank holds 1/dp of the master weights and moments.
+    pub zero_stage: u32,
+    /// Gradients are all-reduced in buckets of this many MiB.
+    pub bucket_mb: f64,
+    /// Start each bucket's all-reduce during the last micro-step's backward
+    /// pass, as soon as its gradients are final (ZeRO stage 0), so that
+    /// communication overlaps computation; false: all after the backward pass.
+    pub overlap: bool,
+    /// A collective that has not completed within this many seconds aborts the
+    /// job, naming the operation.
+    pub timeout_secs: u64,
+}
+
+impl Default for ParallelConfig {
+    fn default() -> Self {
+        ParallelConfig { dp: None, tp: 1, pp: 1, zero_stage: 0, bucket_mb: 25.0, overlap: true, timeout_secs: 600 }
+    }
+}
+
+/// The batch of one optimizer step, resolved against the number of
+/// data-parallel ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchShape {
+    pub micro_batch_size: usize,
+    pub grad_accum_steps: usize,
+    pub dp: usize,
+    /// micro_batch_size x grad_accum_steps x dp sequences.
+    pub global_batch_size: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -358,6 +422,74 @@ impl Config {
         Ok(g)
     }
 
+    fn validate_parallel(&self) -> std::result::Result<(), String> {
+        let p = &self.parallel;
+        if p.dp == Some(0) {
+            return Err("parallel.dp = 0: must be at least 1 (or left out: the number of processes)".into());
+        }
+        for (key, v, what) in [("tp", p.tp, "tensor"), ("pp", p.pp, "pipeline")] {
+            if v != 1 {
+                return Err(format!("parallel.{key} = {v}: {what} parallelism is not supported yet; use 1"));
+            }
+        }
+        if p.zero_stage > 1 {
+            return Err(format!(
+                "parallel.zero_stage = {}: allowed are 0 (no sharding) and 1 (optimizer state sharded)",
+                p.zero_stage
+            ));
+        }
+        if !(p.bucket_mb.is_finite() && p.bucket_mb > 0.0) {
+            return Err(format!(
+                "parallel.bucket_mb = {}: must be a number > 0 (MiB per all-reduce bucket)",
+                p.bucket_mb
+            ));
+        }
+        if p.timeout_secs == 0 {
+            return Err("parallel.timeout_secs = 0: must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The settings of the communication layer.
+    pub fn comm_options(&self) -> trainer_comm::CommOptions {
+        trainer_comm::CommOptions { timeout: std::time::Duration::from_secs(self.parallel.timeout_secs) }
+    }
+
+    /// The mesh sizes as written (dp unset: inferred from the world).
+    pub fn mesh_spec(&self) -> trainer_comm::MeshSpec {
+        trainer_comm::MeshSpec { dp: self.parallel.dp, tp: self.parallel.tp, pp: self.parallel.pp }
+    }
+
+    /// The step's batch with `dp` data-parallel ranks: grad_accum_steps as
+    /// given, or derived from global_batch_size (which must divide evenly).
+    pub fn batch(&self, dp: usize) -> std::result::Result<BatchShape, String> {
+        let t = &self.training;
+        let micro = t.micro_batch_size;
+        let accum = match (t.global_batch_size, t.grad_accum_steps) {
+            (Some(g), _) => {
+                let per_step = micro * dp;
+                if g % per_step != 0 {
+                    return Err(format!(
+                        "training.global_batch_size = {g} is not a multiple of training.micro_batch_size x \
+                         parallel.dp = {micro} x {dp} = {per_step}: change training.global_batch_size, \
+                         training.micro_batch_size or the number of processes"
+                    ));
+                }
+                g / per_step
+            }
+            (None, a) => a.unwrap_or(1),
+        };
+        Ok(BatchShape { micro_batch_size: micro, grad_accum_steps: accum, dp, global_batch_size: micro * accum * dp })
+    }
+
+    /// The peak learning rate with `dp` data-parallel ranks (see `optimizer.lr_scaling`).
+    pub fn peak_lr(&self, dp: usize) -> f64 {
+        match self.optimizer.lr_scaling {
+            LrScaling::None => self.optimizer.lr,
+            LrScaling::Linear => self.optimizer.lr * dp as f64,
+        }
+    }
+
     /// Range checks that the types cannot express. Each message names the key,
     /// the value given and what is allowed.
     pub fn validate(&self) -> std::result::Result<(), String> {
@@ -366,7 +498,26 @@ impl Config {
         let at_least_1 = |k: &str, v: u64| if v >= 1 { Ok(()) } else { Err(format!("{k} = {v}: must be at least 1")) };
         at_least_1("training.micro_batch_size", t.micro_batch_size as u64)?;
         at_least_1("training.seq_len", t.seq_len as u64)?;
-        at_least_1("training.grad_accum_steps", t.grad_accum_steps as u64)?;
+        if let Some(a) = t.grad_accum_steps {
+            at_least_1("training.grad_accum_steps", a as u64)?;
+        }
+        if let Some(g) = t.global_batch_size {
+            at_least_1("training.global_batch_size", g as u64)?;
+            if t.grad_accum_steps.is_some() {
+                return Err(format!(
+                    "training.global_batch_size = {g} and training.grad_accum_steps = {} are both set: give one \
+                     (global_batch_size = micro_batch_size x grad_accum_steps x parallel.dp)",
+                    t.grad_accum_steps.unwrap_or(1)
+                ));
+            }
+            if !g.is_multiple_of(t.micro_batch_size) {
+                return Err(format!(
+                    "training.global_batch_size = {g} is not a multiple of training.micro_batch_size = {}",
+                    t.micro_batch_size
+                ));
+            }
+        }
+        self.validate_parallel()?;
         at_least_1("training.max_steps", t.max_steps)?;
         at_least_1("logging.interval", self.logging.interval)?;
         at_least_1("eval.batches", self.eval.batches as u64)?;
@@ -487,6 +638,59 @@ train = "x/train_*.bin"
             assert!(!e.contains('\n'), "one line: {e}");
             for n in *needles {
                 assert!(e.contains(n), "{extra:?} {overrides:?}: {e:?} lacks {n:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn global_batch_and_parallel_settings() {
+        let c = load("", &[]).unwrap();
+        assert_eq!((c.parallel.zero_stage, c.parallel.bucket_mb, c.parallel.overlap), (0, 25.0, true));
+        assert_eq!(c.mesh_spec(), trainer_comm::MeshSpec { dp: None, tp: 1, pp: 1 });
+        assert_eq!(c.comm_options().timeout, std::time::Duration::from_secs(600));
+        let b = c.batch(4).unwrap();
+        assert_eq!((b.grad_accum_steps, b.global_batch_size), (1, 32));
+
+        let c = load("", &["training.global_batch_size=64", "training.micro_batch_size=4"]).unwrap();
+        assert_eq!(c.batch(1).unwrap().grad_accum_steps, 16);
+        assert_eq!(c.batch(4).unwrap().grad_accum_steps, 4);
+        assert_eq!(c.batch(16).unwrap().grad_accum_steps, 1);
+        let e = c.batch(32).unwrap_err();
+        assert!(e.contains("training.global_batch_size = 64 is not a multiple of training.micro_batch_size x parallel.dp = 4 x 32 = 128"), "{e}");
+        // The written config keeps what was given (a resume re-derives it).
+        let again = Config::from_toml(&toml::to_string(&c).unwrap(), "again.toml", &[]).unwrap();
+        assert_eq!((again.training.global_batch_size, again.training.grad_accum_steps), (Some(64), None));
+
+        let c = load("", &["training.grad_accum_steps=3"]).unwrap();
+        assert_eq!(c.batch(2).unwrap().global_batch_size, 8 * 3 * 2);
+
+        assert_eq!(c.peak_lr(4), 6e-4);
+        let c = load("", &["optimizer.lr_scaling=\"linear\"", "optimizer.lr=1e-3"]).unwrap();
+        assert_eq!(c.peak_lr(4), 4e-3);
+    }
+
+    #[test]
+    fn parallel_errors_name_the_key() {
+        let cases: &[(&[&str], &[&str])] = &[
+            (&["parallel.tp=2"], &["parallel.tp = 2", "not supported yet"]),
+            (&["parallel.pp=4"], &["parallel.pp = 4", "pipeline", "not supported yet"]),
+            (&["parallel.dp=0"], &["parallel.dp = 0", "at least 1"]),
+            (&["parallel.zero_stage=3"], &["parallel.zero_stage = 3", "0", "1"]),
+            (&["parallel.bucket_mb=0"], &["parallel.bucket_mb = 0", "> 0"]),
+            (&["parallel.timeout_secs=0"], &["parallel.timeout_secs = 0"]),
+            (&["parallel.world=2"], &["parallel", "world"]),
+            (&["optimizer.lr_scaling=\"sqrt\""], &["optimizer.lr_scaling", "none", "linear"]),
+            (
+                &["training.global_batch_size=64", "training.grad_accum_steps=2"],
+                &["training.global_batch_size = 64", "training.grad_accum_steps = 2", "both"],
+            ),
+            (&["training.global_batch_size=20"], &["training.global_batch_size = 20", "training.micro_batch_size = 8"]),
+            (&["training.global_batch_size=0"], &["training.global_batch_size = 0", "at least 1"]),
+        ];
+        for (overrides, needles) in cases {
+            let e = load("", overrides).unwrap_err();
+            for n in *needles {
+                assert!(e.contains(n), "{overrides:?}: {e:?} lacks {n:?}");
             }
         }
     }

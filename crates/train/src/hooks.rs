@@ -8,6 +8,9 @@
 //!   (a test kills the process there).
 //! - `TRAINER_TEST_NAN_ATTEMPTS=A-B` (or `A`): step attempts A to B of this
 //!   process, counted from 1, see a NaN loss, as if the model had diverged.
+//! - `TRAINER_TEST_FAIL=R:A`: the process of rank R fails with an error at its
+//!   step attempt A (after A - 1 steps' collectives), while the other ranks wait
+//!   in the next collective: how a rank that fails alone ends the whole job.
 
 use std::ops::RangeInclusive;
 
@@ -17,6 +20,8 @@ use crate::{Error, Result};
 pub(crate) struct Hooks {
     stall_save: Option<u64>,
     nan_attempts: Option<RangeInclusive<u64>>,
+    /// (rank, attempt)
+    fail: Option<(usize, u64)>,
 }
 
 fn bad(key: &str, value: &str, allowed: &str) -> Error {
@@ -39,7 +44,22 @@ impl Hooks {
             };
             hooks.nan_attempts = Some(a..=b);
         }
+        let key = "TRAINER_TEST_FAIL";
+        if let Ok(v) = std::env::var(key) {
+            let parsed = v.split_once(':').and_then(|(r, a)| Some((r.trim().parse().ok()?, a.trim().parse().ok()?)));
+            hooks.fail = Some(parsed.ok_or_else(|| bad(key, &v, "R:A (a rank and an attempt number)"))?);
+        }
         Ok(hooks)
+    }
+
+    /// An error where a failure is injected for this rank and attempt.
+    pub(crate) fn maybe_fail(&self, rank: usize, attempt: u64) -> Result<()> {
+        match self.fail {
+            Some((r, a)) if (r, a) == (rank, attempt) => {
+                Err(Error::Injected(format!("test hook: rank {rank} failed at step attempt {attempt}")))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The loss this attempt reports: `loss`, or NaN where a fault is injected.

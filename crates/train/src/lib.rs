@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod config;
+mod dp;
 mod eval;
 mod hooks;
 mod metrics;
@@ -17,7 +18,7 @@ pub use eval::{EvalReport, evaluate, evaluate_checkpoint, evaluate_weights};
 pub use metrics::{Metrics, Value};
 pub use progress::Console;
 pub use signals::{StopSignal, signal_name};
-pub use trainer::{Outcome, TrainSummary, train};
+pub use trainer::{Outcome, TrainSummary, train, train_in};
 
 /// Errors of a training job, each a complete sentence naming the file or key.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +32,9 @@ pub enum Error {
     #[error(transparent)]
     Model(#[from] trainer_models::Error),
 
+    #[error(transparent)]
+    Comm(#[from] trainer_comm::Error),
+
     #[error("{context}: {err}")]
     Data { context: String, err: trainer_data::Error },
 
@@ -42,6 +46,10 @@ pub enum Error {
 
     #[error("{0}")]
     Diverged(String),
+
+    /// A failure injected by a test hook (hooks.rs).
+    #[error("{0}")]
+    Injected(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -2,11 +2,14 @@
 //!
 //! - `model.safetensors` (rank 0): every parameter as the model holds it, with
 //!   the model config in its metadata: also a weights file for `trainer eval`.
-//! - `optim_rankNNNNN.safetensors` (each rank): the AdamW state this rank
-//!   holds, flat over its range of the parameters' flat layout
-//!   (`trainer_nn::FlatLayout`): moments `exp_avg` and `exp_avg_sq`, and for
-//!   half-precision parameters the f32 `master`; the range is in the metadata.
-//! - The manifest: counters, every rank's data position, the seed, the configs.
+//! - `optim_rankNNNNN.safetensors`: the AdamW state, flat over a range of the
+//!   parameters' flat layout (`trainer_nn::FlatLayout`): moments `exp_avg` and
+//!   `exp_avg_sq`, and for half-precision parameters the f32 `master`; the
+//!   range is in the metadata. Under ZeRO-1 every rank writes its own shard;
+//!   otherwise rank 0 alone writes the whole state (every rank holds the same)
+//!   and every rank reads it back.
+//! - The manifest (rank 0, after gathering every rank's file entries and data
+//!   position): counters, every rank's data position, the seed, the configs.
 //!
 //! A resume checks the checkpoint against the live model and config (shape,
 //! dtype, layout, every tensor's presence, shape and dtype) before it changes
@@ -20,7 +23,9 @@ use trainer_core::{Tensor, ops};
 use trainer_models::gpt::{Gpt, GptConfig};
 use trainer_nn::{AdamW, Module};
 
-use crate::checkpoint::{Layout, Manifest, Opened, RunShape, Store, TrainerState};
+use trainer_comm::ProcessGroup;
+
+use crate::checkpoint::{FileEntry, Layout, Manifest, Opened, RunShape, Store, TrainerState};
 use crate::hooks::Hooks;
 use crate::{Error, Result};
 
@@ -46,8 +51,18 @@ pub(crate) struct Place {
     pub layout: Layout,
 }
 
-/// Writes the checkpoint of `step` (optimizer updates applied); returns its
-/// directory on rank 0.
+impl Place {
+    /// The rank whose optimizer file this rank writes and reads: its own under
+    /// ZeRO-1, else rank 0's (the state is the same on every rank).
+    pub fn optim_rank(&self) -> usize {
+        if self.layout.zero_stage == 1 { self.rank } else { 0 }
+    }
+}
+
+/// Writes the checkpoint of `step` (optimizer updates applied) together with
+/// every rank of `group` (the world); returns its directory on rank 0.
+/// `state.data` must already hold every rank's data position.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn save(
     store: &Store,
     step: u64,
@@ -56,9 +71,12 @@ pub(crate) fn save(
     place: &Place,
     state: TrainerState,
     hooks: &Hooks,
+    group: &ProcessGroup,
 ) -> Result<Option<PathBuf>> {
     let rank = place.rank;
     let mut pending = store.begin(step, rank)?;
+    // The other ranks write into the directory rank 0 has just made.
+    group.barrier()?;
     let params = model.params();
     if rank == 0 {
         let named: Vec<(String, &Tensor)> = params.iter().map(|p| (p.name.clone(), &p.value)).collect();
@@ -68,11 +86,49 @@ pub(crate) fn save(
         })?;
         pending.write(MODEL_FILE, None, "parameters", &named, BTreeMap::from([("gpt_config".into(), config)]))?;
     }
-    let named: Vec<(String, &Tensor)> = opt.state().into_iter().map(|(n, t)| (n.to_string(), t)).collect();
-    pending.write(&optim_file(rank), Some(rank), "optimizer", &named, range_metadata(opt))?;
+    if place.optim_rank() == rank {
+        let named: Vec<(String, &Tensor)> = opt.state().into_iter().map(|(n, t)| (n.to_string(), t)).collect();
+        // Unsharded state is one file that every rank reads back.
+        let reader = (place.layout.zero_stage == 1).then_some(rank);
+        pending.write(&optim_file(rank), reader, "optimizer", &named, range_metadata(opt))?;
+    }
     hooks.maybe_stall_save(step);
-    // Several ranks: a barrier, and every rank's entries gathered to rank 0, go here.
-    if rank == 0 { pending.commit(place.layout.clone(), state).map(Some) } else { Ok(None) }
+    let others = gather_entries(group, pending.entries(), store)?;
+    if rank == 0 {
+        pending.add_entries(others);
+        let dir = pending.commit(place.layout.clone(), state)?;
+        group.barrier()?;
+        Ok(Some(dir))
+    } else {
+        // Returns once the checkpoint is in place (or rank 0 has failed and aborted the job).
+        group.barrier()?;
+        Ok(None)
+    }
+}
+
+/// Every other rank's file entries, on rank 0 (empty elsewhere).
+fn gather_entries(group: &ProcessGroup, mine: &[FileEntry], store: &Store) -> Result<Vec<FileEntry>> {
+    if group.size() == 1 {
+        return Ok(Vec::new());
+    }
+    let bad = |msg: String| Error::Checkpoint { path: store.dir().display().to_string(), msg };
+    let json = serde_json::to_vec(mine).map_err(|e| bad(format!("file entries: {e}")))?;
+    let lens = group.all_gather_host(&[json.len() as u64])?;
+    let width = lens.iter().copied().max().unwrap_or(0) as usize;
+    let mut padded = json;
+    padded.resize(width, 0);
+    let all = group.all_gather_host(&padded)?;
+    if group.rank() != 0 {
+        return Ok(Vec::new());
+    }
+    let mut entries = Vec::new();
+    for (r, &len) in lens.iter().enumerate().skip(1) {
+        let bytes = &all[r * width..r * width + len as usize];
+        let theirs: Vec<FileEntry> =
+            serde_json::from_slice(bytes).map_err(|e| bad(format!("file entries of rank {r}: {e}")))?;
+        entries.extend(theirs);
+    }
+    Ok(entries)
 }
 
 /// Errors for a checkpoint this run cannot load (another model shape, dtype or
@@ -168,11 +224,12 @@ fn put(dst: &mut Tensor, src: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// Loads parameters and this rank's optimizer state from a checkpoint opened
-/// with its files; every tensor is checked before any is copied.
-pub(crate) fn restore(opened: &mut Opened, model: &mut Gpt, opt: &mut AdamW, rank: usize) -> Result<()> {
+/// Loads parameters and this rank's optimizer state (the file of rank
+/// `optim_rank`, see [`Place::optim_rank`]) from a checkpoint opened with its
+/// files; every tensor is checked before any is copied.
+pub(crate) fn restore(opened: &mut Opened, model: &mut Gpt, opt: &mut AdamW, optim_rank: usize) -> Result<()> {
     let (model_path, mut model_file) = opened.take(MODEL_FILE)?;
-    let (optim_path, mut optim_file) = opened.take(&optim_file(rank))?;
+    let (optim_path, mut optim_file) = opened.take(&optim_file(optim_rank))?;
     let values = model
         .params()
         .iter()
@@ -250,7 +307,7 @@ mod tests {
             run: run_shape(),
             config: String::new(),
         };
-        save(store, step, m, opt, &place(), state, &Hooks::default()).unwrap().unwrap()
+        save(store, step, m, opt, &place(), state, &Hooks::default(), &ProcessGroup::single("world")).unwrap().unwrap()
     }
 
     fn values(m: &Gpt) -> Vec<Vec<f64>> {

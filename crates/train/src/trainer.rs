@@ -8,19 +8,25 @@
 //! the run with a checkpoint of the last good state; a stop signal ends the run
 //! after the current step with a checkpoint.
 //!
-//! Everything is written for rank `rank` of `world` data-parallel ranks (today
-//! always 0 of 1): only rank 0 prints, records metrics and writes the model.
+//! Data parallelism: under `mpirun` every process is one data-parallel rank
+//! (one GPU each) that reads its own slice of every global batch; after the
+//! last micro-step the gradients are averaged over the ranks (`dp.rs`) and
+//! every rank applies the same update. Only rank 0 prints, records metrics
+//! and writes the model; a checkpoint is written by all ranks together. A
+//! plain run is a world of one and takes the single-process path.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
+use trainer_comm::{Mesh, ProcessGroup, ReduceOp, World};
 use trainer_core::{DType, Device};
 use trainer_data::{BatchLoader, LoaderPosition, Shard, find_files};
 use trainer_models::gpt::{Gpt, GptActs, GptConfig};
-use trainer_nn::{AdamW, AdamWConfig, Decay, LrSchedule, Module, clip_coefficient, global_grad_norm};
+use trainer_nn::{AdamW, AdamWConfig, Decay, FlatLayout, LrSchedule, Module, clip_coefficient, global_grad_norm};
 
 use crate::checkpoint::{self, DataPosition, Layout, Opened, RunShape, Store, TrainerState};
-use crate::config::{Config, DecayKind, DeviceKind, Precision, Resume};
+use crate::config::{BatchShape, Config, DecayKind, DeviceKind, LrScaling, Precision, Resume};
+use crate::dp::{DataParallel, state_bytes};
 use crate::eval::evaluate;
 use crate::hooks::Hooks;
 use crate::metrics::{Metrics, Value};
@@ -46,8 +52,8 @@ pub struct TrainSummary {
     pub final_train_loss: f64,
     pub first_val_loss: Option<f64>,
     pub final_val_loss: Option<f64>,
-    /// Mean training throughput of this process, excluding its first step
-    /// (warm-up), evaluation and checkpoints.
+    /// Mean training throughput of the job (all data-parallel ranks together),
+    /// excluding the first step (warm-up), evaluation and checkpoints.
     pub tokens_per_second: f64,
     /// Peak bytes held by tensors on the GPU (None on the CPU).
     pub peak_memory: Option<usize>,
@@ -55,6 +61,8 @@ pub struct TrainSummary {
     pub weights: Option<PathBuf>,
     /// The newest checkpoint of the run's state.
     pub checkpoint: Option<PathBuf>,
+    /// This process's rank in the job (0 in a plain run): only rank 0 reports.
+    pub rank: usize,
 }
 
 /// The configured device, or an error naming the key when it cannot be used.
@@ -62,6 +70,14 @@ pub(crate) fn open_device(cfg: &Config) -> Result<Device> {
     match cfg.training.device {
         DeviceKind::Cpu => Ok(Device::Cpu),
         DeviceKind::Cuda => Device::cuda(0).map_err(|e| cfg.error(format!("training.device = \"cuda\": {e}"))),
+    }
+}
+
+/// The device of this rank: its host's GPU numbered by its local rank.
+fn open_rank_device(cfg: &Config, world: &World) -> Result<Device> {
+    match cfg.training.device {
+        DeviceKind::Cpu => Ok(Device::Cpu),
+        DeviceKind::Cuda => world.cuda_device().map_err(|e| cfg.error(format!("training.device = \"cuda\": {e}"))),
     }
 }
 
@@ -97,11 +113,11 @@ pub(crate) fn open_loader(
     BatchLoader::new(shards, b, t, seed, shuffle, part.0, part.1).map_err(ctx)
 }
 
-fn schedule(cfg: &Config) -> LrSchedule {
-    let o = &cfg.optimizer;
+fn schedule(cfg: &Config, dp: usize) -> LrSchedule {
+    let lr = cfg.peak_lr(dp);
     LrSchedule {
-        base_lr: o.lr,
-        min_lr: o.lr * cfg.lr_schedule.min_lr_ratio,
+        base_lr: lr,
+        min_lr: lr * cfg.lr_schedule.min_lr_ratio,
         warmup_steps: cfg.lr_schedule.warmup_steps,
         total_steps: cfg.training.max_steps,
         decay: match cfg.lr_schedule.kind {
@@ -112,31 +128,70 @@ fn schedule(cfg: &Config) -> LrSchedule {
     }
 }
 
-fn run_shape(cfg: &Config) -> RunShape {
+fn run_shape(cfg: &Config, batch: &BatchShape) -> RunShape {
     let t = &cfg.training;
     RunShape {
         dtype: compute_dtype(cfg).to_string(),
         micro_batch_size: t.micro_batch_size,
         seq_len: t.seq_len,
-        grad_accum_steps: t.grad_accum_steps,
+        grad_accum_steps: batch.grad_accum_steps,
         data_train: cfg.data.train.clone(),
     }
 }
 
 /// The checkpoint to continue from, per `checkpoint.resume`, opened (this
-/// rank's files checked and loaded) and checked against this run.
+/// rank's files checked and loaded) and checked against this run. Rank 0
+/// decides (the others would race it removing leftovers, and could see
+/// another newest checkpoint) and tells the others which directory it chose.
 fn find_resume(
     cfg: &Config,
     store: &Store,
     gpt: &GptConfig,
-    place: &Place,
+    (place, batch): (&Place, &BatchShape),
     console: &Console,
+    world: &ProcessGroup,
 ) -> Result<Option<Opened>> {
     let wanted = checkpoint::for_rank(place.rank);
-    if place.rank == 0 {
-        for p in store.remove_leftovers()? {
-            console.warn(&format!("removed {}, left by an interrupted save", p.display()));
+    let mut opened = if place.rank == 0 { decide_resume(cfg, store, &wanted, console)? } else { None };
+    if world.size() > 1 {
+        use std::os::unix::ffi::{OsStrExt, OsStringExt};
+        let mut path = opened.as_ref().map(|o| o.dir.as_os_str().as_bytes().to_vec());
+        // 0: start afresh; else the length of the path + 1.
+        let mut len = [path.as_ref().map_or(0, |p| p.len() as u64 + 1)];
+        world.broadcast_host(&mut len, 0)?;
+        if len[0] > 0 {
+            let mut bytes = path.take().unwrap_or_else(|| vec![0; len[0] as usize - 1]);
+            world.broadcast_host(&mut bytes, 0)?;
+            if place.rank != 0 {
+                let dir = PathBuf::from(std::ffi::OsString::from_vec(bytes));
+                let o = checkpoint::open(&dir, &wanted).map_err(|e| {
+                    cfg.error(format!(
+                        "checkpoint.resume: rank 0 chose {} but this rank cannot use it: {e}",
+                        dir.display()
+                    ))
+                })?;
+                opened = Some(o);
+            }
         }
+    }
+    if let Some(o) = &opened {
+        let manifest_path = o.dir.join("manifest.json");
+        for w in state::check_fit(&o.manifest, &manifest_path, gpt, &run_shape(cfg, batch), &place.layout)? {
+            console.warn(&w);
+        }
+    }
+    Ok(opened)
+}
+
+/// Rank 0's choice of checkpoint (see [`find_resume`]).
+fn decide_resume(
+    cfg: &Config,
+    store: &Store,
+    wanted: &dyn Fn(&checkpoint::FileEntry) -> bool,
+    console: &Console,
+) -> Result<Option<Opened>> {
+    for p in store.remove_leftovers()? {
+        console.warn(&format!("removed {}, left by an interrupted save", p.display()));
     }
     let existing = store.list()?;
     let opened = match cfg.resume() {
@@ -152,7 +207,7 @@ fn find_resume(
             None
         }
         Resume::Auto => {
-            let found = store.latest(&wanted, &|w| console.warn(w))?;
+            let found = store.latest(wanted, &|w| console.warn(w))?;
             if found.is_none() && !existing.is_empty() {
                 return Err(cfg.error(format!(
                     "checkpoint.resume = \"auto\": none of the {} checkpoints in {} checks out (see the warnings \
@@ -164,7 +219,7 @@ fn find_resume(
             found
         }
         Resume::From(path) => {
-            let o = checkpoint::resolve(&path, &wanted, &|w| console.warn(w))
+            let o = checkpoint::resolve(&path, wanted, &|w| console.warn(w))
                 .map_err(|e| cfg.error(format!("checkpoint.resume = \"{}\": {e}", path.display())))?;
             if let Some((step, newer)) = existing.first().filter(|(s, _)| *s > o.manifest.step) {
                 return Err(cfg.error(format!(
@@ -178,12 +233,6 @@ fn find_resume(
             Some(o)
         }
     };
-    if let Some(o) = &opened {
-        let manifest_path = o.dir.join("manifest.json");
-        for w in state::check_fit(&o.manifest, &manifest_path, gpt, &run_shape(cfg), &place.layout)? {
-            console.warn(&w);
-        }
-    }
     Ok(opened)
 }
 
@@ -196,6 +245,11 @@ struct Run<'a> {
     model: Gpt,
     acts: GptActs,
     opt: AdamW,
+    /// The ranks and their groups (a world of one in a plain run).
+    mesh: Mesh,
+    /// Gradient averaging across data-parallel ranks; None with one rank.
+    dp: Option<DataParallel>,
+    batch: BatchShape,
     schedule: LrSchedule,
     train_loader: BatchLoader,
     val_loader: Option<BatchLoader>,
@@ -216,17 +270,26 @@ struct Run<'a> {
 
 impl<'a> Run<'a> {
     /// Builds everything, from a checkpoint when `checkpoint.resume` finds one.
-    fn new(cfg: &'a Config, rank: usize, world: usize) -> Result<Self> {
-        let place = Place { rank, layout: Layout { world_size: world, data_parallel: world, zero_stage: 0 } };
+    fn new(cfg: &'a Config, world: &World) -> Result<Self> {
         let hooks = Hooks::from_env()?;
         let gpt = cfg.gpt().map_err(|msg| cfg.error(msg))?;
-        let device = open_device(cfg)?;
+        let device = open_rank_device(cfg, world)?;
+        let mesh = Mesh::new(world, &cfg.mesh_spec(), &device).map_err(|e| match e {
+            trainer_comm::Error::Config(msg) => cfg.error(msg),
+            e => e.into(),
+        })?;
+        let (dp, dp_rank) = (mesh.dp().size(), mesh.dp().rank());
+        let batch = cfg.batch(dp).map_err(|msg| cfg.error(msg))?;
+        // Sharding over one rank would only cost the flat buffers.
+        let zero_stage = if dp > 1 { cfg.parallel.zero_stage } else { 0 };
+        let rank = world.rank();
+        let place = Place { rank, layout: Layout { world_size: world.size(), data_parallel: dp, zero_stage } };
         let t_cfg = &cfg.training;
         let bt = (t_cfg.micro_batch_size, t_cfg.seq_len);
 
         // Data first: a missing or corrupt shard should fail before any model work.
         let train_loader =
-            open_loader("data.train", &cfg.data.train, gpt.vocab_size, bt, t_cfg.seed, true, (rank, world))?;
+            open_loader("data.train", &cfg.data.train, gpt.vocab_size, bt, t_cfg.seed, true, (dp_rank, dp))?;
         // Every rank evaluates the same batches.
         let val_loader = match cfg.data.val.as_deref().filter(|p| !p.is_empty()) {
             Some(p) => Some(open_loader("data.val", p, gpt.vocab_size, bt, t_cfg.seed, false, (0, 1))?),
@@ -238,7 +301,8 @@ impl<'a> Run<'a> {
         let store = Store::new(cfg.checkpoint_dir(), cfg.checkpoint.keep_last);
         let config_toml = toml::to_string(cfg).map_err(|e| cfg.error(format!("cannot write it as TOML: {e}")))?;
 
-        let mut resume_from = find_resume(cfg, &store, &gpt, &place, &console)?;
+        let mut resume_from = find_resume(cfg, &store, &gpt, (&place, &batch), &console, mesh.world())?;
+        // Every rank draws the same initial weights from the seed.
         let mut model = Gpt::new(gpt.clone(), compute_dtype(cfg), &device)?;
         if resume_from.is_none() {
             // A checkpoint, when there is one, supersedes model.init_from.
@@ -252,10 +316,18 @@ impl<'a> Run<'a> {
         }
         let acts = model.new_acts(bt.0, bt.1)?;
         let o = &cfg.optimizer;
-        let opt = AdamW::new(
-            AdamWConfig { beta1: o.beta1, beta2: o.beta2, eps: o.eps, weight_decay: o.weight_decay },
-            &model.params(),
-        )?;
+        let adamw = AdamWConfig { beta1: o.beta1, beta2: o.beta2, eps: o.eps, weight_decay: o.weight_decay };
+        let shards = if zero_stage == 1 { dp } else { 1 };
+        let layout = FlatLayout::new(&model.params(), shards);
+        let range = layout.shard(if zero_stage == 1 { dp_rank } else { 0 });
+        let opt = AdamW::for_range(adamw, &model.params(), layout.clone(), range)?;
+        let data_parallel = if dp > 1 {
+            let bucket_bytes = (cfg.parallel.bucket_mb * (1 << 20) as f64) as usize;
+            let buckets = (bucket_bytes, cfg.parallel.overlap);
+            Some(DataParallel::new(mesh.dp().clone(), zero_stage, buckets, layout, &model)?)
+        } else {
+            None
+        };
         let mut run = Run {
             cfg,
             gpt,
@@ -263,7 +335,10 @@ impl<'a> Run<'a> {
             model,
             acts,
             opt,
-            schedule: schedule(cfg),
+            mesh,
+            dp: data_parallel,
+            batch,
+            schedule: schedule(cfg, dp),
             train_loader,
             val_loader,
             metrics,
@@ -290,7 +365,7 @@ impl<'a> Run<'a> {
             path: from.dir.join("manifest.json").display().to_string(),
             msg: format!("has no data position for rank {rank}"),
         })?;
-        state::restore(from, &mut self.model, &mut self.opt, rank)?;
+        state::restore(from, &mut self.model, &mut self.opt, self.place.optim_rank())?;
         let s = &from.manifest.state;
         self.train_loader.seek(LoaderPosition { epoch: pos.epoch, index: pos.index });
         self.step = from.manifest.step;
@@ -308,6 +383,19 @@ impl<'a> Run<'a> {
 
     fn print_header(&self) {
         let t = &self.cfg.training;
+        let b = &self.batch;
+        let lr = match self.cfg.optimizer.lr_scaling {
+            LrScaling::None => format!("{:e}", self.schedule.base_lr),
+            LrScaling::Linear => {
+                format!(
+                    "{:e} (optimizer.lr {:e} x dp {}, lr_scaling=linear)",
+                    self.schedule.base_lr, self.cfg.optimizer.lr, b.dp
+                )
+            }
+        };
+        // The optimizer state of one rank; under ZeRO-1 against what it would be unsharded.
+        let state = state_bytes(&self.opt);
+        let unsharded = state / self.opt.range().len().max(1) * self.opt.layout().len;
         self.console.line(&format!(
             "model=gpt params={} n_layer={} n_head={} n_embd={} vocab={} device={} dtype={} tokens_per_step={} \
              train_batches_per_epoch={} metrics={} checkpoints={}",
@@ -318,10 +406,25 @@ impl<'a> Run<'a> {
             self.gpt.vocab_size,
             self.model.device(),
             self.model.dtype(),
-            t.micro_batch_size * t.seq_len * t.grad_accum_steps,
+            b.global_batch_size * t.seq_len,
             self.train_loader.batches_per_epoch(),
             self.metrics.path().display(),
             self.store.dir().display()
+        ));
+        self.console.line(&format!(
+            "parallel {} zero_stage={} global_batch={} (micro_batch {} x grad_accum {} x dp {}) lr={lr} \
+             optimizer_state_bytes_per_rank={state}{}",
+            self.mesh.shape(),
+            self.place.layout.zero_stage,
+            b.global_batch_size,
+            b.micro_batch_size,
+            b.grad_accum_steps,
+            b.dp,
+            if self.place.layout.zero_stage == 1 {
+                format!(" (unsharded {unsharded}, saved {} per rank)", unsharded - state)
+            } else {
+                String::new()
+            }
         ));
     }
 
@@ -345,16 +448,24 @@ impl<'a> Run<'a> {
         let state = TrainerState {
             optimizer_step: self.opt.step,
             schedule_step: self.step,
-            // Several ranks: every rank's position, gathered to rank 0.
-            data: vec![DataPosition { rank: self.place.rank, epoch: position.epoch, index: position.index }],
+            data: self.gather_positions(position)?,
             seed: c.training.seed,
             first_val_loss: self.first_val,
             last_train_loss: Some(self.last_loss).filter(|l| l.is_finite()),
             model: self.gpt.clone(),
-            run: run_shape(c),
+            run: run_shape(c, &self.batch),
             config: self.config_toml.clone(),
         };
-        let dir = state::save(&self.store, self.step, &self.model, &self.opt, &self.place, state, &self.hooks)?;
+        let dir = state::save(
+            &self.store,
+            self.step,
+            &self.model,
+            &self.opt,
+            &self.place,
+            state,
+            &self.hooks,
+            self.mesh.world(),
+        )?;
         let dir = dir.unwrap_or_else(|| self.store.step_dir(self.step));
         self.console.line(&format!(
             "checkpoint step={} dir={} secs={:.2}",
@@ -366,6 +477,27 @@ impl<'a> Run<'a> {
         Ok(dir)
     }
 
+    /// Every rank's data position (`mine` is this rank's).
+    fn gather_positions(&self, mine: LoaderPosition) -> Result<Vec<DataPosition>> {
+        let all = self.mesh.world().all_gather_host(&[mine.epoch, mine.index as u64])?;
+        Ok(all
+            .chunks_exact(2)
+            .enumerate()
+            .map(|(rank, p)| DataPosition { rank, epoch: p[0], index: p[1] as usize })
+            .collect())
+    }
+
+    /// The stop signal, agreed by every rank: one that reached only some
+    /// ranks (or reached them at different steps) stops them all at the same step.
+    fn stop_requested(&self, stop: &StopSignal) -> Result<Option<i32>> {
+        let world = self.mesh.world();
+        if world.size() == 1 {
+            return Ok(stop.requested());
+        }
+        let all = world.all_gather_host(&[stop.requested().unwrap_or(0)])?;
+        Ok(all.into_iter().find(|&s| s != 0))
+    }
+
     /// The checkpoint of the current state: the one already written, or a new one.
     fn checkpoint_now(&mut self, position: LoaderPosition) -> Result<PathBuf> {
         match &self.saved {
@@ -374,25 +506,45 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// One step's forward and backward over its micro-batches: (mean loss, gradient norm).
+    /// One step's forward and backward over its micro-batches, with the
+    /// gradients averaged over the data-parallel ranks: (mean loss over the
+    /// global batch, gradient norm).
     fn forward_backward(&mut self, x: &mut [u32], y: &mut [u32]) -> Result<(f64, f64)> {
-        let accum = self.cfg.training.grad_accum_steps;
+        let accum = self.batch.grad_accum_steps;
         self.model.zero_grad()?;
         let mut loss = 0.0;
-        for _ in 0..accum {
+        for micro in 0..accum {
             self.train_loader.next_batch(x, y);
-            self.model.forward_backward(&mut self.acts, x, y, 1.0 / accum as f64)?;
+            let scale = 1.0 / accum as f64;
+            match self.dp.as_mut().filter(|dp| dp.overlaps() && micro + 1 == accum) {
+                // The last micro-step: buckets start as their gradients become final.
+                Some(dp) => {
+                    dp.begin_step();
+                    let ready = &mut |m: &Gpt, params| dp.grads_ready(m, params);
+                    self.model.forward_backward_with(&mut self.acts, x, y, scale, ready)?;
+                }
+                None => self.model.forward_backward(&mut self.acts, x, y, scale)?,
+            }
             loss += self.acts.mean_loss()? / accum as f64;
         }
-        Ok((loss, global_grad_norm(&self.model.params())?))
+        match &mut self.dp {
+            None => Ok((loss, global_grad_norm(&self.model.params())?)),
+            Some(dp) => {
+                let norm = dp.reduce_gradients(&self.model)?;
+                let mut mean = [loss];
+                dp.group().all_reduce_host(&mut mean, ReduceOp::Avg)?;
+                Ok((mean[0], norm))
+            }
+        }
     }
 
     /// Steps until `training.max_steps`, a stop signal or too many bad steps.
     fn train_steps(&mut self, stop: &StopSignal, timing: &mut Timing) -> Result<Outcome> {
         let t_cfg = &self.cfg.training;
-        let tokens_per_step = t_cfg.micro_batch_size * t_cfg.seq_len * t_cfg.grad_accum_steps;
-        // Model FLOPs utilization against the GPU's bf16 peak, as the peer benchmark computes it.
-        let flops_per_step = self.gpt.flops_per_token(t_cfg.seq_len) * tokens_per_step as f64;
+        // Of the whole job; each GPU computes 1/dp of it.
+        let tokens_per_step = self.batch.global_batch_size * t_cfg.seq_len;
+        // Model FLOPs utilization of one GPU against its bf16 peak, as the peer benchmark computes it.
+        let flops_per_step = self.gpt.flops_per_token(t_cfg.seq_len) * (tokens_per_step / self.batch.dp) as f64;
         let peak_flops = match &self.device {
             Device::Cuda(d) => d.bf16_peak_flops(),
             Device::Cpu => None,
@@ -403,7 +555,7 @@ impl<'a> Run<'a> {
         // Where the data stood after the last good step.
         let mut good_position = self.train_loader.position();
         loop {
-            if let Some(signal) = stop.requested() {
+            if let Some(signal) = self.stop_requested(stop)? {
                 return self.stop_for(signal, good_position);
             }
             if self.step >= t_cfg.max_steps {
@@ -411,6 +563,7 @@ impl<'a> Run<'a> {
             }
             let started = Instant::now();
             attempts += 1;
+            self.hooks.maybe_fail(self.place.rank, attempts)?;
             let (loss, norm) = self.forward_backward(&mut x, &mut y)?;
             let loss = self.hooks.loss(attempts, loss);
             let next = self.step + 1;
@@ -430,7 +583,11 @@ impl<'a> Run<'a> {
             }
             bad = 0;
             let lr = self.schedule.lr(self.step);
-            self.opt.update(self.model.params_mut(), lr, clip_coefficient(norm, t_cfg.grad_clip))?;
+            let clip = clip_coefficient(norm, t_cfg.grad_clip);
+            match &mut self.dp {
+                None => self.opt.update(self.model.params_mut(), lr, clip)?,
+                Some(dp) => dp.update(&mut self.opt, &mut self.model, lr, clip)?,
+            }
             self.step = next;
             self.last_loss = loss;
             good_position = self.train_loader.position();
@@ -453,7 +610,7 @@ impl<'a> Run<'a> {
                 self.metrics.log(&record)?;
             }
             self.console.progress(self.step, format!("loss {loss:.4}"));
-            if stop.requested().is_some() {
+            if self.stop_requested(stop)?.is_some() {
                 continue; // checkpoint and stop before anything else
             }
             let step = self.step;
@@ -543,17 +700,28 @@ impl Timing {
     }
 }
 
-/// Trains per `cfg`, resuming per `checkpoint.resume`, until `training.max_steps`
-/// or until `stop` fires.
+/// Trains per `cfg` in this process alone, resuming per `checkpoint.resume`,
+/// until `training.max_steps` or until `stop` fires.
 pub fn train(cfg: &Config, stop: &StopSignal) -> Result<TrainSummary> {
-    // Data parallelism will pass these in.
-    let (rank, world) = (0, 1);
-    let mut run = Run::new(cfg, rank, world)?;
+    train_in(cfg, stop, &World::single(cfg.comm_options()))
+}
+
+/// [`train`] as rank `world.rank()` of the job: every rank calls it. An error
+/// on one rank leaves the others waiting in a collective until the timeout;
+/// the caller must end the job (`trainer_comm::abort_job`) instead of
+/// returning.
+pub fn train_in(cfg: &Config, stop: &StopSignal, world: &World) -> Result<TrainSummary> {
+    let rank = world.rank();
+    let mut run = Run::new(cfg, world)?;
     run.print_header();
     if run.step == 0 {
         run.evaluate()?;
     }
-    run.console.start_progress(run.step, cfg.training.max_steps);
+    // Under a launcher stdout is a pseudo-terminal that mpirun relays line by
+    // line: a bar would come out as a stream of escape codes.
+    if !world.is_distributed() {
+        run.console.start_progress(run.step, cfg.training.max_steps);
+    }
     run.metrics.set_console(run.console.clone());
     let mut timing = Timing::default();
     let outcome = run.train_steps(stop, &mut timing);
@@ -580,5 +748,6 @@ pub fn train(cfg: &Config, stop: &StopSignal) -> Result<TrainSummary> {
         },
         weights,
         checkpoint: run.saved.map(|s| s.1),
+        rank,
     })
 }

@@ -1,4 +1,5 @@
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use rand::SeedableRng;
@@ -24,6 +25,10 @@ pub struct Gpt {
     dtype: DType,
     device: Device,
 }
+
+/// Told which parameters' gradients (indices into [`Module::params`]) are final
+/// during a backward pass; see [`Gpt::forward_backward_with`].
+pub type GradsReady<'a, E> = dyn FnMut(&Gpt, Range<usize>) -> std::result::Result<(), E> + 'a;
 
 /// Activations of one micro-batch of shape (B, T), allocated once and reused.
 #[derive(Debug)]
@@ -174,6 +179,24 @@ impl Gpt {
         targets: &[u32],
         loss_scale: f64,
     ) -> Result<()> {
+        self.forward_backward_with(acts, tokens, targets, loss_scale, &mut |_: &Gpt, _| Ok::<(), Error>(()))
+    }
+
+    /// [`Gpt::forward_backward`], calling `ready(self, params)` as soon as the
+    /// gradients of the parameters `params` (indices into [`Module::params`])
+    /// are final for this micro-batch, in the order the backward pass finishes
+    /// them: the final LayerNorm, the blocks from the last to the first, then
+    /// the embeddings (the tied `wte` last of all). Work that needs finished
+    /// gradients (sending them somewhere) can start while the rest of the
+    /// backward pass runs.
+    pub fn forward_backward_with<E: From<Error> + From<trainer_core::Error>>(
+        &mut self,
+        acts: &mut GptActs,
+        tokens: &[u32],
+        targets: &[u32],
+        loss_scale: f64,
+        ready: &mut GradsReady<'_, E>,
+    ) -> std::result::Result<(), E> {
         self.forward_to_logits(acts, tokens)?;
         acts.targets.copy_from_slice(targets)?;
         acts.token_index.update(tokens)?;
@@ -186,7 +209,7 @@ impl Gpt {
             self.config.vocab_size,
             Some(grad_scale),
         )?;
-        self.backward(acts)
+        self.backward(acts, ready)
     }
 
     fn forward_to_logits(&self, acts: &mut GptActs, tokens: &[u32]) -> Result<()> {
@@ -204,8 +227,17 @@ impl Gpt {
         Ok(())
     }
 
-    /// Backward from dL/dlogits (in acts.logits) down to the embeddings.
-    fn backward(&mut self, acts: &mut GptActs) -> Result<()> {
+    /// Backward from dL/dlogits (in acts.logits) down to the embeddings,
+    /// telling `ready` which parameters are done (see [`Gpt::forward_backward_with`]).
+    fn backward<E: From<Error> + From<trainer_core::Error>>(
+        &mut self,
+        acts: &mut GptActs,
+        ready: &mut GradsReady<'_, E>,
+    ) -> std::result::Result<(), E> {
+        // Parameter order: wte, wpe, each block's, ln_f's.
+        let per_block = self.blocks.first().map_or(0, |b| b.params().len());
+        let lnf_start = 2 + per_block * self.blocks.len();
+        let lnf_end = lnf_start + self.ln_f.params().len();
         let GptActs { tokens, encoded, blocks, lnf, lnf_stats, logits, dresid, dlnf, grads, token_index, .. } = acts;
         // LM head: dlnf = dlogits @ wte; dwte += dlogits^T @ lnf.
         ops::linear_backward(dlnf, &mut self.wte.grad, None, logits, lnf, &self.wte.value)?;
@@ -213,13 +245,15 @@ impl Gpt {
         ops::zero(dresid)?;
         let last = blocks.last().map_or(&*encoded, |a| &a.out);
         self.ln_f.backward(dresid, dlnf, last, lnf_stats)?;
+        ready(self, lnf_start..lnf_end)?;
         for i in (0..self.blocks.len()).rev() {
             let (before, rest) = blocks.split_at_mut(i);
             let x = before.last().map_or(&*encoded, |prev| &prev.out);
             self.blocks[i].backward(dresid, x, &mut rest[0], grads)?;
+            ready(self, 2 + i * per_block..2 + (i + 1) * per_block)?;
         }
         ops::embedding_backward(&mut self.wte.grad, &mut self.wpe.grad, dresid, tokens, token_index)?;
-        Ok(())
+        ready(self, 0..2)
     }
 
     /// Writes every parameter (host copies) and the config (as metadata) to a

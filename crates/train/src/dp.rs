@@ -1,0 +1,232 @@
+//! Data parallelism for the training loop: after the last micro-step's
+//! backward, the gradients of every parameter are gathered into one flat
+//! buffer (the optimizer's [`FlatLayout`]) and averaged over the data-parallel
+//! group; then either every rank updates every parameter (ZeRO stage 0), or
+//! each rank updates the parameters of its own shard of the layout and the
+//! shards are all-gathered back (ZeRO-1, which keeps 1/dp of the master
+//! weights and moments per rank).
+//!
+//! Under ZeRO stage 0 the buckets are launched during the last micro-step's
+//! backward pass, each as soon as the gradients of every parameter it holds
+//! are final (the model reports them block by block), on the communication
+//! stream, so that communication overlaps the rest of the backward pass.
+//!
+//! Nothing here runs with a single data-parallel rank: the trainer keeps its
+//! plain path (per-parameter gradients, no flat buffer), so one GPU pays
+//! neither time nor memory for it.
+
+use std::ops::Range;
+
+use trainer_comm::{ProcessGroup, ReduceOp, Work};
+use trainer_core::Tensor;
+use trainer_core::ops::{self, Span};
+use trainer_models::gpt::Gpt;
+use trainer_nn::{AdamW, FlatLayout, FlatPiece, Module, Placement};
+
+use crate::Result;
+
+/// The gradient synchronization and sharded update of one data-parallel rank.
+#[derive(Debug)]
+pub(crate) struct DataParallel {
+    group: ProcessGroup,
+    zero_stage: u32,
+    layout: FlatLayout,
+    /// Every parameter's place in the flat buffer.
+    pieces: Vec<FlatPiece>,
+    /// This rank's pieces (ZeRO-1): the parameters it updates.
+    own: Vec<FlatPiece>,
+    /// (layout.len) gradients, in the parameters' dtype; padding stays zero.
+    /// Under ZeRO-1 it carries the updated parameters back after the step.
+    flat: Tensor,
+    buckets: Vec<Bucket>,
+    /// Launch buckets during the backward pass (ZeRO stage 0 only).
+    overlap: bool,
+    /// The buckets each parameter has elements in.
+    param_buckets: Vec<Vec<usize>>,
+    /// This step's all-reduces so far.
+    work: Vec<Work>,
+}
+
+/// One all-reduce of a range of the flat buffer.
+#[derive(Debug)]
+struct Bucket {
+    range: Range<usize>,
+    /// (in the flat buffer, in the parameter) for every piece of a parameter in the range.
+    pairs: Vec<(Span, Span)>,
+    /// Parameters whose gradients are not final yet in this step.
+    waiting: usize,
+    /// Parameters with elements in the range.
+    params: usize,
+    launched: bool,
+}
+
+/// Splits `0..len` into consecutive ranges of at most `size` elements.
+pub(crate) fn buckets(len: usize, size: usize) -> Vec<Range<usize>> {
+    let size = size.max(1);
+    (0..len.div_ceil(size)).map(|i| i * size..((i + 1) * size).min(len)).collect()
+}
+
+impl DataParallel {
+    /// `layout` must be the optimizer's (sharded into `group.size()` for ZeRO-1).
+    pub(crate) fn new(
+        group: ProcessGroup,
+        zero_stage: u32,
+        (bucket_bytes, overlap): (usize, bool),
+        layout: FlatLayout,
+        model: &Gpt,
+    ) -> Result<Self> {
+        let (dtype, device) = (model.dtype(), model.device().clone());
+        let pieces = layout.pieces(0..layout.len);
+        let own = if zero_stage == 1 { layout.pieces(layout.shard(group.rank())) } else { Vec::new() };
+        let flat = Tensor::zeros([layout.len], dtype, &device)?;
+        let mut param_buckets = vec![Vec::new(); model.params().len()];
+        let buckets = buckets(layout.len, bucket_bytes / dtype.size_in_bytes())
+            .into_iter()
+            .enumerate()
+            .map(|(b, range)| {
+                let inside = layout.pieces(range.clone());
+                for p in &inside {
+                    param_buckets[p.param].push(b);
+                }
+                let pairs = inside.iter().map(|p| (p.in_flat(0), p.in_param())).collect();
+                Bucket { range, pairs, waiting: inside.len(), params: inside.len(), launched: false }
+            })
+            .collect();
+        let overlap = overlap && zero_stage == 0;
+        Ok(DataParallel {
+            group,
+            zero_stage,
+            layout,
+            pieces,
+            own,
+            flat,
+            buckets,
+            overlap,
+            param_buckets,
+            work: Vec::new(),
+        })
+    }
+
+    /// Whether [`DataParallel::grads_ready`] should hear of the last
+    /// micro-step's finished gradients.
+    pub(crate) fn overlaps(&self) -> bool {
+        self.overlap
+    }
+
+    /// Before the last micro-step's backward pass: no bucket is launched yet.
+    pub(crate) fn begin_step(&mut self) {
+        for b in &mut self.buckets {
+            b.waiting = b.params;
+            b.launched = false;
+        }
+        self.work.clear();
+    }
+
+    /// The gradients of parameters `params` are final: launches every bucket
+    /// that now has all of its gradients (a parameter spans one or more
+    /// buckets, and a bucket one or more parameters).
+    pub(crate) fn grads_ready(&mut self, model: &Gpt, params: Range<usize>) -> Result<()> {
+        for p in params {
+            for i in 0..self.param_buckets[p].len() {
+                let b = self.param_buckets[p][i];
+                self.buckets[b].waiting = self.buckets[b].waiting.saturating_sub(1);
+                if self.buckets[b].waiting == 0 && !self.buckets[b].launched {
+                    self.launch(model, b)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies bucket `b`'s gradients into the flat buffer and starts its
+    /// all-reduce (after the copy, on the communication stream).
+    fn launch(&mut self, model: &Gpt, b: usize) -> Result<()> {
+        let params = model.params();
+        let grads: Vec<&Tensor> = params.iter().map(|p| &p.grad).collect();
+        let bucket = &mut self.buckets[b];
+        ops::copy_spans(&mut [&mut self.flat], &grads, &bucket.pairs)?;
+        self.work.push(self.group.start_all_reduce(&mut self.flat, bucket.range.clone(), ReduceOp::Avg)?);
+        bucket.launched = true;
+        Ok(())
+    }
+
+    pub(crate) fn group(&self) -> &ProcessGroup {
+        &self.group
+    }
+
+    /// Averages the accumulated gradients over the group (what the backward
+    /// pass has not launched yet, then waits for all); returns the global
+    /// gradient norm (of the averaged gradients, as one process would see it).
+    pub(crate) fn reduce_gradients(&mut self, model: &Gpt) -> Result<f64> {
+        if self.zero_stage == 1 {
+            let params = model.params();
+            let grads: Vec<&Tensor> = params.iter().map(|p| &p.grad).collect();
+            let pairs: Vec<(Span, Span)> = self.pieces.iter().map(|p| (p.in_flat(0), p.in_param())).collect();
+            ops::copy_spans(&mut [&mut self.flat], &grads, &pairs)?;
+            self.group.reduce_scatter_range(&mut self.flat, 0..self.layout.len, ReduceOp::Avg)?;
+            let mine = self.layout.shard(self.group.rank());
+            let mut sum =
+                [ops::sum_squares_spans(&[&self.flat], &[Span { tensor: 0, start: mine.start, len: mine.len() }])?];
+            self.group.all_reduce_host(&mut sum, ReduceOp::Sum)?;
+            return Ok(sum[0].sqrt());
+        }
+        if !self.overlap {
+            self.begin_step();
+        }
+        // Every bucket is queued before any is waited for, so that they follow
+        // one another on the communication stream without host round trips.
+        for b in 0..self.buckets.len() {
+            if !self.buckets[b].launched {
+                self.launch(model, b)?;
+            }
+        }
+        for w in self.work.drain(..) {
+            w.wait()?;
+        }
+        Ok(ops::sum_squares_all(&[&self.flat])?.sqrt())
+    }
+
+    /// One optimizer update from the averaged gradients; afterwards every
+    /// rank holds the same parameters.
+    pub(crate) fn update(&mut self, opt: &mut AdamW, model: &mut Gpt, lr: f64, grad_scale: f64) -> Result<()> {
+        {
+            let mut values: Vec<&mut Tensor> = model.params_mut().into_iter().map(|p| &mut p.value).collect();
+            // Under ZeRO-1 the optimizer covers only this rank's shard, so
+            // only those parameter elements change here.
+            opt.step(&mut values, Placement::PerParam, &[&self.flat], Placement::Flat, lr, grad_scale)?;
+        }
+        if self.zero_stage == 0 {
+            return Ok(());
+        }
+        // The gradient buffer is spent: it carries the updated shards to every rank.
+        let params = model.params();
+        let values: Vec<&Tensor> = params.iter().map(|p| &p.value).collect();
+        let mine: Vec<(Span, Span)> = self.own.iter().map(|p| (p.in_flat(0), p.in_param())).collect();
+        ops::copy_spans(&mut [&mut self.flat], &values, &mine)?;
+        drop(values);
+        drop(params);
+        self.group.all_gather_range(&mut self.flat, 0..self.layout.len)?;
+        let back: Vec<(Span, Span)> = self.pieces.iter().map(|p| (p.in_param(), p.in_flat(0))).collect();
+        let mut values: Vec<&mut Tensor> = model.params_mut().into_iter().map(|p| &mut p.value).collect();
+        ops::copy_spans(&mut values, &[&self.flat], &back)?;
+        Ok(())
+    }
+}
+
+/// Bytes of the optimizer state `opt` holds (its share under ZeRO-1).
+pub(crate) fn state_bytes(opt: &AdamW) -> usize {
+    opt.state().iter().map(|(_, t)| t.size_in_bytes()).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_cover_the_range_in_order() {
+        assert_eq!(buckets(10, 4), vec![0..4, 4..8, 8..10]);
+        assert_eq!(buckets(8, 4), vec![0..4, 4..8]);
+        assert_eq!(buckets(0, 4), Vec::<Range<usize>>::new());
+        assert_eq!(buckets(3, 0), vec![0..1, 1..2, 2..3]);
+    }
+}
