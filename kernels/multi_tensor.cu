@@ -36,24 +36,27 @@ __device__ void copy_spans_impl(const i64* table) {
 extern "C" __global__ void copy_spans_f32(const i64* table) { copy_spans_impl<float>(table); }
 extern "C" __global__ void copy_spans_bf16(const i64* table) { copy_spans_impl<bf16>(table); }
 
-// Sum of squares, deterministic: block (x, s) writes its strided partial to
-// partials[s * gridDim.x + x]; the host adds them in order. table: {ptr, len}.
-template <typename T>
-__device__ void sumsq_spans_impl(float* partials, const i64* table) {
+// Sums (of values or of squares), deterministic: block (x, s) writes its
+// strided partial to partials[s * gridDim.x + x]; the host adds them in order.
+// table: {ptr, len}.
+template <typename T, bool SQUARE>
+__device__ void sum_spans_impl(float* partials, const i64* table) {
     __shared__ float scratch[32];
     const i64* s = table + 2 * blockIdx.y;
     const T* x = (const T*)s[0];
     float acc = 0.f;
     SPAN_LOOP(i, s[1]) {
         const float v = to_float(x[i]);
-        acc += v * v;
+        acc += SQUARE ? v * v : v;
     }
     acc = block_sum(acc, scratch);
     if (threadIdx.x == 0) partials[(i64)blockIdx.y * gridDim.x + blockIdx.x] = acc;
 }
 
-extern "C" __global__ void sumsq_spans_f32(float* partials, const i64* table) { sumsq_spans_impl<float>(partials, table); }
-extern "C" __global__ void sumsq_spans_bf16(float* partials, const i64* table) { sumsq_spans_impl<bf16>(partials, table); }
+extern "C" __global__ void sum_spans_f32(float* partials, const i64* table) { sum_spans_impl<float, false>(partials, table); }
+extern "C" __global__ void sum_spans_bf16(float* partials, const i64* table) { sum_spans_impl<bf16, false>(partials, table); }
+extern "C" __global__ void sumsq_spans_f32(float* partials, const i64* table) { sum_spans_impl<float, true>(partials, table); }
+extern "C" __global__ void sumsq_spans_bf16(float* partials, const i64* table) { sum_spans_impl<bf16, true>(partials, table); }
 
 // AdamW over spans, PyTorch's order of operations (crates/core/src/cpu/adamw.rs).
 // table: {param, grad, state_start, len, decays} per span; the moments (and

@@ -15,7 +15,6 @@ const COMMON: &str = include_str!("../../../../kernels/common.cuh");
 /// Every kernel module: (name, source). A module is compiled as a whole.
 pub const MODULES: &[(&str, &str)] = &[
     ("elementwise", include_str!("../../../../kernels/elementwise.cu")),
-    ("reduce", include_str!("../../../../kernels/reduce.cu")),
     ("layernorm", include_str!("../../../../kernels/layernorm.cu")),
     ("embedding", include_str!("../../../../kernels/embedding.cu")),
     ("cross_entropy", include_str!("../../../../kernels/cross_entropy.cu")),

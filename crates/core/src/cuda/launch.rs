@@ -230,46 +230,6 @@ pub(crate) fn bias_grad(dbias: &mut CudaStorage, dout: &CudaStorage, rows: usize
     })
 }
 
-// ------------------------------------------------------------------ reductions
-
-/// Elements per block of the partial-sum kernels: fixed, so the summation
-/// order (and the result) does not depend on the GPU.
-const REDUCE_CHUNK: usize = 1 << 16;
-
-/// Sum (or sum of squares) over all elements of all `xs` (each with its
-/// element count), in f64 on the host from per-chunk float partials: one
-/// launch per tensor into the device's scratch buffer (no allocation in the
-/// steady state), one download. Waits for the device: the caller needs the value.
-pub(crate) fn sum(xs: &[(&CudaStorage, usize)], squares: bool) -> Result<f64> {
-    let blocks: Vec<usize> = xs.iter().map(|(_, n)| n.div_ceil(REDUCE_CHUNK)).collect();
-    let total: usize = blocks.iter().sum();
-    let Some((first, _)) = xs.first() else { return Ok(0.0) };
-    if total == 0 {
-        return Ok(0.0);
-    }
-    let dev = first.device.clone();
-    let stream = dev.stream().clone();
-    let partials = dev.with_scratch_slice(total, |buf| {
-        let base = buf.device_ptr_mut(&stream).0;
-        let mut offset = 0;
-        for ((x, n), nb) in xs.iter().zip(&blocks) {
-            if *nb == 0 {
-                continue;
-            }
-            let name = format!("{}_partials_{}", if squares { "sumsq" } else { "sum" }, suffix(x)?);
-            let cfg = LaunchConfig { grid_dim: (*nb as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-            let out = Arg::Ptr(base + 4 * offset as u64);
-            launch(&dev, "reduce", &name, cfg, &[out, ptr(x), n64(*n), n64(REDUCE_CHUNK)])?;
-            offset += nb;
-        }
-        let mut host = vec![0f32; total];
-        stream.memcpy_dtoh(&buf.slice(..total), &mut host).map_err(|e| cuda_err("device-to-host copy", e))?;
-        stream.synchronize().map_err(|e| cuda_err("synchronize", e))?;
-        Ok(host)
-    })?;
-    Ok(partials.iter().map(|&p| p as f64).sum())
-}
-
 // ------------------------------------------------------------------ matmul
 
 /// out (m, n) = [out +] op(a) (m, k) @ op(b) (k, n) [+ bias (n) per row],
@@ -717,12 +677,16 @@ pub(crate) fn copy_spans(
     with_span_table(&dev, 0, &table, |_, t| launch(&dev, "multi_tensor", &name, cfg, &[Arg::Ptr(t)]))
 }
 
-pub(crate) fn sum_squares_spans(xs: &[&CudaStorage], spans: &[crate::ops::Span]) -> Result<f64> {
+/// Sum (or sum of squares) over spans, in f64 on the host from per-block float
+/// partials: one launch into the device's scratch (no allocation in the steady
+/// state), one download. Waits for the device: the caller needs the value.
+pub(crate) fn sum_spans(xs: &[&CudaStorage], spans: &[crate::ops::Span], squares: bool) -> Result<f64> {
     let Some(first) = xs.first() else { return Ok(0.0) };
     if spans.is_empty() {
         return Ok(0.0);
     }
-    let (dev, name) = (first.device.clone(), format!("sumsq_spans_{}", suffix(first)?));
+    let kind = if squares { "sumsq" } else { "sum" };
+    let (dev, name) = (first.device.clone(), format!("{kind}_spans_{}", suffix(first)?));
     let table: Vec<i64> =
         spans.iter().flat_map(|s| [elem_offset(addr(xs[s.tensor]), xs[s.tensor], s.start), s.len as i64]).collect();
     let cfg = span_grid(spans.iter().map(|s| s.len).max().unwrap_or(0), spans.len())?;

@@ -239,7 +239,7 @@ pub fn sum_squares(x: &Tensor) -> Result<f64> {
 /// Sum of all elements, accumulated in f64 (for losses). Like [`sum_squares`].
 pub fn sum(x: &Tensor) -> Result<f64> {
     if on_cuda(x) {
-        return launch::sum(&[(x.cuda("sum")?, x.numel())], false);
+        return launch::sum_spans(&[x.cuda("sum")?], &[Span::whole(0, x)], false);
     }
     cpu_float!("sum", x, |F| Ok(cpu::elementwise::sum::<F>(x.as_slice()?)))
 }

@@ -116,7 +116,7 @@ pub fn sum_squares_spans(xs: &[&Tensor], spans: &[Span]) -> Result<f64> {
     check_spans(OP, "input", &numels(xs), spans)?;
     if on_cuda(first) {
         let storages = xs.iter().map(|t| t.cuda(OP)).collect::<Result<Vec<_>>>()?;
-        return launch::sum_squares_spans(&storages, spans);
+        return launch::sum_spans(&storages, spans, true);
     }
     let mut total = 0.0;
     for s in spans {
