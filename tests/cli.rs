@@ -6,23 +6,19 @@
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
+mod common;
+
 use std::fs;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::time::Duration;
 
+use common::{prepare_kjv_shards, repo_root, stderr, stdout};
+
 fn trainer(args: &[&str], cwd: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_trainer")).args(args).current_dir(cwd).output().expect("run trainer")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// Asserts a clean failure: exit 1, exactly one stderr line, starting with
@@ -39,10 +35,6 @@ fn assert_one_line_error(o: &Output, needles: &[&str]) {
     }
 }
 
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 /// A temp dir with shards made from the start of the KJV corpus and a config
 /// for the "test" model on them.
 struct Workspace {
@@ -52,12 +44,7 @@ struct Workspace {
 impl Workspace {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let text = fs::read_to_string(repo_root().join("data/kjv/kjv.txt")).unwrap();
-        let cut = text.char_indices().nth(120_000).map_or(text.len(), |(i, _)| i);
-        fs::write(dir.path().join("corpus.txt"), &text[..cut]).unwrap();
-        let o =
-            trainer(&["prepare", "--input", "corpus.txt", "--output", "shards", "--val-tokens", "4096"], dir.path());
-        assert!(o.status.success(), "prepare failed: {}", stderr(&o));
+        prepare_kjv_shards(dir.path(), 120_000, 4096);
         fs::write(
             dir.path().join("job.toml"),
             r#"

@@ -28,11 +28,15 @@
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::Mutex;
+
+use common::{prepare_kjv_shards, stderr, stdout};
 
 /// One job at a time: they share two cores and would only slow each other.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -56,7 +60,7 @@ fn mpi_available() -> bool {
 }
 
 fn text(o: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+    (stdout(o), stderr(o))
 }
 
 /// Shards made from the start of the KJV corpus and a config for the "test"
@@ -68,16 +72,7 @@ struct Workspace {
 impl Workspace {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let corpus = fs::read_to_string(root.join("data/kjv/kjv.txt")).unwrap();
-        let cut = corpus.char_indices().nth(60_000).map_or(corpus.len(), |(i, _)| i);
-        fs::write(dir.path().join("corpus.txt"), &corpus[..cut]).unwrap();
-        let o = Command::new(BIN)
-            .args(["prepare", "--input", "corpus.txt", "--output", "shards", "--val-tokens", "2048"])
-            .current_dir(dir.path())
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "prepare failed: {}", text(&o).1);
+        prepare_kjv_shards(dir.path(), 60_000, 2048);
         fs::write(
             dir.path().join("job.toml"),
             r#"

@@ -6,24 +6,15 @@
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
+mod common;
+
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use common::{prepare_kjv_shards, repo_root, stderr, stdout};
 use regex::Regex;
-
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 /// llm.c shards of the start of the KJV corpus, made once per test.
 struct Shards {
@@ -33,16 +24,7 @@ struct Shards {
 impl Shards {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let text = fs::read_to_string(repo_root().join("data/kjv/kjv.txt")).unwrap();
-        let cut = text.char_indices().nth(120_000).map_or(text.len(), |(i, _)| i);
-        fs::write(dir.path().join("corpus.txt"), &text[..cut]).unwrap();
-        let o = Command::new(env!("CARGO_BIN_EXE_trainer"))
-            .args(["prepare", "--input", "corpus.txt", "--output", "shards", "--val-tokens", "4096"])
-            .current_dir(dir.path())
-            .env_remove("SAGEMAKER_BASE_DIR")
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "prepare failed: {}", stderr(&o));
+        prepare_kjv_shards(dir.path(), 120_000, 4096);
         Shards { dir }
     }
 
