@@ -28,7 +28,7 @@ recs = [r for r in recs if r["step"] > 5]
 print(f'{statistics.median(r["tok_per_s"] for r in recs):.0f} {100*statistics.median(r.get("mfu") or 0 for r in recs):.1f}%')
 PY
 )
-  mem=$(grep -oE "peak_mem_gb=[0-9.]+" "$out/ours_$name.log" | cut -d= -f2)
+  mem=$(grep -oE "peak_mem_gb=[0-9.]+" "$out/ours_$name.log" | tail -1 | cut -d= -f2)  # step records carry it too: the run's last
   python3 .dev/torch_gpt_bench.py --size "$size" --batch "$b" --compile > "$out/peer_$name.log" 2>&1
   rm -rf "/tmp/run_$name"  # its final checkpoint: up to 21 GB for 1.5B
   peer=$(grep -oE "tok_s=[0-9]+ mfu=[0-9.]+% mem_GB=[0-9.]+" "$out/peer_$name.log" | tr '\n' ' ')
