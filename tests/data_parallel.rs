@@ -36,7 +36,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::Mutex;
 
-use common::{prepare_kjv_shards, stderr, stdout};
+use common::{mpi_available, prepare_kjv_shards, stderr, stdout};
 
 /// One job at a time: they share two cores and would only slow each other.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -46,18 +46,6 @@ const REL_TOL: f64 = 1e-6;
 const WEIGHT_TOL: f64 = 2e-6;
 /// n_embd of the "test" model: c_attn.bias holds the query, key and value biases, each this long.
 const N_EMBD: usize = 32;
-
-/// Whether mpirun can be used; panics when it is required but missing.
-fn mpi_available() -> bool {
-    let ok = Command::new("mpirun").arg("--version").output().is_ok_and(|o| o.status.success());
-    if !ok {
-        if std::env::var("TRAINER_REQUIRE_MPI").is_ok_and(|v| v == "1") {
-            panic!("mpirun was not found but TRAINER_REQUIRE_MPI=1: apt-get install openmpi-bin libopenmpi-dev");
-        }
-        eprintln!("skipping: mpirun is not installed (apt-get install openmpi-bin libopenmpi-dev)");
-    }
-    ok
-}
 
 fn text(o: &Output) -> (String, String) {
     (stdout(o), stderr(o))

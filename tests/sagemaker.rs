@@ -13,7 +13,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use common::{prepare_kjv_shards, repo_root, stderr, stdout};
+use common::{mpi_available, prepare_kjv_shards, repo_root, stderr, stdout};
 use regex::Regex;
 
 /// llm.c shards of the start of the KJV corpus, made once per test.
@@ -154,8 +154,25 @@ impl Job {
     }
 }
 
+/// The step lines, also those of ranks under `mpirun --tag-output` ("[1,0]<stdout>:step=...").
 fn train_lines(out: &str) -> Vec<&str> {
-    out.lines().filter(|l| l.starts_with("step=") && l.contains("train_loss=")).collect()
+    out.lines()
+        .map(|l| l.split_once(">:").filter(|(tag, _)| tag.starts_with('[')).map_or(l, |(_, rest)| rest))
+        .filter(|l| l.starts_with("step=") && l.contains("train_loss="))
+        .collect()
+}
+
+/// The model directory is what transformers' `from_pretrained` reads (a
+/// GPT-2 config.json beside model.safetensors), and `trainer eval` reads it too.
+fn assert_hf_model(dir: &Path) {
+    let config: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model_type"], "gpt2", "{config}");
+    assert_eq!(config["architectures"][0], "GPT2LMHeadModel", "{config}");
+    let bytes = fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let wte = st.tensor("transformer.wte.weight").unwrap();
+    assert_eq!(wte.shape()[0], config["vocab_size"].as_u64().unwrap() as usize, "the real vocabulary, not padded");
 }
 
 /// Asserts a clean failure: the exit code, one `error:` line on stderr, and
@@ -205,6 +222,7 @@ fn trains_from_the_job_settings_and_writes_only_where_sagemaker_reads() {
             "checkpoints/step_00000006/manifest.json",
             "checkpoints/step_00000006/model.safetensors",
             "checkpoints/step_00000006/optim_rank00000.safetensors",
+            "model/config.json",
             "model/model.safetensors",
             "model/trainer.toml",
             "output/data/metrics.jsonl",
@@ -214,6 +232,7 @@ fn trains_from_the_job_settings_and_writes_only_where_sagemaker_reads() {
     );
     assert_eq!(fs::read_dir(job.path("work")).unwrap().count(), 0, "nothing in the working directory");
     assert_eq!(job.failure(), None);
+    assert_hf_model(&job.base().join("model"));
     let used = fs::read_to_string(job.base().join("model/trainer.toml")).unwrap();
     for line in
         ["max_steps = 6", "lr = 0.005", "seed = 11", "input/data/train/**/*.bin", "input/data/validation/**/*.bin"]
@@ -371,19 +390,87 @@ fn a_worker_serves_sshd_and_waits_for_the_leaders_word() {
     assert_failed(&job, &o, &["sshd (false) failed to start"]);
 }
 
+/// A stand-in for mpirun: logs the leader's command line, then runs it with
+/// real mpirun, allowing more ranks than cores (CI has two) and within a
+/// time limit (a hang is a failure, never a wait).
+const FAKE_MPIRUN: &str = r#"#!/bin/sh
+echo "$@" >> "$(dirname "$0")/mpirun.log"
+export OMPI_MCA_btl_vader_single_copy_mechanism=none
+exec mpirun --oversubscribe --timeout 300 "$@"
+"#;
+
+/// The tests that start ranks under mpirun run one at a time: a stop
+/// request reaches every rank process of the host (as in a container, where
+/// there is one job), so another test's ranks would be stopped too.
+static MPIRUN_JOBS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn executable(path: &Path, text: &str) {
+    fs::write(path, text).unwrap();
+    fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+}
+
 #[test]
-fn the_leader_of_two_hosts_trains_and_tells_the_worker() {
+fn several_processes_on_a_host_train_data_parallel_and_rank0_publishes() {
+    if !mpi_available() {
+        return;
+    }
+    let _one_at_a_time = MPIRUN_JOBS.lock().unwrap_or_else(|e| e.into_inner());
+    let shards = Shards::new();
+    let job = Job::new(&shards, r#"{"training.max_steps": "3", "processes_per_host": "2"}"#);
+    let mpirun = job.path("fake-mpirun");
+    executable(&mpirun, FAKE_MPIRUN);
+    let o = job.command(&["train"]).env("TRAINER_SAGEMAKER_MPIRUN", &mpirun).output().unwrap();
+    let out = stdout(&o);
+    assert!(o.status.success(), "{}\n{out}", stderr(&o));
+    assert!(out.contains("role=Leader") && out.contains("world_size=2"), "{out}");
+    let launched = fs::read_to_string(job.path("mpirun.log")).unwrap();
+    assert!(launched.contains("-np 2 --host localhost:2"), "{launched}");
+    // Both ranks trained as one data-parallel job: rank 0 alone logs, and
+    // alone writes the model, the metrics and the plots.
+    assert!(out.contains("dp=2"), "{out}");
+    assert_eq!(train_lines(&out).len(), 3, "{out}");
+    assert_eq!(
+        job.outputs(),
+        [
+            "checkpoints/step_00000003/manifest.json",
+            "checkpoints/step_00000003/model.safetensors",
+            "checkpoints/step_00000003/optim_rank00000.safetensors",
+            "model/config.json",
+            "model/model.safetensors",
+            "model/trainer.toml",
+            "output/data/metrics.jsonl",
+            "output/data/report.png"
+        ]
+    );
+    assert_hf_model(&job.base().join("model"));
+    assert_eq!(job.failure(), None);
+
+    // A rank that fails ends the job with its reason in the failure file
+    // (the layout is checked against the world size where the ranks start).
+    fs::remove_dir_all(job.base().join("checkpoints")).unwrap();
+    fs::write(
+        job.base().join("input/config/hyperparameters.json"),
+        r#"{"processes_per_host": "2", "parallel.dp": "3"}"#,
+    )
+    .unwrap();
+    let o = job.command(&["train"]).env("TRAINER_SAGEMAKER_MPIRUN", &mpirun).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let failure = job.failure().expect("a failure file");
+    assert!(failure.contains("parallel.dp") && failure.contains('3'), "{failure}");
+    assert!(failure.starts_with("rank "), "the failing rank is named: {failure}");
+}
+
+#[test]
+fn the_leader_of_two_hosts_tells_the_worker_however_the_job_ends() {
     let shards = Shards::new();
     let job = Job::new(&shards, r#"{"training.max_steps": "3"}"#);
     job.set_hosts("algo-1", &["algo-1", "algo-2"]);
     // ssh stand-in: logs its arguments, runs the remote command here.
     let ssh = job.path("fake-ssh");
-    fs::write(
+    executable(
         &ssh,
         "#!/bin/sh\necho \"$@\" >> \"$(dirname \"$0\")/ssh.log\"\nfor last; do :; done\nexec sh -c \"$last\"\n",
-    )
-    .unwrap();
-    fs::set_permissions(&ssh, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    );
     let run = |job: &Job| {
         let mut c = job.command(&["train"]);
         c.env("TRAINER_SAGEMAKER_SSHD", "true")
@@ -391,37 +478,36 @@ fn the_leader_of_two_hosts_trains_and_tells_the_worker() {
             .env("TRAINER_SAGEMAKER_PEER_WAIT_S", "0");
         c
     };
+    // The worker never comes up (algo-2 does not resolve here): the leader
+    // gives up within its wait, fails the job and still tells the worker.
     let o = run(&job).output().unwrap();
-    let out = stdout(&o);
-    assert!(o.status.success(), "{}\n{out}", stderr(&o));
-    assert!(out.contains("role=Leader") && out.contains("this build trains in one process"), "{out}");
-    assert_eq!(train_lines(&out).len(), 3);
-    assert!(job.base().join("model/model.safetensors").exists());
-    assert_eq!(fs::read_to_string(job.path("done")).unwrap(), "0\n");
+    assert!(stdout(&o).contains("role=Leader") && stdout(&o).contains("world_size=2"), "{}", stdout(&o));
+    assert_failed(&job, &o, &["waiting for sshd on algo-2"]);
+    assert_eq!(fs::read_to_string(job.path("done")).unwrap(), "1\n");
     let log = fs::read_to_string(job.path("ssh.log")).unwrap();
     assert!(log.contains("algo-2") && !log.contains("algo-1"), "{log}");
 
-    // A leader that fails still tells the workers, with a failure status: whether its sshd
-    // does not start or the job's settings are bad.
-    fs::write(job.path("done"), "").unwrap();
-    let o = run(&job).env("TRAINER_SAGEMAKER_SSHD", "false").output().unwrap();
-    assert_failed(&job, &o, &["sshd (false) failed to start"]);
-    assert_eq!(fs::read_to_string(job.path("done")).unwrap(), "1\n");
-    fs::write(job.path("done"), "").unwrap();
-    fs::write(job.base().join("input/config/hyperparameters.json"), r#"{"optimizer.lrx": "1"}"#).unwrap();
-    assert_failed(&job, &run(&job).output().unwrap(), &["optimizer.lrx"]);
-    assert_eq!(fs::read_to_string(job.path("done")).unwrap(), "1\n");
+    // Likewise when its sshd does not start or the job's settings are bad.
+    for (hyperparameters, sshd, reason) in [
+        (r#"{"training.max_steps": "3"}"#, "false", "sshd (false) failed to start"),
+        (r#"{"optimizer.lrx": "1"}"#, "true", "optimizer.lrx"),
+    ] {
+        fs::remove_file(job.base().join("output/failure")).ok();
+        fs::write(job.path("done"), "").unwrap();
+        fs::write(job.base().join("input/config/hyperparameters.json"), hyperparameters).unwrap();
+        assert_failed(&job, &run(&job).env("TRAINER_SAGEMAKER_SSHD", sshd).output().unwrap(), &[reason]);
+        assert_eq!(fs::read_to_string(job.path("done")).unwrap(), "1\n");
+    }
 }
 
-#[test]
-fn sigterm_leads_to_a_checkpoint_then_exit() {
-    let shards = Shards::new();
-    let job = Job::new(&shards, r#"{"training.max_steps": "100000"}"#);
-    let mut child = job.command(&["train"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+/// SIGTERM to the container's process once training has started (as
+/// SageMaker stops a job): a checkpoint, then exit 0, no failure file.
+fn assert_sigterm_checkpoints_then_exits(job: &Job, mut command: Command) {
+    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     loop {
         let line = lines.next().expect("the trainer ended before its first step").unwrap();
-        if line.starts_with("step=") && line.contains("train_loss=") {
+        if !train_lines(&line).is_empty() {
             break;
         }
     }
@@ -433,6 +519,28 @@ fn sigterm_leads_to_a_checkpoint_then_exit() {
     let ckpt = job.base().join("checkpoints");
     assert!(fs::read_dir(&ckpt).is_ok_and(|mut d| d.next().is_some()), "a checkpoint in {}", ckpt.display());
     assert_eq!(job.failure(), None);
+}
+
+#[test]
+fn sigterm_leads_to_a_checkpoint_then_exit() {
+    let shards = Shards::new();
+    let job = Job::new(&shards, r#"{"training.max_steps": "100000"}"#);
+    assert_sigterm_checkpoints_then_exits(&job, job.command(&["train"]));
+}
+
+#[test]
+fn sigterm_reaches_the_ranks_of_mpirun_which_checkpoint_then_exit() {
+    if !mpi_available() {
+        return;
+    }
+    let _one_at_a_time = MPIRUN_JOBS.lock().unwrap_or_else(|e| e.into_inner());
+    let shards = Shards::new();
+    let job = Job::new(&shards, r#"{"training.max_steps": "100000", "processes_per_host": "2"}"#);
+    let mpirun = job.path("fake-mpirun");
+    executable(&mpirun, FAKE_MPIRUN);
+    let mut command = job.command(&["train"]);
+    command.env("TRAINER_SAGEMAKER_MPIRUN", &mpirun);
+    assert_sigterm_checkpoints_then_exits(&job, command);
 }
 
 #[test]

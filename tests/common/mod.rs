@@ -34,3 +34,15 @@ pub fn prepare_kjv_shards(dir: &Path, chars: usize, val_tokens: usize) {
         .unwrap();
     assert!(o.status.success(), "prepare failed: {}", stderr(&o));
 }
+
+/// Whether mpirun can be used; panics when it is required but missing.
+pub fn mpi_available() -> bool {
+    let ok = Command::new("mpirun").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !ok {
+        if std::env::var("TRAINER_REQUIRE_MPI").is_ok_and(|v| v == "1") {
+            panic!("mpirun was not found but TRAINER_REQUIRE_MPI=1: apt-get install openmpi-bin libopenmpi-dev");
+        }
+        eprintln!("skipping: mpirun is not installed (apt-get install openmpi-bin libopenmpi-dev)");
+    }
+    ok
+}

@@ -257,6 +257,9 @@ fn main() -> ExitCode {
     let sm = trainer_sagemaker::Paths::detect();
     if let Some(paths) = &sm {
         sagemaker::install_failure_hook(paths);
+        // A rank that fails ends the job without returning here (abort_job).
+        let paths = paths.clone();
+        trainer_comm::on_abort(move |reason| sagemaker::record_failure(&paths, &anyhow!("{reason}")));
     }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

@@ -9,19 +9,13 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use trainer_models::gpt::{hf, read_weights};
 use trainer_sagemaker::cluster::{
     self, ClusterSettings, SSH_PORT, SystemClock, WorkerWait, forward_stop, run_until_exit, signal_job_end, start_sshd,
     stop_flag, tcp_probe, wait_for_job_end, wait_for_peers,
 };
-use trainer_sagemaker::launch::{
-    MpirunSpec, efa_present, forwarded_env, gpu_count, is_rank_process, mpi_rank, mpirun_command,
-};
+use trainer_sagemaker::launch::{MpirunSpec, efa_present, forwarded_env, gpu_count, is_rank_process, mpirun_command};
 use trainer_sagemaker::{Job, JobOptions, LaunchPlan, Mode, Outputs, Paths, ResourceConfig, Role, write_failure};
-
-/// Whether the training loop runs data-parallel across processes.
-/// INTEGRATION(comm): true once the process groups of branch `comm` drive
-/// `trainer_train::train`; until then a job trains in one process.
-const DATA_PARALLEL: bool = false;
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -83,10 +77,10 @@ pub fn run(paths: &Paths, cli_overrides: &[String]) -> Result<()> {
     if std::env::var_os(TEST_PANIC_ENV).is_some() {
         panic!("induced by {TEST_PANIC_ENV} (a test of the failure file)");
     }
-    let plan = LaunchPlan::new(&job.resources, job.processes_per_host, gpu_count(&settings.dev_dir), DATA_PARALLEL);
+    let plan = LaunchPlan::new(&job.resources, job.processes_per_host, gpu_count(&settings.dev_dir));
     let role = plan.role(is_rank_process(&env));
     if role != Role::Rank {
-        for note in job.notes.iter().chain(&plan.notes) {
+        for note in &job.notes {
             println!("sagemaker: {note}");
         }
         println!(
@@ -100,34 +94,45 @@ pub fn run(paths: &Paths, cli_overrides: &[String]) -> Result<()> {
         );
     }
     match role {
-        // INTEGRATION(comm): the rank comes from crates/comm's launch environment.
-        Role::Rank => train_here(&job, mpi_rank(&env).unwrap_or(0) == 0),
+        Role::Rank => train_here(&job),
         Role::Leader => lead(&job, &plan, &settings, &env, cli_overrides),
         Role::Worker => work(&plan, &settings),
     }
 }
 
-/// Trains in this process; `publish`: this is rank 0, which writes the model.
-fn train_here(job: &Job, publish: bool) -> Result<()> {
+/// Trains in this process: the whole job, or one rank of it under `mpirun`
+/// (the training loop finds its rank in the launcher's environment).
+fn train_here(job: &Job) -> Result<()> {
     let cfg = crate::load_config_file(&job.config_file, &job.overrides)?;
     job.outputs.create_dirs()?;
     let summary = crate::train_and_report(&cfg)?;
-    // Stopped by a signal: the checkpoint is the job's result; SageMaker
-    // starts the job again from it (managed spot) or it was stopped on purpose.
+    // Only rank 0 of a finished run has final weights. Stopped by a signal:
+    // the checkpoint is the job's result; SageMaker starts the job again from
+    // it (managed spot) or it was stopped on purpose.
     let Some(weights) = summary.weights.as_deref() else { return Ok(()) };
-    if publish {
-        // INTEGRATION(hf): export Hugging Face-format model.safetensors + config.json into
-        // job.outputs.model_dir here instead of moving our weights file.
-        let config = toml::to_string(&cfg).context("writing the training config beside the model")?;
-        let written = job.outputs.publish_model(weights, &[("trainer.toml", config.as_bytes())])?;
-        let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
-        println!("sagemaker: final model in {}", names.join(" "));
-        // The curves beside metrics.jsonl; a plot that cannot be drawn does not fail a trained job.
-        match trainer_report::report(&job.outputs.output_data_dir, None) {
-            Ok(r) => println!("sagemaker: plots in {}", r.output.display()),
-            Err(e) => eprintln!("warning: no plots in {}: {e}", job.outputs.output_data_dir.display()),
-        }
+    publish_model(job, &cfg, weights)?;
+    // The curves beside metrics.jsonl; a plot that cannot be drawn does not fail a trained job.
+    match trainer_report::report(&job.outputs.output_data_dir, None) {
+        Ok(r) => println!("sagemaker: plots in {}", r.output.display()),
+        Err(e) => eprintln!("warning: no plots in {}: {e}", job.outputs.output_data_dir.display()),
     }
+    Ok(())
+}
+
+/// The final model in the model directory as transformers'
+/// `from_pretrained` reads it (config.json + model.safetensors), with the
+/// training config beside it. Our own weights file in the run directory
+/// (output/data) is removed once exported: the same model twice in the job's
+/// outputs would only double the upload.
+fn publish_model(job: &Job, cfg: &trainer_train::Config, weights: &std::path::Path) -> Result<()> {
+    let model_dir = &job.outputs.model_dir;
+    let (config, tensors, source) = read_weights(weights)?;
+    hf::export(&config, &tensors, &source, model_dir)
+        .with_context(|| format!("exporting the final model to {}", model_dir.display()))?;
+    let toml = toml::to_string(cfg).context("writing the training config beside the model")?;
+    job.outputs.add_to_model(&[("trainer.toml", toml.as_bytes())])?;
+    std::fs::remove_file(weights).with_context(|| format!("removing {} once exported", weights.display()))?;
+    println!("sagemaker: final model (Hugging Face GPT-2 format) in {}", model_dir.display());
     Ok(())
 }
 
@@ -141,7 +146,7 @@ fn lead(
     cli: &[String],
 ) -> Result<()> {
     if !plan.multi_host() && plan.mode == Mode::InProcess {
-        return train_here(job, true);
+        return train_here(job);
     }
     let result = catch_unwind(AssertUnwindSafe(|| {
         if plan.multi_host() {
@@ -149,7 +154,7 @@ fn lead(
             start_sshd(&settings.sshd)?;
         }
         match plan.mode {
-            Mode::InProcess => train_here(job, true),
+            Mode::InProcess => train_here(job),
             Mode::Mpirun => launch(job, plan, settings, env, cli),
         }
     }));

@@ -37,4 +37,4 @@ pub use error::{Error, Result};
 pub use group::{HostScalar, ProcessGroup, ReduceOp, Work, shard_len};
 pub use launch::LaunchEnv;
 pub use mesh::{Axis, Coords, Mesh, MeshShape, MeshSpec};
-pub use world::{CommOptions, World, abort_job};
+pub use world::{CommOptions, World, abort_job, on_abort};

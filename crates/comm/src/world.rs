@@ -2,7 +2,7 @@
 //! this rank, and aborting every rank when one fails.
 
 use std::io::Write;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use mpi::environment::{Threading, Universe};
@@ -238,19 +238,38 @@ pub fn abort_job(msg: &str) -> ! {
     abort_job_after(msg, || {})
 }
 
+/// Something to be told the reason before [`abort_job`] ends the process.
+type AbortObserver = Box<dyn Fn(&str) + Send + Sync>;
+
+static ABORT_OBSERVER: OnceLock<AbortObserver> = OnceLock::new();
+
+/// Registers `observer` (once per process; later calls are ignored) to be
+/// called with the error line, rank included, whenever this process ends the
+/// job through [`abort_job`], a collective's timeout or a panic under MPI:
+/// those never return to the caller, so a container that reports failures
+/// in a file (SageMaker's /opt/ml/output/failure) learns the reason here.
+pub fn on_abort(observer: impl Fn(&str) + Send + Sync + 'static) {
+    let _ = ABORT_OBSERVER.set(Box::new(observer));
+}
+
 /// Like [`abort_job`], running `cleanup` between the message and the abort
 /// (the NCCL watchdog aborts its communicator there).
 pub(crate) fn abort_job_after(msg: &str, cleanup: impl FnOnce()) -> ! {
     let _ = std::io::stdout().flush();
-    if mpi_active() {
-        let world = SimpleCommunicator::world();
-        print_line(&format!("error: rank {} of {}: {msg}\n", world.rank(), world.size()));
-        cleanup();
-        world.abort(1)
+    let world = mpi_active().then(SimpleCommunicator::world);
+    let reason = match &world {
+        Some(w) => format!("rank {} of {}: {msg}", w.rank(), w.size()),
+        None => msg.to_string(),
+    };
+    print_line(&format!("error: {reason}\n"));
+    if let Some(observe) = ABORT_OBSERVER.get() {
+        observe(&reason);
     }
-    print_line(&format!("error: {msg}\n"));
     cleanup();
-    std::process::exit(1)
+    match world {
+        Some(w) => w.abort(1),
+        None => std::process::exit(1),
+    }
 }
 
 /// One write per line, so that lines of ranks sharing the launcher's stderr

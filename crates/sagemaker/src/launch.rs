@@ -38,40 +38,16 @@ pub struct LaunchPlan {
     pub current_host: String,
     pub processes_per_host: usize,
     pub mode: Mode,
-    pub notes: Vec<String>,
 }
 
 impl LaunchPlan {
     /// `gpus` is this host's GPU count (every host of a job has the same
     /// instance type); `processes_per_host` the hyperparameter, if given.
-    /// Without `data_parallel` (a build whose training loop has no process
-    /// group yet) a job of several processes shrinks to one, with a note.
-    pub fn new(
-        resources: &ResourceConfig,
-        processes_per_host: Option<usize>,
-        gpus: usize,
-        data_parallel: bool,
-    ) -> LaunchPlan {
-        let mut notes = Vec::new();
-        let mut ppn = processes_per_host.unwrap_or(gpus.max(1));
+    pub fn new(resources: &ResourceConfig, processes_per_host: Option<usize>, gpus: usize) -> LaunchPlan {
+        let ppn = processes_per_host.unwrap_or(gpus.max(1));
         let hosts = resources.hosts.clone();
-        let world = hosts.len() * ppn;
-        let mode = if world == 1 {
-            Mode::InProcess
-        } else if !data_parallel {
-            // INTEGRATION(comm): goes away once the data-parallel training loop is merged.
-            notes.push(format!(
-                "this build trains in one process (no data parallelism yet): using 1 process on {} instead of \
-                 {world} ({} host(s) x {ppn}); the other hosts wait for it to finish",
-                resources.leader(),
-                hosts.len()
-            ));
-            ppn = 1;
-            Mode::InProcess
-        } else {
-            Mode::Mpirun
-        };
-        LaunchPlan { hosts, current_host: resources.current_host.clone(), processes_per_host: ppn, mode, notes }
+        let mode = if hosts.len() * ppn == 1 { Mode::InProcess } else { Mode::Mpirun };
+        LaunchPlan { hosts, current_host: resources.current_host.clone(), processes_per_host: ppn, mode }
     }
 
     pub fn world_size(&self) -> usize {
@@ -108,16 +84,6 @@ impl LaunchPlan {
 /// Whether the environment marks a process that `mpirun` started for this job.
 pub fn is_rank_process(env: &[(String, String)]) -> bool {
     env.iter().any(|(k, v)| k == RANK_ENV && v == "1")
-}
-
-/// The global rank that OpenMPI (or another PMI launcher) gave this process.
-///
-/// INTEGRATION(comm): crates/comm detects the launch environment; use its
-/// rank here once it is merged.
-pub fn mpi_rank(env: &[(String, String)]) -> Option<usize> {
-    ["OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK"]
-        .iter()
-        .find_map(|name| env.iter().find(|(k, _)| k == name).and_then(|(_, v)| v.parse().ok()))
 }
 
 /// GPUs visible in this container: /dev/nvidia0, /dev/nvidia1, ... (the
@@ -324,27 +290,18 @@ mod tests {
     #[test]
     fn processes_default_to_the_gpu_count() {
         let rc = two_hosts("algo-1");
-        let p = LaunchPlan::new(&rc, None, 8, true);
+        let p = LaunchPlan::new(&rc, None, 8);
         assert_eq!((p.mode, p.processes_per_host, p.world_size()), (Mode::Mpirun, 8, 16));
         assert_eq!(p.role(false), Role::Leader);
         assert_eq!(p.role(true), Role::Rank);
-        assert_eq!(LaunchPlan::new(&two_hosts("algo-2"), None, 8, true).role(false), Role::Worker);
-        let p = LaunchPlan::new(&rc, Some(2), 8, true);
+        assert_eq!(LaunchPlan::new(&two_hosts("algo-2"), None, 8).role(false), Role::Worker);
+        let p = LaunchPlan::new(&rc, Some(2), 8);
         assert_eq!(p.world_size(), 4);
         // No GPU: one process per host.
-        assert_eq!(LaunchPlan::new(&rc, None, 0, true).world_size(), 2);
+        assert_eq!(LaunchPlan::new(&rc, None, 0).world_size(), 2);
         let one = ResourceConfig::single_host();
-        let p = LaunchPlan::new(&one, None, 1, true);
+        let p = LaunchPlan::new(&one, None, 1);
         assert_eq!((p.mode, p.world_size()), (Mode::InProcess, 1));
-        assert!(p.notes.is_empty());
-    }
-
-    #[test]
-    fn without_data_parallelism_one_process_trains() {
-        let p = LaunchPlan::new(&two_hosts("algo-1"), None, 8, false);
-        assert_eq!((p.mode, p.world_size(), p.processes_per_host), (Mode::InProcess, 1, 1));
-        assert!(p.notes[0].contains("16"), "{:?}", p.notes);
-        assert!(p.multi_host());
     }
 
     #[test]
@@ -365,8 +322,6 @@ mod tests {
     fn rank_environment() {
         assert!(is_rank_process(&env(&[(RANK_ENV, "1")])));
         assert!(!is_rank_process(&env(&[("OMPI_COMM_WORLD_RANK", "0")])));
-        assert_eq!(mpi_rank(&env(&[("OMPI_COMM_WORLD_RANK", "3")])), Some(3));
-        assert_eq!(mpi_rank(&env(&[("PMI_RANK", "x")])), None);
     }
 
     #[test]

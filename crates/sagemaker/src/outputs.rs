@@ -17,9 +17,6 @@ use crate::{Error, Result, io_err};
 /// SageMaker shows at most this many bytes of the failure reason.
 pub const FAILURE_LIMIT: usize = 1024;
 
-/// The final weights' file name in the model directory.
-pub const MODEL_FILE: &str = "model.safetensors";
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outputs {
     pub model_dir: PathBuf,
@@ -80,37 +77,21 @@ impl Outputs {
         }
     }
 
-    /// Moves the final weights into the model directory and writes `extra`
-    /// files beside them (name, contents). Called once, by rank 0.
-    ///
-    /// INTEGRATION(hf): the issue asks for Hugging Face-format
-    /// `model.safetensors` + `config.json` here; once the exporter of branch
-    /// `hf` is merged, the caller exports into `model_dir` instead of moving
-    /// our own weights file (keep `extra` for the training config).
-    pub fn publish_model(&self, weights: &Path, extra: &[(&str, &[u8])]) -> Result<Vec<PathBuf>> {
+    /// Writes `files` (name, contents) into the model directory, each under
+    /// a temporary name then renamed: files beside the exported model.
+    /// Called once, by rank 0, after the model itself is exported there.
+    pub fn add_to_model(&self, files: &[(&str, &[u8])]) -> Result<Vec<PathBuf>> {
         fs::create_dir_all(&self.model_dir).map_err(io_err(&self.model_dir))?;
-        let dest = self.model_dir.join(MODEL_FILE);
-        move_file(weights, &dest)?;
-        let mut written = vec![dest];
-        for (name, bytes) in extra {
-            let p = self.model_dir.join(name);
-            fs::write(&p, bytes).map_err(io_err(&p))?;
-            written.push(p);
+        let mut written = Vec::new();
+        for (name, bytes) in files {
+            let dest = self.model_dir.join(name);
+            let tmp = self.model_dir.join(format!(".{name}.partial"));
+            fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
+            fs::rename(&tmp, &dest).map_err(io_err(&dest))?;
+            written.push(dest);
         }
         Ok(written)
     }
-}
-
-/// rename(2), or copy and remove where the two paths are on different
-/// filesystems (SageMaker may mount model/ and output/ separately).
-fn move_file(from: &Path, to: &Path) -> Result<()> {
-    if fs::rename(from, to).is_ok() {
-        return Ok(());
-    }
-    let tmp = to.with_extension("partial");
-    fs::copy(from, &tmp).map_err(io_err(from))?;
-    fs::rename(&tmp, to).map_err(io_err(to))?;
-    fs::remove_file(from).map_err(io_err(from))
 }
 
 /// The longest prefix of `s` of at most `max` bytes that ends on a char boundary.
@@ -190,18 +171,14 @@ mod tests {
     }
 
     #[test]
-    fn model_is_moved_into_the_model_dir() {
+    fn files_are_added_to_the_model_dir() {
         let d = tempfile::tempdir().unwrap();
         let o = Outputs::locate(&Paths::new(d.path())).unwrap();
-        o.create_dirs().unwrap();
-        let w = o.output_data_dir.join("model.safetensors");
-        fs::write(&w, b"weights").unwrap();
-        let written = o.publish_model(&w, &[("trainer.toml", b"[model]\n")]).unwrap();
-        assert_eq!(written.len(), 2);
-        assert!(!w.exists());
-        assert_eq!(fs::read(o.model_dir.join("model.safetensors")).unwrap(), b"weights");
-        assert!(o.model_dir.join("trainer.toml").exists());
-        assert!(o.publish_model(&w, &[]).unwrap_err().to_string().contains("model.safetensors"));
+        let written = o.add_to_model(&[("trainer.toml", b"[model]\n"), ("x.txt", b"x")]).unwrap();
+        assert_eq!(written, vec![o.model_dir.join("trainer.toml"), o.model_dir.join("x.txt")]);
+        assert_eq!(fs::read(o.model_dir.join("trainer.toml")).unwrap(), b"[model]\n");
+        let names: Vec<_> = fs::read_dir(&o.model_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 2, "no temporary file left: {names:?}");
     }
 
     #[test]
