@@ -18,7 +18,7 @@ np=${1:-$((gpus < 4 ? gpus : 4))}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 run() { # ranks, log name, comm_check arguments...
   local n=$1 log=$2; shift 2
-  mpirun --oversubscribe --timeout 600 -np "$n" -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST \
+  mpirun --oversubscribe --timeout "${MPI_TIMEOUT:-600}" -np "$n" -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST \
     -x NVSHMEM_DISABLE_NVLS -x LD_LIBRARY_PATH "$bin" "$@" > "$out/$log.log" 2>&1
 }
 status() { if [ "$1" -eq 0 ]; then echo pass; else echo "FAIL($1)"; fi; }
@@ -29,7 +29,7 @@ run 2 nccl_2 collectives --device cuda; c2=$?
 run "$np" nccl_n collectives --device cuda; cn=$?
 run "$np" mpi_n collectives --device cpu; cc=$?
 run "$np" nccl_fail fail --rank 1 --device cuda; f=$?
-run 2 nccl_timeout --timeout-ms 5000 timeout --rank 1 --device cuda; t=$?
+MPI_TIMEOUT=60 run 2 nccl_timeout --timeout-ms 5000 timeout --rank 1 --device cuda; t=$?
 run "$np" bench_f32 bench --device cuda --dtype f32 --max-mib 1024; b=$?
 run "$np" bench_bf16 bench --device cuda --dtype bf16 --max-mib 1024; bb=$?
 

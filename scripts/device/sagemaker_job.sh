@@ -8,7 +8,8 @@
 # with and without mpirun's rank prefix. Needs the release binary in .dev/trainer.
 # Usage, from the repository root:
 #   bash scripts/device/sagemaker_job.sh
-# (CONFIG=configs/tiny.toml runs the same checks on a CPU.)
+# (CONFIG=configs/tiny.toml runs the same checks on a CPU; PPH=2 runs 2
+# processes on this host under the leader's mpirun: data-parallel on 2 GPUs.)
 set -euo pipefail
 config=${CONFIG:-configs/sagemaker-gpt2-124m.toml}
 out=${OUT:-/tmp/sagemaker_job}; mkdir -p "$out"
@@ -20,10 +21,13 @@ ml="$root/ml"
 mkdir -p "$ml/input/config" "$ml/input/data/train" "$ml/input/data/validation"
 cp "$root"/shards/train_*.bin "$ml/input/data/train/"
 cp "$root"/shards/val_*.bin "$ml/input/data/validation/"
-cat > "$ml/input/config/hyperparameters.json" <<'EOF'
-{"training.max_steps": "30", "training.micro_batch_size": "8", "training.grad_accum_steps": "\"1\"",
- "eval.interval": "15", "eval.batches": "2", "logging.interval": "5", "sagemaker_program": "\"unused\""}
+pph=${PPH:+", \"processes_per_host\": \"$PPH\""}
+cat > "$ml/input/config/hyperparameters.json" <<EOF
+{"training.max_steps": "30", "training.micro_batch_size": "8", "training.grad_accum_steps": "\\"1\\"",
+ "eval.interval": "15", "eval.batches": "2", "logging.interval": "5", "sagemaker_program": "\\"unused\\""$pph}
 EOF
+# NVLink multicast stays off on these machines (DESIGN.md); NCCL_* reaches every rank.
+export NCCL_NVLS_ENABLE=0
 echo '{"current_host": "algo-1", "hosts": ["algo-1"], "network_interface_name": "eth0"}' > "$ml/input/config/resourceconfig.json"
 echo '{"train": {"TrainingInputMode": "File"}, "validation": {"TrainingInputMode": "File"}}' > "$ml/input/config/inputdataconfig.json"
 
@@ -52,5 +56,6 @@ for name, rx in defs:
 sys.exit(1 if bad else 0)
 EOF
 m=$?
-test "$rc" -eq 0 && test -f "$ml/model/model.safetensors" && test ! -e "$ml/output/failure" && test "$m" -eq 0 \
+test "$rc" -eq 0 && test -f "$ml/model/model.safetensors" && test -f "$ml/model/config.json" \
+  && test ! -e "$ml/output/failure" && test "$m" -eq 0 \
   && echo "sagemaker_job: pass" || { echo "sagemaker_job: FAIL"; exit 1; }

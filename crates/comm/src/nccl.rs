@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 use std::ffi::CStr;
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -142,6 +142,11 @@ impl NcclComm {
     /// Queues one NCCL call on the communication stream after the compute
     /// stream's work so far; returns the event that completes with it. The
     /// watchdog aborts the job if that takes longer than the timeout.
+    ///
+    /// The watch starts before the call: NCCL may block the calling thread
+    /// in it, not only the stream (it connects to a peer on the first
+    /// collective that needs the connection, and waits there for a peer that
+    /// never comes).
     pub(crate) fn launch(
         &self,
         what: String,
@@ -150,12 +155,17 @@ impl NcclComm {
         let _guard = self.launch_lock.lock().map_err(|_| cuda_err("NCCL launch", "poisoned lock"))?;
         self.comm_waits_for_compute()?;
         self.device.context().bind_to_thread().map_err(|e| cuda_err("binding the context", e))?;
-        call(self.raw.0, self.stream.cu_stream() as sys::cudaStream_t)
-            .map_err(|e| nccl_err(what.clone(), describe(Some(self.raw.0), e.0)))?;
-        let done = Arc::new(self.stream.record_event(None).map_err(|e| cuda_err(format!("{what}: recording"), e))?);
+        let queued = Arc::new(OnceLock::new());
         if let Some(w) = &self.watchdog {
-            w.watch(what, done.clone());
+            w.watch(what.clone(), queued.clone());
         }
+        let called = call(self.raw.0, self.stream.cu_stream() as sys::cudaStream_t)
+            .map_err(|e| nccl_err(what.clone(), describe(Some(self.raw.0), e.0)));
+        // Recorded whether or not the call queued anything: the watch ends
+        // with it (a failed call is reported to the caller, not timed out).
+        let done = Arc::new(self.stream.record_event(None).map_err(|e| cuda_err(format!("{what}: recording"), e))?);
+        let _ = queued.set(done.clone());
+        called?;
         Ok(done)
     }
 }
@@ -172,10 +182,11 @@ impl Drop for NcclComm {
     }
 }
 
-/// A queued operation the watchdog waits for.
+/// An operation the watchdog waits for: first for the host call that
+/// queues it to return (`done` unset), then for its completion event.
 struct Watched {
     what: String,
-    done: Arc<CudaEvent>,
+    done: Arc<OnceLock<Arc<CudaEvent>>>,
     since: Instant,
 }
 
@@ -197,7 +208,7 @@ impl Watchdog {
         Ok(Watchdog { tx: Some(tx), thread: Some(thread) })
     }
 
-    fn watch(&self, what: String, done: Arc<CudaEvent>) {
+    fn watch(&self, what: String, done: Arc<OnceLock<Arc<CudaEvent>>>) {
         if let Some(tx) = &self.tx {
             let _ = tx.send(Watched { what, done, since: Instant::now() });
         }
@@ -229,7 +240,8 @@ fn watch_loop(rx: mpsc::Receiver<Watched>, raw: Arc<RawComm>, device: CudaDevice
         // Operations on one stream finish in order: the oldest is the one
         // that can be late.
         while let Some(front) = pending.front() {
-            match front.done.try_is_complete() {
+            let Some(done) = front.done.get() else { break }; // still in the host call
+            match done.try_is_complete() {
                 Ok(true) => {
                     pending.pop_front();
                 }

@@ -4,9 +4,9 @@
 //! host synchronization.
 
 use cudarc::cublas::{Gemm, GemmConfig, sys::cublasOperation_t};
-use cudarc::cublaslt::{Matmul, MatmulConfig};
 use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
+use super::gemm_lt::{Epilogue, LtShape};
 use super::{CudaData, CudaDevice, CudaStorage, cuda_err};
 use crate::{DType, Error, Result};
 
@@ -253,26 +253,34 @@ pub(crate) fn matmul(
     if m == 0 || n == 0 {
         return Ok(());
     }
+    if out.dtype() == DType::BF16 {
+        let epilogue = match bias {
+            None => Epilogue::None,
+            Some(v) if v.dtype() == DType::BF16 => Epilogue::Bias { bias: addr(v) },
+            Some(v) => return Err(Error::DType { op: "matmul bias", expected: DType::BF16, got: v.dtype() }),
+        };
+        if !lt_matmul(out, a, b, (m, n, k), (trans_a, trans_b), accumulate, epilogue)? {
+            return Err(cuda_err("cuBLASLt matmul", format!("no algorithm for a {m}x{n}x{k} bf16 GEMM")));
+        }
+        return Ok(());
+    }
     let dim = |v: usize| i32::try_from(v).map_err(|_| cuda_err("matmul", format!("dimension {v} exceeds i32")));
     let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
     let (mi, ni, ki) = (dim(m)?, dim(n)?, dim(k)?);
-    let lda = if trans_b { ki } else { ni };
-    let ldb = if trans_a { mi } else { ki };
     let dev = out.device.clone();
     let blas = dev.blas();
-    let e = |e| cuda_err("cuBLAS gemm", e);
-    macro_rules! gemm {
-        ($o:expr, $a:expr, $b:expr, $one:expr, $zero:expr) => {{
+    match (&mut out.data, &a.data, &b.data, bias) {
+        (CudaData::F32(o), CudaData::F32(x), CudaData::F32(y), None) => {
             let cfg = GemmConfig {
                 transa: op(trans_b),
                 transb: op(trans_a),
                 m: ni,
                 n: mi,
                 k: ki,
-                alpha: $one,
-                lda,
-                ldb,
-                beta: if accumulate { $one } else { $zero },
+                alpha: 1.0f32,
+                lda: if trans_b { ki } else { ni },
+                ldb: if trans_a { mi } else { ki },
+                beta: if accumulate { 1.0 } else { 0.0 },
                 ldc: ni,
             };
             let name =
@@ -281,51 +289,95 @@ pub(crate) fn matmul(
                 // SAFETY: `ops::matmul` checked that a, b and out hold m*k, k*n and
                 // m*n elements; the leading dimensions above describe exactly those
                 // row-major layouts, so cuBLAS reads and writes within bounds.
-                unsafe { blas.gemm(cfg, $b, $a, $o) }.map_err(e)
-            })
-        }};
-    }
-    match (&mut out.data, &a.data, &b.data, bias.map(|b| &b.data)) {
-        (CudaData::F32(o), CudaData::F32(x), CudaData::F32(y), None) => gemm!(o, x, y, 1.0f32, 0.0f32),
-        (CudaData::BF16(o), CudaData::BF16(x), CudaData::BF16(y), bias) => {
-            let bias = match bias {
-                None => None,
-                Some(CudaData::BF16(v)) => Some(v),
-                Some(_) => return Err(Error::DType { op: "matmul bias", expected: DType::BF16, got: DType::F32 }),
-            };
-            let cfg = MatmulConfig {
-                transa: trans_b,
-                transb: trans_a,
-                transc: false,
-                m: n as u64,
-                n: m as u64,
-                k: k as u64,
-                alpha: 1.0,
-                lda: lda as i64,
-                ldb: ldb as i64,
-                beta: if accumulate { 1.0 } else { 0.0 },
-                ldc: n as i64,
-                stride_a: None,
-                stride_b: None,
-                stride_c: None,
-                stride_bias: None,
-                batch_size: None,
-            };
-            let name = format!(
-                "cublaslt {m}x{n}x{k} ta={} tb={} acc={} bias={}",
-                trans_a as u8,
-                trans_b as u8,
-                accumulate as u8,
-                bias.is_some() as u8
-            );
-            dev.timed(&name, || {
-                // SAFETY: as for the cuBLAS call above; the bias, when given, holds
-                // n elements (checked by `ops::linear_forward`), one per output column.
-                unsafe { dev.blas_lt().matmul(cfg, y, x, o, bias, None) }.map_err(|e| cuda_err("cuBLASLt matmul", e))
+                unsafe { blas.gemm(cfg, y, x, o) }.map_err(|e| cuda_err("cuBLAS gemm", e))
             })
         }
         _ => Err(Error::Unsupported { op: "matmul", dtype: out.dtype(), device: "cuda".into() }),
     }
+}
+
+/// The bf16 GEMM of [`matmul`] through cuBLASLt, with `epilogue`; false
+/// (nothing queued) where cuBLASLt has no algorithm for it.
+fn lt_matmul(
+    out: &mut CudaStorage,
+    a: &CudaStorage,
+    b: &CudaStorage,
+    (m, n, k): (usize, usize, usize),
+    (trans_a, trans_b): (bool, bool),
+    accumulate: bool,
+    epilogue: Epilogue,
+) -> Result<bool> {
+    for s in [&*out, a, b] {
+        if s.dtype() != DType::BF16 {
+            return Err(Error::DType { op: "matmul", expected: DType::BF16, got: s.dtype() });
+        }
+    }
+    // Column-major: out^T (n, m) = op(b)^T (n, k) @ op(a)^T (k, m).
+    let shape = LtShape {
+        m: n as u64,
+        n: m as u64,
+        k: k as u64,
+        trans_a: trans_b,
+        trans_b: trans_a,
+        lda: (if trans_b { k } else { n }) as i64,
+        ldb: (if trans_a { m } else { k }) as i64,
+        ldc: n as i64,
+    };
+    let dev = out.device.clone();
+    let name = format!(
+        "cublaslt {m}x{n}x{k} ta={} tb={} acc={} {}",
+        trans_a as u8,
+        trans_b as u8,
+        accumulate as u8,
+        match epilogue {
+            Epilogue::None => "",
+            Epilogue::Bias { .. } => "bias",
+            Epilogue::BiasGradB { .. } => "bgrad",
+        }
+    );
+    let (o, x, y) = (addr_mut(out), addr(a), addr(b));
+    let mut queued = false;
+    dev.timed(&name, || {
+        // SAFETY: `ops` checked that a, b and out hold m*k, k*n and m*n bf16
+        // elements (row-major; the shape above reads them column-major within
+        // those bounds) and sized the epilogue's vector; all live on this
+        // device until the stream has run the GEMM.
+        queued = unsafe {
+            dev.blas_lt().matmul(dev.stream(), &shape, y, x, o, if accumulate { 1.0 } else { 0.0 }, epilogue)
+        }?;
+        Ok(())
+    })?;
+    Ok(queued)
+}
+
+/// The weight gradients of a linear layer: dweight (oc, c) += dout^T (oc, rows)
+/// @ inp (rows, c), and dbias (oc) += the column sums of dout. In bf16 the
+/// bias gradient comes out of the same GEMM (cuBLASLt's BGRADB epilogue, in
+/// f32, then added to dbias), saving a pass over dout.
+pub(crate) fn linear_weight_grads(
+    dweight: &mut CudaStorage,
+    dbias: &mut CudaStorage,
+    dout: &CudaStorage,
+    inp: &CudaStorage,
+    rows: usize,
+    oc: usize,
+    c: usize,
+) -> Result<()> {
+    if dweight.dtype() == DType::BF16 && dbias.dtype() == DType::BF16 && rows > 0 {
+        let dev = dweight.device.clone();
+        let fused = dev.with_scratch(oc, |grad| {
+            if !lt_matmul(dweight, dout, inp, (oc, c, rows), (true, false), true, Epilogue::BiasGradB { grad })? {
+                return Ok(false);
+            }
+            column_finish(&dev, dbias, grad, 1, oc)?;
+            Ok(true)
+        })?;
+        if fused {
+            return Ok(());
+        }
+    }
+    matmul(dweight, dout, inp, oc, c, rows, true, false, true, None)?;
+    bias_grad(dbias, dout, rows, oc)
 }
 
 // ------------------------------------------------------------------ layernorm

@@ -6,6 +6,7 @@
 //! error, never a panic.
 
 pub mod compile;
+pub(crate) mod gemm_lt;
 pub(crate) mod launch;
 
 use std::collections::HashMap;
@@ -14,9 +15,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::CudaBlas;
-use cudarc::cublaslt::CudaBlasLT;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
 
+use self::gemm_lt::BlasLt;
 use crate::{DType, Error, Result};
 
 pub(crate) fn cuda_err(context: impl Into<String>, e: impl fmt::Display) -> Error {
@@ -38,8 +39,8 @@ struct Inner {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
-    /// cuBLASLt for bf16 GEMMs (per-shape heuristics, fused bias epilogue).
-    blas_lt: CudaBlasLT,
+    /// cuBLASLt for bf16 GEMMs (plans per shape, fused bias and bias-gradient epilogues).
+    blas_lt: BlasLt,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     /// Bytes held by live tensors on this device, and the most ever held.
     allocated: AtomicUsize,
@@ -91,9 +92,9 @@ impl CudaDevice {
         if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
             return Err(unavailable("cuBLASLt (libcublasLt.so) not found".into()));
         }
-        let blas_lt = CudaBlasLT::new(stream.clone()).map_err(|e| unavailable(format!("cuBLASLt: {e}")))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let compute_capability = ctx.compute_capability().map_err(|e| unavailable(e.to_string()))?;
+        let blas_lt = BlasLt::new(&stream, compute_capability.0).map_err(|e| unavailable(e.to_string()))?;
         Ok(CudaDevice {
             inner: Arc::new(Inner {
                 ordinal,
@@ -226,7 +227,7 @@ impl CudaDevice {
         &self.inner.blas
     }
 
-    pub(crate) fn blas_lt(&self) -> &CudaBlasLT {
+    pub(crate) fn blas_lt(&self) -> &BlasLt {
         &self.inner.blas_lt
     }
 
