@@ -166,10 +166,6 @@ impl BlasLt {
             set_attr(desc, A::CUBLASLT_MATMUL_DESC_TRANSA, &op(s.trans_a))?;
             set_attr(desc, A::CUBLASLT_MATMUL_DESC_TRANSB, &op(s.trans_b))?;
             set_attr(desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE, &epi)?;
-            if let Epilogue::BiasGradB { .. } = epilogue {
-                // The bias gradient in f32: rounded once, when it is added to the bf16 gradient.
-                set_attr(desc, A::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &sys::cudaDataType_t::CUDA_R_32F)?;
-            }
         }
         let pref = lt::create_matmul_pref().map_err(|e| lt_err("preference", e))?;
         let ws = self.workspace.len();
@@ -203,7 +199,7 @@ impl BlasLt {
     /// # Safety
     /// `a`, `b` and `d` must be bf16 device buffers holding the matrices the
     /// shape describes (with their leading dimensions), and the epilogue's
-    /// vector must hold m bf16 (Bias) or n f32 (BiasGradB) elements; all on
+    /// vector must hold m (Bias) or n (BiasGradB) bf16 elements; all on
     /// this handle's device, not freed before the stream has run the GEMM.
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn matmul(
@@ -219,7 +215,13 @@ impl BlasLt {
         let mut plans = self.plans.lock().map_err(|_| lt_err("plan cache", "poisoned lock"))?;
         let key = (*s, epilogue.kind());
         if let Entry::Vacant(slot) = plans.entry(key) {
-            slot.insert(self.plan(s, epilogue)?);
+            let plan = match self.plan(s, epilogue) {
+                // An optional fusion: where this cuBLASLt refuses it, the caller
+                // takes the unfused way.
+                Err(_) if epilogue.kind() == Epilogue::BiasGradB { grad: 0 }.kind() => None,
+                other => other?,
+            };
+            slot.insert(plan);
         }
         let Some(Some(plan)) = plans.get(&key) else { return Ok(false) };
         use sys::cublasLtMatmulDescAttributes_t as A;

@@ -352,8 +352,9 @@ fn lt_matmul(
 
 /// The weight gradients of a linear layer: dweight (oc, c) += dout^T (oc, rows)
 /// @ inp (rows, c), and dbias (oc) += the column sums of dout. In bf16 the
-/// bias gradient comes out of the same GEMM (cuBLASLt's BGRADB epilogue, in
-/// f32, then added to dbias), saving a pass over dout.
+/// bias gradient comes out of the same GEMM (cuBLASLt's BGRADB epilogue: f32
+/// sums rounded to bf16 into scratch, then added to dbias, one more bf16
+/// rounding), saving a pass over dout.
 pub(crate) fn linear_weight_grads(
     dweight: &mut CudaStorage,
     dbias: &mut CudaStorage,
@@ -369,7 +370,8 @@ pub(crate) fn linear_weight_grads(
             if !lt_matmul(dweight, dout, inp, (oc, c, rows), (true, false), true, Epilogue::BiasGradB { grad })? {
                 return Ok(false);
             }
-            column_finish(&dev, dbias, grad, 1, oc)?;
+            let name = format!("add_assign_{}", suffix(dbias)?);
+            launch(&dev, "elementwise", &name, grid_1d(oc), &[ptr_mut(dbias), Arg::Ptr(grad), n64(oc)])?;
             Ok(true)
         })?;
         if fused {
