@@ -62,7 +62,8 @@ pub struct Layout {
     pub data_parallel: usize,
     /// 0: rank 0's optimizer file holds the whole optimizer state, which every
     /// rank reads back; 1 (ZeRO-1): each data-parallel rank writes and reads its
-    /// own file with its 1/dp of the masters and moments.
+    /// own file with its 1/dp of the masters and moments. (A resume on another
+    /// layout reads whichever files hold the range a rank owns now.)
     pub zero_stage: u32,
 }
 

@@ -217,9 +217,9 @@ pub(crate) fn check_fit(
 
 /// Where this rank's training data continues after a resume (rank `rank` of
 /// `dp` data-parallel ranks), and a warning when that cannot repeat the
-/// checkpoint's run. `windows` is the number of micro-batch windows in the
-/// training data, `remaining` how many of them (all ranks together) this run
-/// will still read.
+/// checkpoint's run. `windows` is the number of micro-batches (windows of
+/// micro_batch_size x seq_len + 1 tokens) in the training data, `remaining`
+/// how many of them (all ranks together) this run will still read.
 ///
 /// A position counts the windows of its epoch's shuffled order that all ranks
 /// together have consumed, so it means the same with any number of ranks: the
@@ -259,9 +259,9 @@ pub(crate) fn data_position(
     let ends_differ = left % old_dp != left % dp || windows % old_dp != windows % dp;
     let warning = (reaches_epoch_end && ends_differ).then(|| {
         format!(
-            "data.train holds {windows} batches per epoch; with data parallel {old_dp} each epoch reads {} of them, \
-             with {dp} it reads {}: the data continues where checkpoint {} left it (epoch {}, batch {}), but from the \
-             end of this epoch on the batches differ from those the checkpoint's run would have read",
+            "data.train holds {windows} micro-batches per epoch; with data parallel {old_dp} each epoch reads {} of \
+             them, with {dp} it reads {}: the data continues where checkpoint {} left it (epoch {}, micro-batch {}), \
+             but from the end of this epoch on the batches differ from those the checkpoint's run would have read",
             windows - windows % old_dp,
             windows - windows % dp,
             manifest_path.parent().unwrap_or(manifest_path).display(),
@@ -754,9 +754,9 @@ mod tests {
         assert_eq!(pos, at(1, 4));
         let w = w.unwrap();
         assert!(
-            w.contains("holds 11 batches")
+            w.contains("holds 11 micro-batches")
                 && w.contains("reads 10 of them, with 4 it reads 8")
-                && w.contains("epoch 1, batch 4"),
+                && w.contains("(epoch 1, micro-batch 4)"),
             "{w}"
         );
         // 12 windows end the epoch at the same place for 1, 2 and 4 ranks.

@@ -11,9 +11,11 @@
 //! Data parallelism: under `mpirun` every process is one data-parallel rank
 //! (one GPU each) that reads its own slice of every global batch; after the
 //! last micro-step the gradients are averaged over the ranks (`dp.rs`) and
-//! every rank applies the same update. Only rank 0 prints, records metrics
-//! and writes the model; a checkpoint is written by all ranks together. A
-//! plain run is a world of one and takes the single-process path.
+//! every rank applies the same update; each rank evaluates its share of the
+//! validation batches. Only rank 0 prints, records metrics and writes the
+//! model; a checkpoint is written by all ranks together, and resumes under
+//! any number of data-parallel ranks and ZeRO stage (`state.rs`). A plain run
+//! is a world of one and takes the single-process path.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -361,8 +363,10 @@ impl<'a> Run<'a> {
 
     fn restore(&mut self, from: &mut Opened) -> Result<()> {
         let manifest_path = from.dir.join("manifest.json");
-        let remaining =
-            self.cfg.training.max_steps.saturating_sub(from.manifest.step) as usize * self.batch.global_batch_size;
+        // Each step reads grad_accum_steps micro-batches on every rank.
+        let remaining = self.cfg.training.max_steps.saturating_sub(from.manifest.step) as usize
+            * self.batch.grad_accum_steps
+            * self.batch.dp;
         let (pos, warning) = state::data_position(
             &from.manifest,
             &manifest_path,
@@ -400,8 +404,8 @@ impl<'a> Run<'a> {
             String::new()
         } else {
             format!(
-                " (written by {} ranks, data parallel {}, ZeRO stage {}; continuing with {}, data parallel {}, ZeRO \
-                 stage {})",
+                " (written by {} ranks, data parallel {}, ZeRO stage {}; continuing on {} ranks, data parallel {}, \
+                 ZeRO stage {})",
                 old.world_size, old.data_parallel, old.zero_stage, new.world_size, new.data_parallel, new.zero_stage
             )
         };
