@@ -93,6 +93,12 @@ impl BatchLoader {
         self.windows.len() / self.world
     }
 
+    /// Windows (micro-batches of one rank) in the data: each epoch reads all
+    /// but the last `windows() % world` of its order.
+    pub fn windows(&self) -> usize {
+        self.windows.len()
+    }
+
     pub fn position(&self) -> LoaderPosition {
         self.pos
     }

@@ -62,7 +62,8 @@ pub struct Layout {
     pub data_parallel: usize,
     /// 0: rank 0's optimizer file holds the whole optimizer state, which every
     /// rank reads back; 1 (ZeRO-1): each data-parallel rank writes and reads its
-    /// own file with its 1/dp of the masters and moments.
+    /// own file with its 1/dp of the masters and moments. (A resume on another
+    /// layout reads whichever files hold the range a rank owns now.)
     pub zero_stage: u32,
 }
 
@@ -403,6 +404,31 @@ impl Opened {
             Some(l) => Ok((path, l)),
             None => Err(err(&self.dir.join(MANIFEST), format!("lists no file {name}"))),
         }
+    }
+
+    /// Like [`Opened::take`], but a listed file that [`open`] did not load
+    /// (another rank's, needed when resuming on another layout) is read now
+    /// and checked against the manifest's size and SHA-256 first.
+    pub fn take_or_load(&mut self, name: &str) -> Result<(PathBuf, Loaded)> {
+        if self.files.contains_key(name) {
+            return self.take(name);
+        }
+        let Some(entry) = self.manifest.files.iter().find(|f| f.name == name) else {
+            return Err(err(&self.dir.join(MANIFEST), format!("lists no file {name}")));
+        };
+        let path = self.dir.join(name);
+        let (bytes, sha) = hash_file(&path)?;
+        if bytes != entry.bytes {
+            return Err(err(
+                &path,
+                format!("{bytes} bytes but the manifest says {}: truncated or overwritten", entry.bytes),
+            ));
+        }
+        if sha != entry.sha256 {
+            return Err(err(&path, "SHA-256 differs from the manifest's: the file is corrupt"));
+        }
+        let loaded = io::load(&path)?;
+        Ok((path, loaded))
     }
 }
 

@@ -1,6 +1,8 @@
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use trainer_data::BatchLoader;
+use trainer_comm::{ProcessGroup, ReduceOp};
+use trainer_data::{BatchLoader, LoaderPosition};
 use trainer_models::gpt::{Gpt, GptActs};
 
 use crate::Result;
@@ -19,16 +21,43 @@ pub struct EvalReport {
 
 /// Mean loss over the first `batches` validation batches (always the same ones).
 pub fn evaluate(model: &Gpt, acts: &mut GptActs, loader: &mut BatchLoader, batches: usize) -> Result<EvalReport> {
+    evaluate_in(model, acts, loader, batches, &ProcessGroup::single("dp"))
+}
+
+/// The batches of `0..n` that rank `rank` of `size` evaluates: a contiguous
+/// block, the blocks in rank order and their sizes differing by at most one
+/// (ranks past `n` get none).
+pub(crate) fn share(n: usize, rank: usize, size: usize) -> Range<usize> {
+    n * rank / size..n * (rank + 1) / size
+}
+
+/// [`evaluate`] split over the data-parallel ranks of `group`: each runs its
+/// share of the same first `batches` validation batches, and the sums of the
+/// batches' losses and their count are added over the group, so the result is
+/// the mean over all of them, as one process computes it up to the order of
+/// the sums. `loader` must be the whole validation set (rank 0 of 1) on every rank.
+pub fn evaluate_in(
+    model: &Gpt,
+    acts: &mut GptActs,
+    loader: &mut BatchLoader,
+    batches: usize,
+    group: &ProcessGroup,
+) -> Result<EvalReport> {
     let n = batches.min(loader.batches_per_epoch());
     let span = acts.b * acts.t;
     let (mut x, mut y) = (vec![0u32; span], vec![0u32; span]);
-    loader.reset();
+    let mine = share(n, group.rank(), group.size());
+    // Unshuffled, window i of the epoch is validation batch i.
+    loader.seek(LoaderPosition { epoch: 0, index: mine.start });
     let mut sum = 0.0;
-    for _ in 0..n {
+    for _ in mine.clone() {
         loader.next_batch(&mut x, &mut y);
         sum += model.forward(acts, &x, Some(&y))?.unwrap_or(f64::NAN);
     }
-    let loss = sum / n as f64;
+    // Every batch has the same number of tokens, so the mean of the batch means is the token mean.
+    let mut totals = [sum, mine.len() as f64];
+    group.all_reduce_host(&mut totals, ReduceOp::Sum)?;
+    let loss = totals[0] / totals[1];
     Ok(EvalReport { loss, perplexity: loss.exp(), batches: n, tokens: n * span })
 }
 
@@ -55,4 +84,30 @@ pub fn evaluate_checkpoint(cfg: &Config, path: &Path) -> Result<(EvalReport, Pat
     let only_model = |f: &checkpoint::FileEntry| f.name == MODEL_FILE;
     let dir = checkpoint::resolve(path, &only_model, &|w| eprintln!("warning: {w}"))?.dir;
     Ok((evaluate_weights(cfg, &dir.join(MODEL_FILE))?, dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_split_the_batches_in_order_whatever_the_ranks() {
+        assert_eq!((0..2).map(|r| share(7, r, 2)).collect::<Vec<_>>(), vec![0..3, 3..7]);
+        assert_eq!((0..4).map(|r| share(7, r, 4)).collect::<Vec<_>>(), vec![0..1, 1..3, 3..5, 5..7]);
+        // Fewer batches than ranks: some evaluate nothing.
+        assert_eq!((0..4).map(|r| share(2, r, 4)).collect::<Vec<_>>(), vec![0..0, 0..1, 1..1, 1..2]);
+        assert_eq!(share(5, 0, 1), 0..5);
+        for n in 0..20 {
+            for size in 1..6 {
+                let mut next = 0;
+                for r in 0..size {
+                    let s = share(n, r, size);
+                    assert_eq!(s.start, next, "n={n} size={size}");
+                    assert!(s.len() <= n.div_ceil(size) && s.len() >= n / size);
+                    next = s.end;
+                }
+                assert_eq!(next, n);
+            }
+        }
+    }
 }

@@ -14,7 +14,7 @@ mod state;
 mod trainer;
 
 pub use config::Config;
-pub use eval::{EvalReport, evaluate, evaluate_checkpoint, evaluate_weights};
+pub use eval::{EvalReport, evaluate, evaluate_checkpoint, evaluate_in, evaluate_weights};
 pub use metrics::{Metrics, Value};
 pub use progress::Console;
 pub use signals::{StopSignal, signal_name};

@@ -12,16 +12,25 @@
 //!   position): counters, every rank's data position, the seed, the configs.
 //!
 //! A resume checks the checkpoint against the live model and config (shape,
-//! dtype, layout, every tensor's presence, shape and dtype) before it changes
+//! dtype, every tensor's presence, shape and dtype) before it changes
 //! anything, so a bad checkpoint never leaves a half-loaded model.
+//!
+//! Another parallel layout (data parallel 1, 2, 4, ..., ZeRO stage 0 or 1) can
+//! resume a checkpoint: the parameters' flat layout is the same for every
+//! number of shards except for the zero padding at its end (to a multiple of
+//! the shard count), so each rank assembles the flat range it owns now from
+//! the parts of whichever optimizer files hold it, and leaves padding zero.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use trainer_core::io::Loaded;
-use trainer_core::{Tensor, ops};
+use trainer_core::ops::Span;
+use trainer_core::{Device, Tensor, ops};
+use trainer_data::LoaderPosition;
 use trainer_models::gpt::{Gpt, GptConfig};
-use trainer_nn::{AdamW, Module};
+use trainer_nn::{AdamW, FlatLayout, Module};
 
 use trainer_comm::ProcessGroup;
 
@@ -131,9 +140,9 @@ fn gather_entries(group: &ProcessGroup, mine: &[FileEntry], store: &Store) -> Re
     Ok(entries)
 }
 
-/// Errors for a checkpoint this run cannot load (another model shape, dtype or
-/// parallel layout); warnings for settings that make the continuation differ
-/// from an uninterrupted run.
+/// Errors for a checkpoint this run cannot load (another model shape or
+/// dtype, or a layout other than data parallel); warnings for settings that
+/// make the continuation differ from an uninterrupted run.
 pub(crate) fn check_fit(
     manifest: &Manifest,
     manifest_path: &Path,
@@ -167,12 +176,14 @@ pub(crate) fn check_fit(
             theirs.dtype, run.dtype
         )));
     }
-    if manifest.layout != *layout {
-        let (a, b) = (&manifest.layout, layout);
+    let old = &manifest.layout;
+    // Only data-parallel layouts are understood: their optimizer files are
+    // named by world rank = data-parallel rank (see `optim_files`).
+    if old != layout && (old.world_size != old.data_parallel || old.zero_stage > 1) {
         return Err(err(format!(
-            "was written by {} ranks (data parallel {}, ZeRO stage {}), this run has {} (data parallel {}, ZeRO \
-             stage {}): resuming on another layout is not supported yet",
-            a.world_size, a.data_parallel, a.zero_stage, b.world_size, b.data_parallel, b.zero_stage
+            "was written by {} ranks (data parallel {}, ZeRO stage {}): resuming on another layout works only \
+             from data-parallel layouts (ranks = data parallel, ZeRO stage 0 or 1); resume it with the same layout",
+            old.world_size, old.data_parallel, old.zero_stage
         )));
     }
     let mut warnings = Vec::new();
@@ -186,9 +197,79 @@ pub(crate) fn check_fit(
     };
     differs("training.micro_batch_size", theirs.micro_batch_size.to_string(), run.micro_batch_size.to_string());
     differs("training.seq_len", theirs.seq_len.to_string(), run.seq_len.to_string());
-    differs("training.grad_accum_steps", theirs.grad_accum_steps.to_string(), run.grad_accum_steps.to_string());
+    // Another number of ranks with the accumulation steps that keep the
+    // global batch reads the same sequences per step: that is no difference.
+    let global = |micro: usize, accum: usize, dp: usize| {
+        format!("{} (micro_batch_size x grad_accum_steps x dp = {micro} x {accum} x {dp})", micro * accum * dp)
+    };
+    let (a, b) = (
+        global(theirs.micro_batch_size, theirs.grad_accum_steps, old.data_parallel),
+        global(run.micro_batch_size, run.grad_accum_steps, layout.data_parallel),
+    );
+    if theirs.micro_batch_size * theirs.grad_accum_steps * old.data_parallel
+        != run.micro_batch_size * run.grad_accum_steps * layout.data_parallel
+    {
+        differs("the global batch", a, b);
+    }
     differs("data.train", format!("{:?}", theirs.data_train), format!("{:?}", run.data_train));
     Ok(warnings)
+}
+
+/// Where this rank's training data continues after a resume (rank `rank` of
+/// `dp` data-parallel ranks), and a warning when that cannot repeat the
+/// checkpoint's run. `windows` is the number of micro-batches (windows of
+/// micro_batch_size x seq_len + 1 tokens) in the training data, `remaining`
+/// how many of them (all ranks together) this run will still read.
+///
+/// A position counts the windows of its epoch's shuffled order that all ranks
+/// together have consumed, so it means the same with any number of ranks: the
+/// new ranks take the next windows of the same order. What the number of
+/// ranks changes is where an epoch ends: when fewer windows than ranks remain,
+/// so `windows % dp` windows are left out per epoch (and from the resumed
+/// position, `(windows - index) % dp` of the current one).
+pub(crate) fn data_position(
+    manifest: &Manifest,
+    manifest_path: &Path,
+    (rank, dp): (usize, usize),
+    windows: usize,
+    remaining: usize,
+) -> Result<(LoaderPosition, Option<String>)> {
+    let err = |msg: String| Error::Checkpoint { path: manifest_path.display().to_string(), msg };
+    let positions = &manifest.state.data;
+    let old_dp = manifest.layout.data_parallel;
+    if old_dp == dp {
+        let pos = positions
+            .iter()
+            .find(|d| d.rank == rank)
+            .ok_or_else(|| err(format!("has no data position for rank {rank}")))?;
+        return Ok((LoaderPosition { epoch: pos.epoch, index: pos.index }, None));
+    }
+    // The ranks step together, so their positions agree unless the manifest was edited.
+    let Some(first) = positions.first() else { return Err(err("has no data positions".into())) };
+    if let Some(other) = positions.iter().find(|d| (d.epoch, d.index) != (first.epoch, first.index)) {
+        return Err(err(format!(
+            "the ranks' data positions differ (rank {} at epoch {} window {}, rank {} at epoch {} window {}): \
+             cannot tell where the data continues on another number of data-parallel ranks",
+            first.rank, first.epoch, first.index, other.rank, other.epoch, other.index
+        )));
+    }
+    let pos = LoaderPosition { epoch: first.epoch, index: first.index };
+    let left = windows.saturating_sub(pos.index);
+    let reaches_epoch_end = pos.index + remaining > windows;
+    let ends_differ = left % old_dp != left % dp || windows % old_dp != windows % dp;
+    let warning = (reaches_epoch_end && ends_differ).then(|| {
+        format!(
+            "data.train holds {windows} micro-batches per epoch; with data parallel {old_dp} each epoch reads {} of \
+             them, with {dp} it reads {}: the data continues where checkpoint {} left it (epoch {}, micro-batch {}), \
+             but from the end of this epoch on the batches differ from those the checkpoint's run would have read",
+            windows - windows % old_dp,
+            windows - windows % dp,
+            manifest_path.parent().unwrap_or(manifest_path).display(),
+            pos.epoch,
+            pos.index
+        )
+    });
+    Ok((pos, warning))
 }
 
 /// Checks a tensor from a checkpoint against the live one it will overwrite.
@@ -224,34 +305,122 @@ fn put(dst: &mut Tensor, src: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// Loads parameters and this rank's optimizer state (the file of rank
-/// `optim_rank`, see [`Place::optim_rank`]) from a checkpoint opened with its
-/// files; every tensor is checked before any is copied.
-pub(crate) fn restore(opened: &mut Opened, model: &mut Gpt, opt: &mut AdamW, optim_rank: usize) -> Result<()> {
-    let (model_path, mut model_file) = opened.take(MODEL_FILE)?;
-    let (optim_path, mut optim_file) = opened.take(&optim_file(optim_rank))?;
+/// The optimizer files of a checkpoint written under `layout`, each with the
+/// flat range it holds of `flat` (the parameters' layout padded for that
+/// layout's shards). Under ZeRO-1 data-parallel rank r wrote shard r into the
+/// file of its world rank, which is r as long as every rank is a
+/// data-parallel rank (`check_fit` refuses other layouts); otherwise rank 0's
+/// file holds everything.
+fn optim_files(layout: &Layout, flat: &FlatLayout) -> Vec<(String, Range<usize>)> {
+    if layout.zero_stage == 1 {
+        (0..layout.data_parallel).map(|r| (optim_file(r), flat.shard(r))).collect()
+    } else {
+        vec![(optim_file(0), 0..flat.len)]
+    }
+}
+
+fn overlap(a: &Range<usize>, b: &Range<usize>) -> Option<Range<usize>> {
+    let (start, end) = (a.start.max(b.start), a.end.min(b.end));
+    (start < end).then_some(start..end)
+}
+
+/// A flat state tensor over `want` (on the CPU, `like`'s dtype) from `parts`:
+/// tensors over flat ranges of an older layout. Elements that no part holds
+/// stay zero: they lie past the end of the older layout, in padding that
+/// belongs to no parameter.
+pub(crate) fn assemble(want: &Range<usize>, like: &Tensor, parts: &[(&Tensor, Range<usize>)]) -> Result<Tensor> {
+    let mut out = Tensor::zeros([want.len()], like.dtype(), &Device::Cpu)?;
+    let sources: Vec<&Tensor> = parts.iter().map(|p| p.0).collect();
+    let pairs: Vec<(Span, Span)> = parts
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (_, held))| {
+            let both = overlap(held, want)?;
+            let len = both.len();
+            Some((
+                Span { tensor: 0, start: both.start - want.start, len },
+                Span { tensor: i, start: both.start - held.start, len },
+            ))
+        })
+        .collect();
+    if !pairs.is_empty() {
+        ops::copy_spans(&mut [&mut out], &sources, &pairs)?;
+    }
+    Ok(out)
+}
+
+/// Checks a flat optimizer tensor of a file that holds `len` elements.
+fn stage_flat(loaded: &mut Loaded, path: &Path, name: &str, like: &Tensor, len: usize) -> Result<Tensor> {
+    let err = |msg: String| Error::Checkpoint { path: path.display().to_string(), msg };
+    let t = loaded.tensors.remove(name).ok_or_else(|| err(format!("tensor {name} is missing")))?;
+    if t.dims() != [len] {
+        return Err(err(format!("tensor {name} has shape {} but the file's flat range holds [{len}]", t.shape())));
+    }
+    if t.dtype() != like.dtype() {
+        return Err(err(format!("tensor {name} is {} but this run holds it as {}", t.dtype(), like.dtype())));
+    }
+    Ok(t)
+}
+
+/// This rank's optimizer state (the range `opt` covers of its layout),
+/// assembled from the checkpoint's optimizer files, whichever layout wrote
+/// them; every file it reads is checked (its range, every tensor) first.
+fn optimizer_state(opened: &mut Opened, model: &Gpt, opt: &AdamW) -> Result<Vec<Tensor>> {
+    let theirs = opened.manifest.layout.clone();
+    let flat = FlatLayout::new(&model.params(), if theirs.zero_stage == 1 { theirs.data_parallel } else { 1 });
+    let want = opt.range();
+    let likes = opt.state();
+    // Per state tensor: the parts of the files that hold some of `want`.
+    let mut parts: Vec<Vec<(Tensor, Range<usize>)>> = likes.iter().map(|_| Vec::new()).collect();
+    for (name, held) in optim_files(&theirs, &flat) {
+        if overlap(&held, &want).is_none() {
+            continue;
+        }
+        let (path, mut file) = opened.take_or_load(&name)?;
+        let expected = BTreeMap::from([
+            ("flat_range".to_string(), format!("{}..{}", held.start, held.end)),
+            ("flat_len".to_string(), flat.len.to_string()),
+        ]);
+        for (key, value) in &expected {
+            let got = file.metadata.get(key).map_or("none", String::as_str);
+            if got != value {
+                return Err(Error::Checkpoint {
+                    path: path.display().to_string(),
+                    msg: format!(
+                        "{key} is {got}, but a checkpoint of {} ranks (data parallel {}, ZeRO stage {}) holds {value} \
+                         in this file",
+                        theirs.world_size, theirs.data_parallel, theirs.zero_stage
+                    ),
+                });
+            }
+        }
+        for ((state, like), parts) in likes.iter().zip(&mut parts) {
+            parts.push((stage_flat(&mut file, &path, state, like, held.len())?, held.clone()));
+        }
+        no_extra(&file, &path)?;
+    }
+    likes
+        .iter()
+        .zip(&parts)
+        .map(|((_, like), parts)| {
+            let parts: Vec<(&Tensor, Range<usize>)> = parts.iter().map(|(t, r)| (t, r.clone())).collect();
+            assemble(&want, like, &parts)
+        })
+        .collect()
+}
+
+/// Loads parameters and this rank's optimizer state from a checkpoint opened
+/// with its files (those of other ranks that it needs are read here); every
+/// tensor is checked before any is copied.
+pub(crate) fn restore(opened: &mut Opened, model: &mut Gpt, opt: &mut AdamW) -> Result<()> {
+    let (model_path, mut model_file) = opened.take_or_load(MODEL_FILE)?;
     let values = model
         .params()
         .iter()
         .map(|p| stage(&mut model_file, &model_path, &p.name, &p.value))
         .collect::<Result<Vec<_>>>()?;
-    let expected = range_metadata(opt);
-    for (key, want) in &expected {
-        let got = optim_file.metadata.get(key).map_or("none", String::as_str);
-        if got != want {
-            return Err(Error::Checkpoint {
-                path: optim_path.display().to_string(),
-                msg: format!("{key} is {got}, this run's optimizer state covers {want}"),
-            });
-        }
-    }
-    let states = opt
-        .state()
-        .into_iter()
-        .map(|(name, like)| stage(&mut optim_file, &optim_path, name, like))
-        .collect::<Result<Vec<_>>>()?;
     no_extra(&model_file, &model_path)?;
-    no_extra(&optim_file, &optim_path)?;
+    let states = optimizer_state(opened, model, opt)?;
 
     for (p, t) in model.params_mut().into_iter().zip(&values) {
         put(&mut p.value, t)?;
@@ -339,7 +508,7 @@ mod tests {
             let (mut b, mut opt_b) = model(gpt(8), dtype, 2);
             assert_ne!(values(&a), values(&b));
             let mut opened = open(&dir, &for_rank(0)).unwrap();
-            restore(&mut opened, &mut b, &mut opt_b, 0).unwrap();
+            restore(&mut opened, &mut b, &mut opt_b).unwrap();
             assert_eq!(values(&a), values(&b), "{dtype}");
             assert_eq!(opt_b.step, 7);
             assert_eq!(state_values(&opt_a), state_values(&opt_b), "{dtype}");
@@ -368,15 +537,29 @@ mod tests {
         longer.seq_len = 4;
         let w = check_fit(&opened.manifest, &manifest, &gpt(8), &longer, &layout).unwrap();
         assert!(w.len() == 1 && w[0].contains("training.seq_len was 8"), "{w:?}");
+        // Another data-parallel layout is fine; what it changes of the global batch is a warning.
         let two = Layout { world_size: 2, data_parallel: 2, zero_stage: 1 };
-        let e = check_fit(&opened.manifest, &manifest, &gpt(8), &run_shape(), &two).unwrap_err().to_string();
-        assert!(e.contains("1 ranks") && e.contains("ZeRO stage 1"), "{e}");
+        let w = check_fit(&opened.manifest, &manifest, &gpt(8), &run_shape(), &two).unwrap();
+        assert!(
+            w.len() == 1
+                && w[0].contains("the global batch was 2 (micro_batch_size x grad_accum_steps x dp = 2 x 1 x 1)"),
+            "{w:?}"
+        );
+        let mut halved = run_shape();
+        halved.micro_batch_size = 1;
+        let w = check_fit(&opened.manifest, &manifest, &gpt(8), &halved, &two).unwrap();
+        assert!(w.len() == 1 && w[0].contains("training.micro_batch_size was 2"), "{w:?}");
+        // A layout with ranks that are not data-parallel ranks is not understood.
+        let mut tp = opened.manifest.clone();
+        tp.layout = Layout { world_size: 4, data_parallel: 2, zero_stage: 1 };
+        let e = check_fit(&tp, &manifest, &gpt(8), &run_shape(), &two).unwrap_err().to_string();
+        assert!(e.contains("written by 4 ranks (data parallel 2, ZeRO stage 1)") && e.contains("same layout"), "{e}");
 
         // Past that check (a manifest that lies), the tensors are checked one by one.
         let (mut c, mut opt_c) = model(gpt(16), DType::F32, 3);
         let before = values(&c);
         let mut opened = open(&dir, &for_rank(0)).unwrap();
-        let e = restore(&mut opened, &mut c, &mut opt_c, 0).unwrap_err().to_string();
+        let e = restore(&mut opened, &mut c, &mut opt_c).unwrap_err().to_string();
         assert!(e.contains("model.safetensors") && e.contains("tensor transformer.wte.weight has shape"), "{e}");
         assert_eq!(values(&c), before, "nothing loaded");
         assert_eq!(opt_c.step, 0);
@@ -392,8 +575,202 @@ mod tests {
         let (mut d, mut opt_d) = model(gpt(8), DType::F32, 4);
         let before = values(&d);
         let mut opened = open(&dir, &for_rank(0)).unwrap();
-        let e = restore(&mut opened, &mut d, &mut opt_d, 0).unwrap_err().to_string();
+        let e = restore(&mut opened, &mut d, &mut opt_d).unwrap_err().to_string();
         assert!(e.contains("optim_rank00000.safetensors") && e.contains("tensor exp_avg_sq is missing"), "{e}");
         assert_eq!(values(&d), before, "nothing loaded");
+    }
+
+    /// A recognizable optimizer state over the flat layout: element i of
+    /// state tensor k is 100000 (k + 1) + i where it belongs to a parameter,
+    /// zero in the alignment gaps and the padding.
+    fn expected(flat: &FlatLayout, k: usize, range: Range<usize>) -> Vec<f64> {
+        let mut v = vec![0.0; range.len()];
+        for piece in flat.pieces(range.clone()) {
+            for i in piece.flat_start..piece.flat_start + piece.len {
+                v[i - range.start] = 100_000.0 * (k + 1) as f64 + i as f64;
+            }
+        }
+        v
+    }
+
+    /// A checkpoint of `layout` (every rank's optimizer file) for model `m`.
+    fn save_layout(store: &Store, step: u64, m: &Gpt, layout: &Layout) -> PathBuf {
+        let shards = if layout.zero_stage == 1 { layout.data_parallel } else { 1 };
+        let flat = FlatLayout::new(&m.params(), shards);
+        let mut pending = store.begin(step, 0).unwrap();
+        let params = m.params();
+        let named: Vec<(String, &Tensor)> = params.iter().map(|p| (p.name.clone(), &p.value)).collect();
+        pending.write(MODEL_FILE, None, "parameters", &named, BTreeMap::new()).unwrap();
+        let adamw = trainer_nn::AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+        for r in 0..shards {
+            let mut opt = AdamW::for_range(adamw, &m.params(), flat.clone(), flat.shard(r)).unwrap();
+            opt.step = 9;
+            for (k, (_, t)) in opt.state_mut().into_iter().enumerate() {
+                let values: Vec<f32> = expected(&flat, k, flat.shard(r)).into_iter().map(|x| x as f32).collect();
+                t.copy_from_slice(&values).unwrap();
+            }
+            let named: Vec<(String, &Tensor)> = opt.state().into_iter().map(|(n, t)| (n.to_string(), t)).collect();
+            let reader = (layout.zero_stage == 1).then_some(r);
+            pending.write(&optim_file(r), reader, "optimizer", &named, range_metadata(&opt)).unwrap();
+        }
+        let mut state = TrainerState {
+            optimizer_step: 9,
+            schedule_step: step,
+            data: Vec::new(),
+            seed: 1,
+            first_val_loss: None,
+            last_train_loss: None,
+            model: m.config.clone(),
+            run: run_shape(),
+            config: String::new(),
+        };
+        state.data = (0..layout.world_size).map(|rank| DataPosition { rank, epoch: 1, index: 8 }).collect();
+        pending.commit(layout.clone(), state).unwrap()
+    }
+
+    fn layout(dp: usize, zero_stage: u32) -> Layout {
+        Layout { world_size: dp, data_parallel: dp, zero_stage }
+    }
+
+    /// Every rank of every new layout gets exactly its range of the state,
+    /// whichever layout wrote it: a new shard that spans two old files (3
+    /// shards to 2), one inside a single old file (1 or 2 to 4), the padding
+    /// of a longer layout (4 shards pad further than 1, 2 or 3) zero.
+    #[test]
+    fn optimizer_state_moves_between_layouts() {
+        for dtype in [DType::F32, DType::BF16] {
+            let (m, _) = model(gpt(8), dtype, 1);
+            let lens: Vec<usize> = (1..=4).map(|s| FlatLayout::new(&m.params(), s).len).collect();
+            assert!(lens.iter().any(|&l| l != lens[0]), "the test needs layouts of other padding: {lens:?}");
+            for old in [layout(1, 0), layout(2, 0), layout(2, 1), layout(3, 1), layout(4, 1)] {
+                let tmp = tempfile::tempdir().unwrap();
+                let store = Store::new(tmp.path(), 2);
+                let dir = save_layout(&store, 4, &m, &old);
+                for new in [layout(1, 0), layout(2, 0), layout(2, 1), layout(3, 1), layout(4, 1)] {
+                    let shards = if new.zero_stage == 1 { new.data_parallel } else { 1 };
+                    let flat = FlatLayout::new(&m.params(), shards);
+                    for rank in 0..new.data_parallel {
+                        let range = flat.shard(if new.zero_stage == 1 { rank } else { 0 });
+                        let (mut b, _) = model(gpt(8), dtype, 2);
+                        let adamw = trainer_nn::AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+                        let mut opt = AdamW::for_range(adamw, &b.params(), flat.clone(), range.clone()).unwrap();
+                        let mut opened = open(&dir, &for_rank(rank)).unwrap();
+                        restore(&mut opened, &mut b, &mut opt).unwrap();
+                        assert_eq!(values(&b), values(&m));
+                        assert_eq!(opt.step, 9);
+                        let got = state_values(&opt);
+                        assert_eq!(got.len(), if dtype == DType::BF16 { 3 } else { 2 });
+                        for (k, (name, v)) in got.iter().enumerate() {
+                            let want = expected(&flat, k, range.clone());
+                            assert!(*v == want, "{dtype} {old:?} -> {new:?} rank {rank}: {name} differs");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn assembly_takes_each_part_from_its_file_and_leaves_padding_zero() {
+        let like = Tensor::zeros([1], DType::F32, &Device::Cpu).unwrap();
+        let t = |range: Range<usize>| {
+            let v: Vec<f32> = range.clone().map(|i| i as f32).collect();
+            Tensor::from_vec(v, [range.len()], &Device::Cpu).unwrap()
+        };
+        // Old files 0..8 and 8..12 (the old layout ends at 12); the new shard 5..16 spans both and padding.
+        let (a, b) = (t(0..8), t(8..12));
+        let got = assemble(&(5..16), &like, &[(&a, 0..8), (&b, 8..12)]).unwrap().to_vec::<f32>().unwrap();
+        assert_eq!(got, vec![5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 0.0, 0.0, 0.0, 0.0]);
+        // A shard inside one file, and one entirely past the old layout's end.
+        let got = assemble(&(9..11), &like, &[(&a, 0..8), (&b, 8..12)]).unwrap().to_vec::<f32>().unwrap();
+        assert_eq!(got, vec![9.0, 10.0]);
+        let got = assemble(&(12..16), &like, &[]).unwrap().to_vec::<f32>().unwrap();
+        assert_eq!(got, vec![0.0; 4]);
+    }
+
+    #[test]
+    fn a_file_that_holds_another_range_than_its_layout_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path(), 2);
+        let (m, _) = model(gpt(8), DType::F32, 1);
+        let dir = save_layout(&store, 4, &m, &layout(2, 1));
+        // The manifest claims 4 shards, the files hold 2.
+        let path = dir.join("manifest.json");
+        let mut manifest: Manifest = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        manifest.layout = layout(4, 1);
+        std::fs::write(&path, serde_json::to_string(&manifest).unwrap()).unwrap();
+        let (mut b, mut opt) = model(gpt(8), DType::F32, 2);
+        let before = values(&b);
+        let mut opened = open(&dir, &for_rank(0)).unwrap();
+        let e = restore(&mut opened, &mut b, &mut opt).unwrap_err().to_string();
+        assert!(e.contains("optim_rank00000.safetensors") && e.contains("flat_range is 0.."), "{e}");
+        assert_eq!(values(&b), before, "nothing loaded");
+        // A file of another rank that is needed now is checked against the manifest when it is read.
+        let dir = save_layout(&store, 5, &m, &layout(2, 1));
+        let f = dir.join(optim_file(1));
+        let mut bytes = std::fs::read(&f).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&f, bytes).unwrap();
+        let mut opened = open(&dir, &for_rank(0)).unwrap();
+        let e = restore(&mut opened, &mut b, &mut opt).unwrap_err().to_string();
+        assert!(e.contains("optim_rank00001.safetensors") && e.contains("corrupt"), "{e}");
+        assert_eq!(values(&b), before, "nothing loaded");
+    }
+
+    fn manifest_with(layout: Layout, positions: &[(u64, usize)]) -> Manifest {
+        let state = TrainerState {
+            optimizer_step: 3,
+            schedule_step: 3,
+            data: positions
+                .iter()
+                .enumerate()
+                .map(|(rank, &(epoch, index))| DataPosition { rank, epoch, index })
+                .collect(),
+            seed: 1,
+            first_val_loss: None,
+            last_train_loss: None,
+            model: gpt(8),
+            run: run_shape(),
+            config: String::new(),
+        };
+        Manifest { format: "trainer-checkpoint".into(), version: 1, step: 3, layout, files: Vec::new(), state }
+    }
+
+    #[test]
+    fn data_continues_from_the_global_position_on_any_number_of_ranks() {
+        let path = Path::new("ck/manifest.json");
+        let at = |epoch, index| LoaderPosition { epoch, index };
+        let two = manifest_with(layout(2, 1), &[(1, 4), (1, 4)]);
+        // The same ranks: each its own position.
+        assert_eq!(data_position(&two, path, (1, 2), 11, 100).unwrap(), (at(1, 4), None));
+        let e = data_position(&manifest_with(layout(3, 1), &[(1, 4)]), path, (2, 3), 11, 0).unwrap_err().to_string();
+        assert!(e.contains("ck/manifest.json") && e.contains("no data position for rank 2"), "{e}");
+        // Other ranks: the same global position, silently while this epoch does not end.
+        assert_eq!(data_position(&two, path, (3, 4), 11, 7).unwrap(), (at(1, 4), None));
+        assert_eq!(data_position(&two, path, (0, 1), 11, 7).unwrap(), (at(1, 4), None));
+        // ... and where the epoch ends elsewhere, once it ends: 2 ranks read 10 of 11 windows, 4 ranks 8.
+        let (pos, w) = data_position(&two, path, (3, 4), 11, 8).unwrap();
+        assert_eq!(pos, at(1, 4));
+        let w = w.unwrap();
+        assert!(
+            w.contains("holds 11 micro-batches")
+                && w.contains("reads 10 of them, with 4 it reads 8")
+                && w.contains("(epoch 1, micro-batch 4)"),
+            "{w}"
+        );
+        // 12 windows end the epoch at the same place for 1, 2 and 4 ranks.
+        assert_eq!(data_position(&two, path, (0, 4), 12, 100).unwrap(), (at(1, 4), None));
+        assert_eq!(data_position(&two, path, (0, 1), 12, 100).unwrap(), (at(1, 4), None));
+        // 13 windows: 2 and 4 ranks both leave one out per epoch, but from window 6 (a global
+        // batch that 4 does not divide) 2 ranks read 6 more and 4 ranks only 4.
+        let six = manifest_with(layout(2, 1), &[(0, 6), (0, 6)]);
+        assert!(data_position(&six, path, (0, 4), 13, 100).unwrap().1.is_some());
+        // One rank reads all 11, two read 10.
+        assert!(data_position(&two, path, (0, 1), 11, 8).unwrap().1.is_some());
+        // Positions that disagree (an edited manifest) leave nothing well defined.
+        let odd = manifest_with(layout(2, 1), &[(1, 4), (1, 6)]);
+        let e = data_position(&odd, path, (0, 1), 11, 8).unwrap_err().to_string();
+        assert!(e.contains("positions differ") && e.contains("rank 1 at epoch 1 window 6"), "{e}");
     }
 }

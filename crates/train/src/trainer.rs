@@ -11,9 +11,11 @@
 //! Data parallelism: under `mpirun` every process is one data-parallel rank
 //! (one GPU each) that reads its own slice of every global batch; after the
 //! last micro-step the gradients are averaged over the ranks (`dp.rs`) and
-//! every rank applies the same update. Only rank 0 prints, records metrics
-//! and writes the model; a checkpoint is written by all ranks together. A
-//! plain run is a world of one and takes the single-process path.
+//! every rank applies the same update; each rank evaluates its share of the
+//! validation batches. Only rank 0 prints, records metrics and writes the
+//! model; a checkpoint is written by all ranks together, and resumes under
+//! any number of data-parallel ranks and ZeRO stage (`state.rs`). A plain run
+//! is a world of one and takes the single-process path.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -27,7 +29,7 @@ use trainer_nn::{AdamW, AdamWConfig, Decay, FlatLayout, LrSchedule, Module, clip
 use crate::checkpoint::{self, DataPosition, Layout, Opened, RunShape, Store, TrainerState};
 use crate::config::{BatchShape, Config, DecayKind, DeviceKind, LrScaling, Precision, Resume};
 use crate::dp::{DataParallel, state_bytes};
-use crate::eval::evaluate;
+use crate::eval::evaluate_in;
 use crate::hooks::Hooks;
 use crate::metrics::{Metrics, Value};
 use crate::progress::Console;
@@ -290,7 +292,7 @@ impl<'a> Run<'a> {
         // Data first: a missing or corrupt shard should fail before any model work.
         let train_loader =
             open_loader("data.train", &cfg.data.train, gpt.vocab_size, bt, t_cfg.seed, true, (dp_rank, dp))?;
-        // Every rank evaluates the same batches.
+        // Every rank opens all validation batches; each evaluates its share (eval.rs).
         let val_loader = match cfg.data.val.as_deref().filter(|p| !p.is_empty()) {
             Some(p) => Some(open_loader("data.val", p, gpt.vocab_size, bt, t_cfg.seed, false, (0, 1))?),
             None => None,
@@ -360,14 +362,35 @@ impl<'a> Run<'a> {
     }
 
     fn restore(&mut self, from: &mut Opened) -> Result<()> {
-        let rank = self.place.rank;
-        let pos = *from.manifest.state.data.iter().find(|d| d.rank == rank).ok_or_else(|| Error::Checkpoint {
-            path: from.dir.join("manifest.json").display().to_string(),
-            msg: format!("has no data position for rank {rank}"),
-        })?;
-        state::restore(from, &mut self.model, &mut self.opt, self.place.optim_rank())?;
+        let manifest_path = from.dir.join("manifest.json");
+        // Each step reads grad_accum_steps micro-batches on every rank.
+        let remaining = self.cfg.training.max_steps.saturating_sub(from.manifest.step) as usize
+            * self.batch.grad_accum_steps
+            * self.batch.dp;
+        let (pos, warning) = state::data_position(
+            &from.manifest,
+            &manifest_path,
+            (self.mesh.dp().rank(), self.batch.dp),
+            self.train_loader.windows(),
+            remaining,
+        )?;
+        state::restore(from, &mut self.model, &mut self.opt)?;
+        if let Some(w) = warning {
+            self.console.warn(&w);
+        }
+        let (old, new) = (&from.manifest.layout, &self.place.layout);
+        if self.cfg.optimizer.lr_scaling == LrScaling::Linear && old.data_parallel != new.data_parallel {
+            self.console.warn(&format!(
+                "optimizer.lr_scaling = \"linear\": the peak learning rate is {:e} with data parallel {}, the \
+                 checkpoint's run had {:e} with data parallel {}",
+                self.schedule.base_lr,
+                new.data_parallel,
+                self.cfg.peak_lr(old.data_parallel),
+                old.data_parallel
+            ));
+        }
         let s = &from.manifest.state;
-        self.train_loader.seek(LoaderPosition { epoch: pos.epoch, index: pos.index });
+        self.train_loader.seek(pos);
         self.step = from.manifest.step;
         self.first_val = s.first_val_loss;
         self.last_loss = s.last_train_loss.unwrap_or(f64::NAN);
@@ -377,7 +400,16 @@ impl<'a> Run<'a> {
         if from.dir.parent().and_then(ours).is_some_and(|d| Some(d) == ours(self.store.dir())) {
             self.saved = Some((self.step, from.dir.clone()));
         }
-        self.console.line(&format!("resumed from {} at step {}", from.dir.display(), self.step));
+        let relaid = if old == new {
+            String::new()
+        } else {
+            format!(
+                " (written by {} ranks, data parallel {}, ZeRO stage {}; continuing on {} ranks, data parallel {}, \
+                 ZeRO stage {})",
+                old.world_size, old.data_parallel, old.zero_stage, new.world_size, new.data_parallel, new.zero_stage
+            )
+        };
+        self.console.line(&format!("resumed from {} at step {}{relaid}", from.dir.display(), self.step));
         Ok(())
     }
 
@@ -430,7 +462,7 @@ impl<'a> Run<'a> {
 
     fn evaluate(&mut self) -> Result<()> {
         let Some(loader) = self.val_loader.as_mut() else { return Ok(()) };
-        let r = evaluate(&self.model, &mut self.acts, loader, self.cfg.eval.batches)?;
+        let r = evaluate_in(&self.model, &mut self.acts, loader, self.cfg.eval.batches, self.mesh.dp())?;
         self.metrics.log(&[
             ("step", Value::Int(self.step)),
             ("val_loss", Value::Fixed(r.loss, 4)),
