@@ -183,9 +183,8 @@ fn linear_layernorm_gelu() {
         check("linear dinp", &gdx, &dx, F32_TOL);
         check("linear dweight", &gdw, &dw, F32_TOL);
         check("linear dbias", &gdb, &db, F32_TOL);
-        // bf16: the bias gradient comes out of the weight-gradient GEMM
-        // (cuBLASLt BGRADB) and is added onto the existing values; the
-        // reference is f32 on the rounded inputs.
+        // bf16 (cuBLASLt GEMMs, the bias gradient's column reduction), onto
+        // existing values; the reference is f32 on the rounded inputs.
         let (mut dx, mut dw, mut db) = (zeros(&[rows, c]), round(&dw0), round(&db0));
         ops::linear_backward(&mut dx, &mut dw, Some(&mut db), &round(&dy), &round(&x), &round(&w)).unwrap();
         let (mut gdx, mut gdw, mut gdb) =
@@ -201,7 +200,7 @@ fn linear_layernorm_gelu() {
         .unwrap();
         check(&format!("linear dinp bf16 {rows}x{c}->{oc}"), &gdx, &dx, BF16_TOL);
         check(&format!("linear dweight bf16 {rows}x{c}->{oc}"), &gdw, &dw, BF16_TOL);
-        check(&format!("linear dbias bf16 (BGRADB) {rows}x{c}->{oc}"), &gdb, &db, BF16_TOL);
+        check(&format!("linear dbias bf16 {rows}x{c}->{oc}"), &gdb, &db, BF16_TOL);
 
         // LayerNorm forward and backward (dinp accumulates).
         let (g, beta, dln) = (randn(&mut r, &[c], 1.0), randn(&mut r, &[c], 1.0), randn(&mut r, &[rows, c], 1.0));

@@ -3,9 +3,12 @@
 //! cudarc's safe cuBLASLt wrapper creates the descriptors and asks for a
 //! heuristic on every call, and offers only the forward bias epilogue. Here a
 //! plan (descriptor, layouts, chosen algorithm) is made once per shape and
-//! epilogue and reused, and the weight-gradient GEMM can also produce the
-//! bias gradient (BGRADB: the column sums of its B operand over k), which
-//! saves a separate pass over the output gradient.
+//! epilogue and reused.
+//!
+//! Tried and left out: the bias gradient from the weight-gradient GEMM
+//! (BGRADB epilogue). cuBLASLt 13 takes it only in bf16, and on an H200 the
+//! GEMMs with it ran as much slower as the separate reduction it saved
+//! (GPT-2 124M: 410-413k tok/s either way, benches/RESULTS.md).
 //!
 //! Everything is column-major, as cuBLASLt sees it: D (m, n) = op(A) op(B) +
 //! beta C, with C = D. The launchers translate from our row-major tensors.
@@ -31,11 +34,6 @@ pub(crate) enum Epilogue {
     Bias {
         bias: u64,
     },
-    /// Writes the sums of op(B) over k (n elements, one per column of D) as
-    /// f32 to `grad`; D is computed as usual.
-    BiasGradB {
-        grad: u64,
-    },
 }
 
 impl Epilogue {
@@ -43,7 +41,6 @@ impl Epilogue {
         match self {
             Epilogue::None => 0,
             Epilogue::Bias { .. } => 1,
-            Epilogue::BiasGradB { .. } => 2,
         }
     }
 }
@@ -157,7 +154,6 @@ impl BlasLt {
         let epi = match epilogue {
             Epilogue::None => sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT,
             Epilogue::Bias { .. } => sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
-            Epilogue::BiasGradB { .. } => sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BGRADB,
         };
         use sys::cublasLtMatmulDescAttributes_t as A;
         // SAFETY: the descriptor is live; each value has its attribute's type
@@ -199,8 +195,8 @@ impl BlasLt {
     /// # Safety
     /// `a`, `b` and `d` must be bf16 device buffers holding the matrices the
     /// shape describes (with their leading dimensions), and the epilogue's
-    /// vector must hold m (Bias) or n (BiasGradB) bf16 elements; all on
-    /// this handle's device, not freed before the stream has run the GEMM.
+    /// bias m bf16 elements; all on this handle's device, not freed before
+    /// the stream has run the GEMM.
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn matmul(
         &self,
@@ -215,22 +211,14 @@ impl BlasLt {
         let mut plans = self.plans.lock().map_err(|_| lt_err("plan cache", "poisoned lock"))?;
         let key = (*s, epilogue.kind());
         if let Entry::Vacant(slot) = plans.entry(key) {
-            let plan = match self.plan(s, epilogue) {
-                // An optional fusion: where this cuBLASLt refuses it, the caller
-                // takes the unfused way.
-                Err(_) if epilogue.kind() == Epilogue::BiasGradB { grad: 0 }.kind() => None,
-                other => other?,
-            };
-            slot.insert(plan);
+            slot.insert(self.plan(s, epilogue)?);
         }
         let Some(Some(plan)) = plans.get(&key) else { return Ok(false) };
         use sys::cublasLtMatmulDescAttributes_t as A;
         match epilogue {
             Epilogue::None => {}
             // SAFETY: the plan's descriptor is live and only used under the lock.
-            Epilogue::Bias { bias: p } | Epilogue::BiasGradB { grad: p } => unsafe {
-                set_attr(plan.desc, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &p)?
-            },
+            Epilogue::Bias { bias: p } => unsafe { set_attr(plan.desc, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &p)? },
         }
         let alpha = 1.0f32;
         let (ws, _sync) = self.workspace.device_ptr(stream);

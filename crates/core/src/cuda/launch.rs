@@ -332,7 +332,6 @@ fn lt_matmul(
         match epilogue {
             Epilogue::None => "",
             Epilogue::Bias { .. } => "bias",
-            Epilogue::BiasGradB { .. } => "bgrad",
         }
     );
     let (o, x, y) = (addr_mut(out), addr(a), addr(b));
@@ -348,38 +347,6 @@ fn lt_matmul(
         Ok(())
     })?;
     Ok(queued)
-}
-
-/// The weight gradients of a linear layer: dweight (oc, c) += dout^T (oc, rows)
-/// @ inp (rows, c), and dbias (oc) += the column sums of dout. In bf16 the
-/// bias gradient comes out of the same GEMM (cuBLASLt's BGRADB epilogue: f32
-/// sums rounded to bf16 into scratch, then added to dbias, one more bf16
-/// rounding), saving a pass over dout.
-pub(crate) fn linear_weight_grads(
-    dweight: &mut CudaStorage,
-    dbias: &mut CudaStorage,
-    dout: &CudaStorage,
-    inp: &CudaStorage,
-    rows: usize,
-    oc: usize,
-    c: usize,
-) -> Result<()> {
-    if dweight.dtype() == DType::BF16 && dbias.dtype() == DType::BF16 && rows > 0 {
-        let dev = dweight.device.clone();
-        let fused = dev.with_scratch(oc, |grad| {
-            if !lt_matmul(dweight, dout, inp, (oc, c, rows), (true, false), true, Epilogue::BiasGradB { grad })? {
-                return Ok(false);
-            }
-            let name = format!("add_assign_{}", suffix(dbias)?);
-            launch(&dev, "elementwise", &name, grid_1d(oc), &[ptr_mut(dbias), Arg::Ptr(grad), n64(oc)])?;
-            Ok(true)
-        })?;
-        if fused {
-            return Ok(());
-        }
-    }
-    matmul(dweight, dout, inp, oc, c, rows, true, false, true, None)?;
-    bias_grad(dbias, dout, rows, oc)
 }
 
 // ------------------------------------------------------------------ layernorm

@@ -347,25 +347,15 @@ pub fn linear_backward(
     weight: &Tensor,
 ) -> Result<()> {
     matmul(dinp, dout, weight, false, false, false)?;
-    let Some(dbias) = dbias else { return matmul(dweight, dout, inp, true, false, true) };
+    matmul(dweight, dout, inp, true, false, true)?;
+    let Some(dbias) = dbias else { return Ok(()) };
     const OP: &str = "linear_backward";
     same_kind(OP, dbias, &[dout])?;
     let (rows, oc) = dout.shape().as_rows_cols();
     expect_numel(OP, "dbias", dbias, oc)?;
     if on_cuda(dbias) {
-        // The checks of `matmul`, then one launcher for both gradients.
-        same_kind(OP, dweight, &[dout, inp])?;
-        let (ir, c) = inp.shape().as_rows_cols();
-        if ir != rows || dweight.shape().as_rows_cols() != (oc, c) {
-            return Err(Error::Shape {
-                op: OP,
-                msg: format!("dout {} ^T @ inp {} -> dweight {}", dout.shape(), inp.shape(), dweight.shape()),
-            });
-        }
-        let (dw, db, g, x) = (dweight.cuda_mut(OP)?, dbias.cuda_mut(OP)?, dout.cuda(OP)?, inp.cuda(OP)?);
-        return launch::linear_weight_grads(dw, db, g, x, rows, oc, c);
+        return launch::bias_grad(dbias.cuda_mut(OP)?, dout.cuda(OP)?, rows, oc);
     }
-    matmul(dweight, dout, inp, true, false, true)?;
     cpu_float!(OP, dbias, |F| {
         let db = dbias.as_mut_slice::<F>()?;
         // Serial over rows, in order: deterministic and cheap next to the GEMMs.
