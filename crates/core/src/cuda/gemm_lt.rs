@@ -83,9 +83,8 @@ impl Drop for Plan {
 pub(crate) struct BlasLt {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
-    /// Per (shape, epilogue kind): the plan, or None where cuBLASLt has no
-    /// algorithm for it (the caller then takes another way).
-    plans: Mutex<HashMap<(LtShape, u8), Option<Plan>>>,
+    /// Per (shape, epilogue kind).
+    plans: Mutex<HashMap<(LtShape, u8), Plan>>,
 }
 
 // SAFETY: the cuBLASLt handle and the plans' descriptors are only used while
@@ -129,7 +128,7 @@ impl BlasLt {
         Ok(BlasLt { handle, workspace, plans: Mutex::new(HashMap::new()) })
     }
 
-    fn plan(&self, s: &LtShape, epilogue: Epilogue) -> Result<Option<Plan>> {
+    fn plan(&self, s: &LtShape, epilogue: Epilogue) -> Result<Plan> {
         let bf16 = sys::cudaDataType_t::CUDA_R_16BF;
         let desc =
             lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType_t::CUDA_R_32F)
@@ -178,19 +177,11 @@ impl BlasLt {
             let _ = lt::destroy_matmul_pref(pref);
             h
         };
-        match heuristic {
-            Ok(h) => {
-                plan.algo = h.algo;
-                Ok(Some(plan))
-            }
-            Err(e) if e.0 == sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED => Ok(None),
-            Err(e) => Err(lt_err(&format!("heuristic for {s:?} {epilogue:?}"), e)),
-        }
+        plan.algo = heuristic.map_err(|e| lt_err(&format!("algorithm for {s:?} {epilogue:?}"), e))?.algo;
+        Ok(plan)
     }
 
     /// D (at `d`, m x n) = op(A) op(B) + beta D, queued on `stream`.
-    /// Returns false, having queued nothing, where cuBLASLt supports no
-    /// algorithm for this shape and epilogue.
     ///
     /// # Safety
     /// `a`, `b` and `d` must be bf16 device buffers holding the matrices the
@@ -207,13 +198,12 @@ impl BlasLt {
         d: u64,
         beta: f32,
         epilogue: Epilogue,
-    ) -> Result<bool> {
+    ) -> Result<()> {
         let mut plans = self.plans.lock().map_err(|_| lt_err("plan cache", "poisoned lock"))?;
-        let key = (*s, epilogue.kind());
-        if let Entry::Vacant(slot) = plans.entry(key) {
-            slot.insert(self.plan(s, epilogue)?);
-        }
-        let Some(Some(plan)) = plans.get(&key) else { return Ok(false) };
+        let plan = match plans.entry((*s, epilogue.kind())) {
+            Entry::Occupied(known) => known.into_mut(),
+            Entry::Vacant(slot) => slot.insert(self.plan(s, epilogue)?),
+        };
         use sys::cublasLtMatmulDescAttributes_t as A;
         match epilogue {
             Epilogue::None => {}
@@ -244,7 +234,6 @@ impl BlasLt {
                 stream.cu_stream() as sys::cudaStream_t,
             )
         }
-        .map_err(|e| lt_err(&format!("matmul {s:?}"), e))?;
-        Ok(true)
+        .map_err(|e| lt_err(&format!("matmul {s:?}"), e))
     }
 }

@@ -259,10 +259,7 @@ pub(crate) fn matmul(
             Some(v) if v.dtype() == DType::BF16 => Epilogue::Bias { bias: addr(v) },
             Some(v) => return Err(Error::DType { op: "matmul bias", expected: DType::BF16, got: v.dtype() }),
         };
-        if !lt_matmul(out, a, b, (m, n, k), (trans_a, trans_b), accumulate, epilogue)? {
-            return Err(cuda_err("cuBLASLt matmul", format!("no algorithm for a {m}x{n}x{k} bf16 GEMM")));
-        }
-        return Ok(());
+        return lt_matmul(out, a, b, (m, n, k), (trans_a, trans_b), accumulate, epilogue);
     }
     let dim = |v: usize| i32::try_from(v).map_err(|_| cuda_err("matmul", format!("dimension {v} exceeds i32")));
     let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
@@ -296,8 +293,7 @@ pub(crate) fn matmul(
     }
 }
 
-/// The bf16 GEMM of [`matmul`] through cuBLASLt, with `epilogue`; false
-/// (nothing queued) where cuBLASLt has no algorithm for it.
+/// The bf16 GEMM of [`matmul`] through cuBLASLt, with `epilogue`.
 fn lt_matmul(
     out: &mut CudaStorage,
     a: &CudaStorage,
@@ -306,7 +302,7 @@ fn lt_matmul(
     (trans_a, trans_b): (bool, bool),
     accumulate: bool,
     epilogue: Epilogue,
-) -> Result<bool> {
+) -> Result<()> {
     for s in [&*out, a, b] {
         if s.dtype() != DType::BF16 {
             return Err(Error::DType { op: "matmul", expected: DType::BF16, got: s.dtype() });
@@ -335,18 +331,13 @@ fn lt_matmul(
         }
     );
     let (o, x, y) = (addr_mut(out), addr(a), addr(b));
-    let mut queued = false;
     dev.timed(&name, || {
         // SAFETY: `ops` checked that a, b and out hold m*k, k*n and m*n bf16
         // elements (row-major; the shape above reads them column-major within
         // those bounds) and sized the epilogue's vector; all live on this
         // device until the stream has run the GEMM.
-        queued = unsafe {
-            dev.blas_lt().matmul(dev.stream(), &shape, y, x, o, if accumulate { 1.0 } else { 0.0 }, epilogue)
-        }?;
-        Ok(())
-    })?;
-    Ok(queued)
+        unsafe { dev.blas_lt().matmul(dev.stream(), &shape, y, x, o, if accumulate { 1.0 } else { 0.0 }, epilogue) }
+    })
 }
 
 // ------------------------------------------------------------------ layernorm
