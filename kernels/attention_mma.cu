@@ -12,6 +12,12 @@
 //   C 16x8:            c0, c1 = C[g][2t, 2t+1];  c2, c3 = C[g+8][2t, 2t+1]
 
 #define BR 64   // rows (queries or keys) per block: 4 warps x 16
+
+// Grid (B * H, ceil(T / 64)). Blocks are handed out x first, so block y of
+// every head starts before any block y + 1. Under a causal mask a query
+// block's work grows with its index and a key block's shrinks: numbering them
+// so that the longest come first keeps the last wave short.
+__device__ __forceinline__ int query_block(const Dims& d) { return d.causal ? gridDim.y - 1 - blockIdx.y : blockIdx.y; }
 #define BC 64   // columns per tile
 #define PAD 8   // shared-memory row padding (bf16 elements) against bank conflicts
 
@@ -148,15 +154,15 @@ __device__ __forceinline__ void mma_p_x(float (&acc)[D / 8][4], const float (&p)
     }
 }
 
-// Forward: grid (ceil(T / 64), B * H), block 128.
+// Forward: grid (B * H, ceil(T / 64)), block 128.
 template <int D>
 __device__ void attention_forward_mma(bf16* out, float* lse, const bf16* qkv, Dims d) {
     constexpr int NS = Stages<D>::N;
     __shared__ __align__(16) bf16 ks_all[NS][BC][D + PAD];
     __shared__ __align__(16) bf16 vs_all[NS][BC][D + PAD];
-    const int b = blockIdx.y / d.H, h = blockIdx.y % d.H;
+    const int b = blockIdx.x / d.H, h = blockIdx.x % d.H, qb = query_block(d);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-    const int q0 = blockIdx.x * BR + warp * 16;
+    const int q0 = qb * BR + warp * 16;
     stage_kv<D>(ks_all[0], vs_all[0], qkv, d, b, h, 0);
     unsigned qf[D / 16][4];
     load_a_rows<D>(qf, qkv, true, d, b, h, 0, q0);
@@ -166,11 +172,13 @@ __device__ void attention_forward_mma(bf16* out, float* lse, const bf16* qkv, Di
         #pragma unroll
         for (int r = 0; r < 4; ++r) o[nt][r] = 0.f;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-    const int q_last = min(blockIdx.x * BR + BR, d.T) - 1;
+    const int q_last = min(qb * BR + BR, d.T) - 1;
     const int tiles = d.causal ? q_last / BC + 1 : (d.T + BC - 1) / BC;
     for (int kt = 0; kt < tiles; ++kt) {
         const int k0 = kt * BC;
         const bool has_next = kt + 1 < tiles;
+        // No key of the tile is past T or after the warp's first query: no mask.
+        const bool full = k0 + BC <= d.T && !(d.causal && k0 + BC - 1 > q0);
         auto prefetch = [&] { stage_kv<D>(ks_all[(kt + 1) % NS], vs_all[(kt + 1) % NS], qkv, d, b, h, k0 + BC); };
         tile_acquire<NS>(has_next, prefetch);
         bf16 (*ks)[D + PAD] = ks_all[kt % NS];
@@ -191,7 +199,7 @@ __device__ void attention_forward_mma(bf16* out, float* lse, const bf16* qkv, Di
                 for (int c = 0; c < 2; ++c) {
                     const int col = k0 + nt * 8 + 2 * t + c;
                     float v = s[nt][2 * half + c] * d.scale;
-                    if (col >= d.T || (d.causal && col > row)) v = -INFINITY;
+                    if (!full && (col >= d.T || (d.causal && col > row))) v = -INFINITY;
                     s[nt][2 * half + c] = v;
                     mx = fmaxf(mx, v);
                 }
@@ -238,38 +246,59 @@ __device__ void attention_forward_mma(bf16* out, float* lse, const bf16* qkv, Di
     }
 }
 
-// dQ: grid (ceil(T / 64), B * H), block 128; a warp owns 16 queries.
+// dQ: grid (B * H, ceil(T / 64)), block 128; a warp owns 16 queries. Also
+// computes delta = rowsum(dO * O) (the softmax backward's D) for its rows and
+// writes it for the dK/dV kernel, which runs next: a separate pass over O and
+// dO cost 50 us a layer (GPT-2 124M, B=16) where this kernel has dO in
+// registers already.
 template <int D>
-__device__ void attention_backward_dq_mma(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
-                                          const float* delta, Dims d) {
+__device__ void attention_backward_dq_mma(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv,
+                                          const bf16* out, const float* lse, Dims d) {
     constexpr int NS = Stages<D>::N;
     __shared__ __align__(16) bf16 ks_all[NS][BC][D + PAD];
     __shared__ __align__(16) bf16 vs_all[NS][BC][D + PAD];
-    const int b = blockIdx.y / d.H, h = blockIdx.y % d.H;
+    const int b = blockIdx.x / d.H, h = blockIdx.x % d.H, qb = query_block(d);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-    const int q0 = blockIdx.x * BR + warp * 16;
+    const int q0 = qb * BR + warp * 16;
     stage_kv<D>(ks_all[0], vs_all[0], qkv, d, b, h, 0);
     unsigned qf[D / 16][4], dof[D / 16][4];
     load_a_rows<D>(qf, qkv, true, d, b, h, 0, q0);
     load_a_rows<D>(dof, dout, false, d, b, h, 0, q0);
     const i64 stat = ((i64)b * d.H + h) * d.T;
-    float lse_r[2], del_r[2];
+    float lse_r[2], del_r[2] = {0.f, 0.f};
+    {
+        // Fragment element (kc, r) is row g + 8 (r & 1); the quad's 4 lanes hold a row's columns.
+        unsigned of[D / 16][4];
+        load_a_rows<D>(of, out, false, d, b, h, 0, q0);
+        #pragma unroll
+        for (int kc = 0; kc < D / 16; ++kc)
+            #pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&dof[kc][r]));
+                const float2 y = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&of[kc][r]));
+                del_r[r & 1] += x.x * y.x + x.y * y.y;
+            }
+    }
     #pragma unroll
     for (int half = 0; half < 2; ++half) {
         const int row = q0 + g + 8 * half;
+        del_r[half] += __shfl_xor_sync(0xffffffffu, del_r[half], 1);
+        del_r[half] += __shfl_xor_sync(0xffffffffu, del_r[half], 2);
         lse_r[half] = row < d.T ? lse[stat + row] : 0.f;
-        del_r[half] = row < d.T ? delta[stat + row] : 0.f;
+        if (row < d.T && t == 0) delta[stat + row] = del_r[half];
     }
     float dq[D / 8][4];
     #pragma unroll
     for (int nt = 0; nt < D / 8; ++nt)
         #pragma unroll
         for (int r = 0; r < 4; ++r) dq[nt][r] = 0.f;
-    const int q_last = min(blockIdx.x * BR + BR, d.T) - 1;
+    const int q_last = min(qb * BR + BR, d.T) - 1;
     const int tiles = d.causal ? q_last / BC + 1 : (d.T + BC - 1) / BC;
     for (int kt = 0; kt < tiles; ++kt) {
         const int k0 = kt * BC;
         const bool has_next = kt + 1 < tiles;
+        // Every (query, key) pair of the warp and tile is valid: no mask.
+        const bool full = k0 + BC <= d.T && q0 + 16 <= d.T && !(d.causal && k0 + BC - 1 > q0);
         auto prefetch = [&] { stage_kv<D>(ks_all[(kt + 1) % NS], vs_all[(kt + 1) % NS], qkv, d, b, h, k0 + BC); };
         tile_acquire<NS>(has_next, prefetch);
         bf16 (*ks)[D + PAD] = ks_all[kt % NS];
@@ -286,7 +315,7 @@ __device__ void attention_backward_dq_mma(bf16* dqkv, const bf16* dout, const bf
             #pragma unroll
             for (int r = 0; r < 4; ++r) {
                 const int half = r >> 1, row = q0 + g + 8 * half, col = k0 + nt * 8 + 2 * t + (r & 1);
-                const bool ok = row < d.T && col < d.T && !(d.causal && col > row);
+                const bool ok = full || (row < d.T && col < d.T && !(d.causal && col > row));
                 const float p = ok ? __expf(s[nt][r] * d.scale - lse_r[half]) : 0.f;
                 s[nt][r] = p * (dp[nt][r] - del_r[half]) * d.scale;  // dS, scaled for dQ = dS K
             }
@@ -306,7 +335,7 @@ __device__ void attention_backward_dq_mma(bf16* dqkv, const bf16* dout, const bf
     }
 }
 
-// dK, dV: grid (ceil(T / 64), B * H), block 128; a warp owns 16 keys and walks
+// dK, dV: grid (B * H, ceil(T / 64)), block 128; a warp owns 16 keys and walks
 // the query tiles that can see them.
 template <int D>
 __device__ void attention_backward_dkv_mma(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse,
@@ -315,9 +344,10 @@ __device__ void attention_backward_dkv_mma(bf16* dqkv, const bf16* dout, const b
     __shared__ __align__(16) bf16 qs_all[NS][BC][D + PAD];
     __shared__ __align__(16) bf16 dos_all[NS][BC][D + PAD];
     __shared__ float lse_all[NS][BC], del_all[NS][BC];
-    const int b = blockIdx.y / d.H, h = blockIdx.y % d.H;
+    // Key block y: under a causal mask block 0 sees every query tile, the longest first.
+    const int b = blockIdx.x / d.H, h = blockIdx.x % d.H, kb = blockIdx.y;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-    const int k0w = blockIdx.x * BR + warp * 16;
+    const int k0w = kb * BR + warp * 16;
     const i64 stat = ((i64)b * d.H + h) * d.T;
     // Stages query tile q0 into buffer `buf`: Q and dO asynchronously, lse and
     // delta with plain loads (64 floats; visible after the next barrier).
@@ -339,12 +369,14 @@ __device__ void attention_backward_dkv_mma(bf16* dqkv, const bf16* dout, const b
         #pragma unroll
         for (int r = 0; r < 4; ++r) dk[nt][r] = dv[nt][r] = 0.f;
     // Causal: queries before this key block never see it (BR == BC, so tile index = block index).
-    const int first = d.causal ? blockIdx.x : 0;
+    const int first = d.causal ? kb : 0;
     const int tiles = (d.T + BC - 1) / BC;
     if (first < tiles) stage(0, first * BC);
     for (int qt = first; qt < tiles; ++qt) {
         const int q0 = qt * BC, cur = (qt - first) % NS;
         const bool has_next = qt + 1 < tiles;
+        // Every (key, query) pair of the warp and tile is valid: no mask.
+        const bool full = q0 + BC <= d.T && k0w + 16 <= d.T && !(d.causal && k0w + 15 > q0);
         auto prefetch = [&] { stage((qt - first + 1) % NS, q0 + BC); };
         tile_acquire<NS>(has_next, prefetch);
         bf16 (*qs)[D + PAD] = qs_all[cur];
@@ -363,7 +395,7 @@ __device__ void attention_backward_dkv_mma(bf16* dqkv, const bf16* dout, const b
             #pragma unroll
             for (int r = 0; r < 4; ++r) {
                 const int key = k0w + g + 8 * (r >> 1), qi = nt * 8 + 2 * t + (r & 1), query = q0 + qi;
-                const bool ok = key < d.T && query < d.T && !(d.causal && key > query);
+                const bool ok = full || (key < d.T && query < d.T && !(d.causal && key > query));
                 const float p = ok ? __expf(st[nt][r] * d.scale - lse_s[qi]) : 0.f;
                 st[nt][r] = p;                                          // P^T, for dV = P^T dO
                 dpt[nt][r] = p * (dpt[nt][r] - del_s[qi]) * d.scale;    // dS^T, for dK = dS^T Q
@@ -391,8 +423,8 @@ __device__ void attention_backward_dkv_mma(bf16* dqkv, const bf16* dout, const b
         attention_forward_mma<D>(out, lse, qkv, d);                                                                 \
     }                                                                                                               \
     extern "C" __global__ void __launch_bounds__(128) attention_backward_dq_mma_d##D(                              \
-        bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, Dims d) {              \
-        attention_backward_dq_mma<D>(dqkv, dout, qkv, lse, delta, d);                                               \
+        bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse, Dims d) {   \
+        attention_backward_dq_mma<D>(dqkv, delta, dout, qkv, out, lse, d);                                          \
     }                                                                                                               \
     extern "C" __global__ void __launch_bounds__(128) attention_backward_dkv_mma_d##D(                             \
         bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, Dims d) {              \

@@ -61,11 +61,14 @@ template <typename T> __device__ void add_bias_impl(T* out, const T* bias, i64 r
     GRID_STRIDE(i, rows * cols) out[i] = from_float<T>(to_float(out[i]) + to_float(bias[i % cols]));
 }
 
-// Stage 1 of dbias (cols) += column sums of dout (rows, cols); column_finish adds.
-template <typename T> __device__ void bias_grad_partials_impl(float* partials, const T* dout, i64 rows, i64 cols) {
+// dbias (cols) += column sums of dout (rows, cols); the column reduction of
+// common.cuh, `partials` holding gridDim.y * cols floats.
+template <typename T>
+__device__ void bias_grad_impl(T* dbias, float* partials, unsigned* counters, const T* dout, i64 rows, i64 cols) {
 #define BG_VALUE(r, c) to_float(dout[(r) * cols + (c)])
     COLUMN_PARTIALS(partials, rows, cols, BG_VALUE)
 #undef BG_VALUE
+    if (column_strip_last(counters)) column_strip_finish<T>(dbias, partials, cols);
 }
 
 // tanh for GELU: exact for f32; for bf16 the hardware approximation
@@ -104,11 +107,9 @@ template <typename T> __device__ void gelu_backward_impl(T* dinp, const T* inp, 
     extern "C" __global__ void add_bias_##S(T* out, const T* bias, i64 rows, i64 cols) {                         \
         add_bias_impl<T>(out, bias, rows, cols);                                                                   \
     }                                                                                                              \
-    extern "C" __global__ void bias_grad_partials_##S(float* partials, const T* dout, i64 rows, i64 cols) {      \
-        bias_grad_partials_impl<T>(partials, dout, rows, cols);                                                    \
-    }                                                                                                              \
-    extern "C" __global__ void column_finish_##S(T* dst, const float* partials, i64 chunks, i64 cols) {          \
-        column_finish_impl<T>(dst, partials, chunks, cols);                                                        \
+    extern "C" __global__ void bias_grad_##S(T* dbias, float* partials, unsigned* counters, const T* dout,       \
+                                             i64 rows, i64 cols) {                                                 \
+        bias_grad_impl<T>(dbias, partials, counters, dout, rows, cols);                                            \
     }                                                                                                              \
     extern "C" __global__ void gelu_forward_##S(T* out, const T* inp, i64 n) { gelu_forward_impl<T>(out, inp, n); } \
     extern "C" __global__ void gelu_backward_##S(T* dinp, const T* inp, const T* dout, i64 n) {                  \

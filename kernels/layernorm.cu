@@ -51,17 +51,23 @@ __device__ void layernorm_backward_input_impl(T* dinp, const T* dout, const T* i
     }
 }
 
-// Stage 1 of dweight += sum_r dout * norm and dbias += sum_r dout: partials for
-// dweight in partials[0 .. chunks*C), for dbias in partials[chunks*C ..).
-// Block (32, 8), grid (ceil(C / 32), chunks); column_finish adds each half.
+// dweight += sum_r dout * norm and dbias += sum_r dout: the column reduction
+// of common.cuh, partials for dweight in partials[0 .. chunks*C), for dbias in
+// partials[chunks*C ..), one counter per strip for both.
 template <typename T>
-__device__ void layernorm_params_partials_impl(float* partials, const T* dout, const T* inp, const float* mean,
-                                               const float* rstd, i64 rows, i64 C) {
+__device__ void layernorm_params_impl(T* dweight, T* dbias, float* partials, unsigned* counters, const T* dout,
+                                      const T* inp, const float* mean, const float* rstd, i64 rows, i64 C) {
 #define LN_DW(r, c) (to_float(dout[(r) * C + (c)]) * (to_float(inp[(r) * C + (c)]) - mean[r]) * rstd[r])
 #define LN_DB(r, c) to_float(dout[(r) * C + (c)])
     COLUMN_PARTIALS(partials, rows, C, LN_DW)
     __syncthreads();
     COLUMN_PARTIALS(partials + (i64)gridDim.y * C, rows, C, LN_DB)
+#undef LN_DW
+#undef LN_DB
+    if (column_strip_last(counters)) {
+        column_strip_finish<T>(dweight, partials, C);
+        column_strip_finish<T>(dbias, partials + (i64)gridDim.y * C, C);
+    }
 }
 
 #define LAYERNORM(T, S)                                                                                             \
@@ -73,9 +79,10 @@ __device__ void layernorm_params_partials_impl(float* partials, const T* dout, c
                                                             const float* mean, const float* rstd, i64 rows, int C) { \
         layernorm_backward_input_impl<T>(dinp, dout, inp, w, mean, rstd, rows, C);                                   \
     }                                                                                                               \
-    extern "C" __global__ void layernorm_params_partials_##S(float* partials, const T* dout, const T* inp,         \
-                                                             const float* mean, const float* rstd, i64 rows, i64 C) { \
-        layernorm_params_partials_impl<T>(partials, dout, inp, mean, rstd, rows, C);                                \
+    extern "C" __global__ void layernorm_params_##S(T* dweight, T* dbias, float* partials, unsigned* counters,     \
+                                                    const T* dout, const T* inp, const float* mean, const float* rstd, \
+                                                    i64 rows, i64 C) {                                               \
+        layernorm_params_impl<T>(dweight, dbias, partials, counters, dout, inp, mean, rstd, rows, C);               \
     }
 
 LAYERNORM(float, f32)

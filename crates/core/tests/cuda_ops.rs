@@ -134,7 +134,8 @@ fn matmul_all_transposes() {
 fn linear_layernorm_gelu() {
     let Some(dev) = gpu() else { return };
     let mut r = ChaCha8Rng::seed_from_u64(3);
-    for (rows, c, oc) in [(1, 32, 96), (67, 96, 50), (512, 768, 3072)] {
+    // 2000 rows: 8 chunks of the column reductions (bias and LayerNorm parameter gradients).
+    for (rows, c, oc) in [(1, 32, 96), (67, 96, 50), (512, 768, 3072), (2000, 64, 200)] {
         let (x, w, b, dy) = (
             randn(&mut r, &[rows, c], 1.0),
             randn(&mut r, &[oc, c], 0.1),
@@ -275,7 +276,10 @@ fn attention_forward_backward() {
     let Some(dev) = gpu() else { return };
     let mut r = ChaCha8Rng::seed_from_u64(4);
     // (B, T, n_head, head size): tiles of 32 keys and 8 rows; T = 67 and 1 are ragged.
-    for (b, t, nh, hs) in [(2, 67, 4, 8), (1, 1, 2, 32), (2, 130, 3, 64), (1, 100, 2, 128), (2, 64, 2, 96)] {
+    // T = 300 with hs = 64: tiles of the tensor-core kernels with and without a mask.
+    for (b, t, nh, hs) in
+        [(2, 67, 4, 8), (1, 1, 2, 32), (2, 130, 3, 64), (1, 100, 2, 128), (2, 64, 2, 96), (1, 300, 2, 64)]
+    {
         let c = nh * hs;
         for causal in [true, false] {
             let (qkv, dy) = (randn(&mut r, &[b, t, 3 * c], 1.0), randn(&mut r, &[b, t, c], 1.0));

@@ -29,22 +29,16 @@ pub struct BlockActs {
 }
 
 /// Forward-pass scratch that no backward reads, so one instance serves every
-/// block: the branch outputs before their residual add, and the GELU output
-/// (recomputed in the backward, see [`MlpActs`]).
+/// block: the branch outputs before their residual add.
 #[derive(Debug)]
 pub struct BlockScratch {
     /// (B, T, C)
     pub branch: Tensor,
-    /// (B, T, 4C)
-    pub gelu: Tensor,
 }
 
 impl BlockScratch {
-    pub fn new(b: usize, t: usize, c: usize, hidden: usize, dtype: DType, device: &Device) -> Result<Self> {
-        Ok(BlockScratch {
-            branch: Tensor::zeros([b, t, c], dtype, device)?,
-            gelu: Tensor::zeros([b, t, hidden], dtype, device)?,
-        })
+    pub fn new(b: usize, t: usize, c: usize, dtype: DType, device: &Device) -> Result<Self> {
+        Ok(BlockScratch { branch: Tensor::zeros([b, t, c], dtype, device)? })
     }
 }
 
@@ -107,7 +101,7 @@ impl Block {
         self.attn.forward(&mut scratch.branch, &acts.ln1, &mut acts.attn)?;
         ops::add(&mut acts.resid_mid, x, &scratch.branch)?;
         self.ln_2.forward(&mut acts.ln2, &mut acts.ln2_stats, &acts.resid_mid)?;
-        self.mlp.forward(&mut scratch.branch, &acts.ln2, &mut acts.mlp, &mut scratch.gelu)?;
+        self.mlp.forward(&mut scratch.branch, &acts.ln2, &mut acts.mlp)?;
         ops::add(&mut acts.out, &acts.resid_mid, &scratch.branch)
     }
 

@@ -214,19 +214,26 @@ fn column_partials_cfg(rows: usize, cols: usize) -> LaunchConfig {
     }
 }
 
-/// Stage 2 of a column reduction: dst (cols) += the chunk partials at `partials`.
-fn column_finish(dev: &CudaDevice, dst: &mut CudaStorage, partials: u64, chunks: usize, cols: usize) -> Result<()> {
-    let name = format!("column_finish_{}", suffix(dst)?);
-    launch(dev, "elementwise", &name, grid_1d(cols), &[ptr_mut(dst), Arg::Ptr(partials), n64(chunks), n64(cols)])
+/// Runs `f` with (partials, counters) for a column reduction of `outputs`
+/// column sums of `cols` columns over `rows` rows (kernels/common.cuh).
+fn with_column_scratch<R>(
+    dev: &CudaDevice,
+    rows: usize,
+    cols: usize,
+    outputs: usize,
+    f: impl FnOnce(u64, u64) -> Result<R>,
+) -> Result<R> {
+    let strips = cols.div_ceil(32).max(1);
+    dev.with_scratch(outputs * column_chunks(rows) * cols, |partials| {
+        dev.with_counters(strips, |counters| f(partials, counters))
+    })
 }
 
 pub(crate) fn bias_grad(dbias: &mut CudaStorage, dout: &CudaStorage, rows: usize, cols: usize) -> Result<()> {
     let (dev, s) = (dbias.device.clone(), suffix(dbias)?);
-    let chunks = column_chunks(rows);
-    dev.with_scratch(chunks * cols, |partials| {
-        let args = [Arg::Ptr(partials), ptr(dout), n64(rows), n64(cols)];
-        launch(&dev, "elementwise", &format!("bias_grad_partials_{s}"), column_partials_cfg(rows, cols), &args)?;
-        column_finish(&dev, dbias, partials, chunks, cols)
+    with_column_scratch(&dev, rows, cols, 1, |partials, counters| {
+        let args = [ptr_mut(dbias), Arg::Ptr(partials), Arg::Ptr(counters), ptr(dout), n64(rows), n64(cols)];
+        launch(&dev, "elementwise", &format!("bias_grad_{s}"), column_partials_cfg(rows, cols), &args)
     })
 }
 
@@ -403,12 +410,20 @@ pub(crate) fn layernorm_backward(
         _ => format!("layernorm_backward_input_{s}"),
     };
     launch(&dev, "layernorm", &name, warp_rows_cfg(rows), &args)?;
-    let chunks = column_chunks(rows);
-    dev.with_scratch(2 * chunks * c, |partials| {
-        let args = [Arg::Ptr(partials), ptr(dout), ptr(inp), ptr(mean), ptr(rstd), n64(rows), n64(c)];
-        launch(&dev, "layernorm", &format!("layernorm_params_partials_{s}"), column_partials_cfg(rows, c), &args)?;
-        column_finish(&dev, dweight, partials, chunks, c)?;
-        column_finish(&dev, dbias, partials + 4 * (chunks * c) as u64, chunks, c)
+    with_column_scratch(&dev, rows, c, 2, |partials, counters| {
+        let args = [
+            ptr_mut(dweight),
+            ptr_mut(dbias),
+            Arg::Ptr(partials),
+            Arg::Ptr(counters),
+            ptr(dout),
+            ptr(inp),
+            ptr(mean),
+            ptr(rstd),
+            n64(rows),
+            n64(c),
+        ];
+        launch(&dev, "layernorm", &format!("layernorm_params_{s}"), column_partials_cfg(rows, c), &args)
     })
 }
 
@@ -503,7 +518,8 @@ fn mma_cfg(s: &CudaStorage, b: usize, t: usize, c: usize, n_head: usize) -> Opti
     let hs = c / n_head;
     (s.dtype() == DType::BF16 && MMA_HEAD_SIZES.contains(&hs)).then(|| {
         let cfg = LaunchConfig {
-            grid_dim: ((t as u32).div_ceil(MMA_ROWS), (b * n_head) as u32, 1),
+            // Heads along x (up to 2^31 - 1), row blocks along y (T / 64 <= 65535).
+            grid_dim: ((b * n_head) as u32, (t as u32).div_ceil(MMA_ROWS), 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -572,14 +588,17 @@ pub(crate) fn attention_backward(
     let (dims, r, cfg) = attn_setup(b, t, c, n_head, causal)?;
     let dev = dqkv.device.clone();
     let s = suffix(dqkv)?;
+    if let Some((hs, cfg)) = mma_cfg(qkv, b, t, c, n_head) {
+        // The dQ kernel also computes delta, which the dK/dV kernel reads.
+        let args = [ptr_mut(dqkv), ptr_mut(delta), ptr(dout), ptr(qkv), ptr(out), ptr(lse), Arg::Dims(dims)];
+        launch(&dev, "attention_mma", &format!("attention_backward_dq_mma_d{hs}"), cfg, &args)?;
+        let args = [ptr_mut(dqkv), ptr(dout), ptr(qkv), ptr(lse), ptr(delta), Arg::Dims(dims)];
+        return launch(&dev, "attention_mma", &format!("attention_backward_dkv_mma_d{hs}"), cfg, &args);
+    }
     let rows = b * n_head * t;
     let args = [ptr_mut(delta), ptr(out), ptr(dout), Arg::Dims(dims), n64(rows)];
     launch(&dev, "attention", &format!("attention_delta_{s}"), warp_rows_cfg(rows), &args)?;
     let args = [ptr_mut(dqkv), ptr(dout), ptr(qkv), ptr(lse), ptr(delta), Arg::Dims(dims)];
-    if let Some((hs, cfg)) = mma_cfg(qkv, b, t, c, n_head) {
-        launch(&dev, "attention_mma", &format!("attention_backward_dq_mma_d{hs}"), cfg, &args)?;
-        return launch(&dev, "attention_mma", &format!("attention_backward_dkv_mma_d{hs}"), cfg, &args);
-    }
     launch(&dev, "attention", &format!("attention_backward_dq_{s}_r{r}"), cfg, &args)?;
     launch(&dev, "attention", &format!("attention_backward_dkv_{s}_r{r}"), cfg, &args)
 }

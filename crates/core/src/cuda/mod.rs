@@ -52,6 +52,9 @@ struct Inner {
     /// run in order on the one stream, so one buffer serves them all and the
     /// steady-state step allocates nothing.
     scratch: Mutex<Option<CudaSlice<f32>>>,
+    /// Arrival counters of the one-launch column reductions (kernels/common.cuh):
+    /// zero between kernels (each reduction's last block resets its own).
+    counters: Mutex<Option<CudaSlice<u32>>>,
 }
 
 impl fmt::Debug for CudaDevice {
@@ -109,6 +112,7 @@ impl CudaDevice {
                 peak: AtomicUsize::new(0),
                 profile: std::env::var_os("TRAINER_PROFILE_KERNELS").map(|_| Mutex::new(HashMap::new())),
                 scratch: Mutex::new(None),
+                counters: Mutex::new(None),
             }),
         })
     }
@@ -164,6 +168,21 @@ impl CudaDevice {
         use cudarc::driver::DevicePtrMut;
         let stream = self.stream().clone();
         self.with_scratch_slice(floats, |buf| f(buf.device_ptr_mut(&stream).0))
+    }
+
+    /// Runs `f` with the device address of at least `n` zeroed u32 counters,
+    /// which the kernels `f` launches must leave zeroed.
+    pub(crate) fn with_counters<R>(&self, n: usize, f: impl FnOnce(u64) -> Result<R>) -> Result<R> {
+        use cudarc::driver::DevicePtrMut;
+        let mut guard = self.inner.counters.lock().map_err(|_| cuda_err("counters", "poisoned lock"))?;
+        if guard.as_ref().is_none_or(|c| c.len() < n) {
+            *guard = None;
+            *guard = Some(self.stream().alloc_zeros::<u32>(n.max(1)).map_err(|e| cuda_err("counters", e))?);
+        }
+        match guard.as_mut() {
+            Some(buf) => f(buf.device_ptr_mut(self.stream()).0),
+            None => unreachable!("allocated above"),
+        }
     }
 
     /// Like [`CudaDevice::with_scratch`], handing over the buffer itself (for

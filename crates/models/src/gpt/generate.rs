@@ -39,8 +39,6 @@ struct Step {
     /// (1, t, C): a branch's output before it joins the residual stream.
     branch: Tensor,
     mlp: MlpActs,
-    /// (1, t, 4C): the MLP's GELU output.
-    gelu: Tensor,
 }
 
 impl Step {
@@ -57,7 +55,6 @@ impl Step {
             y: Tensor::zeros([1, t, c], dt, dev)?,
             branch: Tensor::zeros([1, t, c], dt, dev)?,
             mlp: MlpActs::new(1, t, 4 * c, dt, dev)?,
-            gelu: Tensor::zeros([1, t, 4 * c], dt, dev)?,
         })
     }
 }
@@ -161,7 +158,7 @@ impl<'m> Decoder<'m> {
             block.attn.c_proj.forward(&mut s.branch, &s.y)?;
             ops::add_assign(&mut s.x, &s.branch)?;
             block.ln_2.forward(&mut s.ln, &mut s.stats, &s.x)?;
-            block.mlp.forward(&mut s.branch, &s.ln, &mut s.mlp, &mut s.gelu)?;
+            block.mlp.forward(&mut s.branch, &s.ln, &mut s.mlp)?;
             ops::add_assign(&mut s.x, &s.branch)?;
         }
         self.len += t;

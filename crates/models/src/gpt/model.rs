@@ -143,7 +143,7 @@ impl Gpt {
             dresid: Tensor::zeros([b, t, c], dt, dev)?,
             dlnf: Tensor::zeros([b, t, c], dt, dev)?,
             grads: BlockGrads::new(b, t, c, 4 * c, dt, dev)?,
-            scratch: BlockScratch::new(b, t, c, 4 * c, dt, dev)?,
+            scratch: BlockScratch::new(b, t, c, dt, dev)?,
         })
     }
 
