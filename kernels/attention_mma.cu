@@ -125,17 +125,45 @@ template <int NS, typename F> __device__ __forceinline__ void tile_release(bool 
     if (NS == 1 && has_next) prefetch();
 }
 
-// acc[nt] (16 x 64) += A (16 x D, fragments) @ X^T where X is a staged tile: B[k][n] = X[n][k].
-template <int D>
-__device__ __forceinline__ void mma_a_xt(float (&acc)[BC / 8][4], const unsigned (&a)[D / 16][4], bf16 (*x)[D + PAD]) {
+// acc[nt] (16 x 8 NT) += A (16 x D, fragments) @ X^T where X is a staged tile
+// from row n0 on: B[k][n] = X[n0 + n][k].
+template <int D, int NT>
+__device__ __forceinline__ void mma_a_xt(float (&acc)[NT][4], const unsigned (&a)[D / 16][4], bf16 (*x)[D + PAD],
+                                         int n0 = 0) {
     #pragma unroll
-    for (int nt = 0; nt < BC / 8; ++nt)
+    for (int nt = 0; nt < NT; ++nt)
         #pragma unroll
         for (int kc = 0; kc < D / 16; ++kc) {
             unsigned bfr[2];
-            ldmatrix_b<D>(bfr, x, nt * 8, kc * 16);
+            ldmatrix_b<D>(bfr, x, n0 + nt * 8, kc * 16);
             mma16816(acc[nt], a[kc], bfr);
         }
+}
+
+// The A fragment (16 x 16, bf16 pairs) of columns [16 kc, 16 kc + 16) of a
+// 16 x 8 NT C-fragment matrix p: a C tile pair (2 kc, 2 kc + 1) is exactly it.
+template <int NT> __device__ __forceinline__ void pack_a(unsigned (&a)[4], const float (&p)[NT][4], int kc) {
+    a[0] = pack_f32(p[2 * kc][0], p[2 * kc][1]);
+    a[1] = pack_f32(p[2 * kc][2], p[2 * kc][3]);
+    a[2] = pack_f32(p[2 * kc + 1][0], p[2 * kc + 1][1]);
+    a[3] = pack_f32(p[2 * kc + 1][2], p[2 * kc + 1][3]);
+}
+
+// Element r of C tile nt (as in p[nt][r]) read back from its packed A fragments.
+__device__ __forceinline__ float unpack_a(const unsigned (&a)[BC / 16][4], int nt, int r) {
+    const __nv_bfloat162 v = *reinterpret_cast<const __nv_bfloat162*>(&a[nt >> 1][(nt & 1) * 2 + (r >> 1)]);
+    return (r & 1) ? __high2float(v) : __low2float(v);
+}
+
+// acc (16 x D) += A (16 x 64, packed A fragments) @ X where X is a staged tile: B[k][n] = X[k][n].
+template <int D>
+__device__ __forceinline__ void mma_a_x(float (&acc)[D / 8][4], const unsigned (&a)[4], int kc, bf16 (*x)[D + PAD]) {
+    #pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+        unsigned bfr[2];
+        ldmatrix_b_trans<D>(bfr, x, kc * 16, nt * 8);
+        mma16816(acc[nt], a, bfr);
+    }
 }
 
 // acc (16 x D) += P (16 x 64, C fragments in p) @ X where X is a staged tile: B[k][n] = X[k][n].
@@ -143,14 +171,9 @@ template <int D>
 __device__ __forceinline__ void mma_p_x(float (&acc)[D / 8][4], const float (&p)[BC / 8][4], bf16 (*x)[D + PAD]) {
     #pragma unroll
     for (int kc = 0; kc < BC / 16; ++kc) {
-        const unsigned a[4] = {pack_f32(p[2 * kc][0], p[2 * kc][1]), pack_f32(p[2 * kc][2], p[2 * kc][3]),
-                               pack_f32(p[2 * kc + 1][0], p[2 * kc + 1][1]), pack_f32(p[2 * kc + 1][2], p[2 * kc + 1][3])};
-        #pragma unroll
-        for (int nt = 0; nt < D / 8; ++nt) {
-            unsigned bfr[2];
-            ldmatrix_b_trans<D>(bfr, x, kc * 16, nt * 8);
-            mma16816(acc[nt], a, bfr);
-        }
+        unsigned a[4];
+        pack_a(a, p, kc);
+        mma_a_x<D>(acc, a, kc, x);
     }
 }
 
@@ -303,23 +326,34 @@ __device__ void attention_backward_dq_mma(bf16* dqkv, float* delta, const bf16* 
         tile_acquire<NS>(has_next, prefetch);
         bf16 (*ks)[D + PAD] = ks_all[kt % NS];
         bf16 (*vs)[D + PAD] = vs_all[kt % NS];
-        float s[BC / 8][4], dp[BC / 8][4];
+        // dS = P (dP - delta), scaled for dQ = dS K, in two halves of 32 keys so
+        // that S and dP are in f32 registers for half a tile at a time (all of
+        // it needed 168 registers, 3 blocks per SM), then as bf16 fragments.
+        constexpr int HT = BC / 16;  // C tiles per half
+        unsigned dsa[BC / 16][4];
         #pragma unroll
-        for (int nt = 0; nt < BC / 8; ++nt)
+        for (int hv = 0; hv < 2; ++hv) {
+            float s[HT][4], dp[HT][4];
             #pragma unroll
-            for (int r = 0; r < 4; ++r) s[nt][r] = dp[nt][r] = 0.f;
-        mma_a_xt<D>(s, qf, ks);
-        mma_a_xt<D>(dp, dof, vs);
+            for (int nt = 0; nt < HT; ++nt)
+                #pragma unroll
+                for (int r = 0; r < 4; ++r) s[nt][r] = dp[nt][r] = 0.f;
+            mma_a_xt<D>(s, qf, ks, hv * BC / 2);
+            mma_a_xt<D>(dp, dof, vs, hv * BC / 2);
+            #pragma unroll
+            for (int nt = 0; nt < HT; ++nt)
+                #pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    const int half = r >> 1, row = q0 + g + 8 * half, col = k0 + hv * BC / 2 + nt * 8 + 2 * t + (r & 1);
+                    const bool ok = full || (row < d.T && col < d.T && !(d.causal && col > row));
+                    const float p = ok ? __expf(s[nt][r] * d.scale - lse_r[half]) : 0.f;
+                    s[nt][r] = p * (dp[nt][r] - del_r[half]) * d.scale;
+                }
+            #pragma unroll
+            for (int kc = 0; kc < HT / 2; ++kc) pack_a(dsa[hv * HT / 2 + kc], s, kc);
+        }
         #pragma unroll
-        for (int nt = 0; nt < BC / 8; ++nt)
-            #pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const int half = r >> 1, row = q0 + g + 8 * half, col = k0 + nt * 8 + 2 * t + (r & 1);
-                const bool ok = full || (row < d.T && col < d.T && !(d.causal && col > row));
-                const float p = ok ? __expf(s[nt][r] * d.scale - lse_r[half]) : 0.f;
-                s[nt][r] = p * (dp[nt][r] - del_r[half]) * d.scale;  // dS, scaled for dQ = dS K
-            }
-        mma_p_x<D>(dq, s, ks);
+        for (int kc = 0; kc < BC / 16; ++kc) mma_a_x<D>(dq, dsa[kc], kc, ks);
         tile_release<NS>(has_next, prefetch);
     }
     #pragma unroll
@@ -383,24 +417,46 @@ __device__ void attention_backward_dkv_mma(bf16* dqkv, const bf16* dout, const b
         bf16 (*dos)[D + PAD] = dos_all[cur];
         const float* lse_s = lse_all[cur];
         const float* del_s = del_all[cur];
-        float st[BC / 8][4], dpt[BC / 8][4];  // transposed: rows are keys, columns queries
+        // Transposed tiles: rows are keys, columns queries. P^T is kept only as
+        // the bf16 fragments that dV = P^T dO consumes, and dV is done before
+        // dP^T is computed: with S^T and dP^T in f32 at once the kernel needed
+        // 243 registers (2 blocks per SM).
+        unsigned pt[BC / 16][4];
+        {
+            float st[BC / 8][4];
+            #pragma unroll
+            for (int nt = 0; nt < BC / 8; ++nt)
+                #pragma unroll
+                for (int r = 0; r < 4; ++r) st[nt][r] = 0.f;
+            mma_a_xt<D>(st, kf, qs);
+            #pragma unroll
+            for (int nt = 0; nt < BC / 8; ++nt)
+                #pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    const int key = k0w + g + 8 * (r >> 1), qi = nt * 8 + 2 * t + (r & 1), query = q0 + qi;
+                    const bool ok = full || (key < d.T && query < d.T && !(d.causal && key > query));
+                    st[nt][r] = ok ? __expf(st[nt][r] * d.scale - lse_s[qi]) : 0.f;
+                }
+            #pragma unroll
+            for (int kc = 0; kc < BC / 16; ++kc) pack_a(pt[kc], st, kc);
+        }
+        #pragma unroll
+        for (int kc = 0; kc < BC / 16; ++kc) mma_a_x<D>(dv, pt[kc], kc, dos);
+        float dpt[BC / 8][4];
         #pragma unroll
         for (int nt = 0; nt < BC / 8; ++nt)
             #pragma unroll
-            for (int r = 0; r < 4; ++r) st[nt][r] = dpt[nt][r] = 0.f;
-        mma_a_xt<D>(st, kf, qs);
+            for (int r = 0; r < 4; ++r) dpt[nt][r] = 0.f;
         mma_a_xt<D>(dpt, vf, dos);
+        // dS^T = P^T (dP^T - delta), for dK = dS^T Q; P^T as rounded to bf16 for dV
+        // (dS is rounded to bf16 for its product too).
         #pragma unroll
         for (int nt = 0; nt < BC / 8; ++nt)
             #pragma unroll
             for (int r = 0; r < 4; ++r) {
-                const int key = k0w + g + 8 * (r >> 1), qi = nt * 8 + 2 * t + (r & 1), query = q0 + qi;
-                const bool ok = full || (key < d.T && query < d.T && !(d.causal && key > query));
-                const float p = ok ? __expf(st[nt][r] * d.scale - lse_s[qi]) : 0.f;
-                st[nt][r] = p;                                          // P^T, for dV = P^T dO
-                dpt[nt][r] = p * (dpt[nt][r] - del_s[qi]) * d.scale;    // dS^T, for dK = dS^T Q
+                const int qi = nt * 8 + 2 * t + (r & 1);
+                dpt[nt][r] = unpack_a(pt, nt, r) * (dpt[nt][r] - del_s[qi]) * d.scale;
             }
-        mma_p_x<D>(dv, st, dos);
         mma_p_x<D>(dk, dpt, qs);
         tile_release<NS>(has_next, prefetch);
     }
@@ -417,22 +473,25 @@ __device__ void attention_backward_dkv_mma(bf16* dqkv, const bf16* dout, const b
     }
 }
 
-#define ATTENTION_MMA(D)                                                                                            \
-    extern "C" __global__ void __launch_bounds__(128) attention_forward_mma_d##D(bf16* out, float* lse,           \
+// FWD_BLOCKS, DQ_BLOCKS, DKV_BLOCKS: blocks per SM the register allocation must
+// allow (__launch_bounds__), where that costs few or no spills (ptxas -v): for
+// D = 64 the forward fits 128 registers (4 blocks, was 129) and dK/dV 168 (3, was 2).
+#define ATTENTION_MMA(D, FWD_BLOCKS, DQ_BLOCKS, DKV_BLOCKS)                                                         \
+    extern "C" __global__ void __launch_bounds__(128, FWD_BLOCKS) attention_forward_mma_d##D(bf16* out, float* lse, \
                                                                                  const bf16* qkv, Dims d) {        \
         attention_forward_mma<D>(out, lse, qkv, d);                                                                 \
     }                                                                                                               \
-    extern "C" __global__ void __launch_bounds__(128) attention_backward_dq_mma_d##D(                              \
+    extern "C" __global__ void __launch_bounds__(128, DQ_BLOCKS) attention_backward_dq_mma_d##D(                   \
         bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse, Dims d) {   \
         attention_backward_dq_mma<D>(dqkv, delta, dout, qkv, out, lse, d);                                          \
     }                                                                                                               \
-    extern "C" __global__ void __launch_bounds__(128) attention_backward_dkv_mma_d##D(                             \
+    extern "C" __global__ void __launch_bounds__(128, DKV_BLOCKS) attention_backward_dkv_mma_d##D(                 \
         bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta, Dims d) {              \
         attention_backward_dkv_mma<D>(dqkv, dout, qkv, lse, delta, d);                                              \
     }
 
 // The head sizes of the GPT-2 family and ViTs (64), small models (32), and larger ones.
-ATTENTION_MMA(32)
-ATTENTION_MMA(64)
-ATTENTION_MMA(96)
-ATTENTION_MMA(128)
+ATTENTION_MMA(32, 4, 4, 3)
+ATTENTION_MMA(64, 4, 3, 3)
+ATTENTION_MMA(96, 1, 1, 1)
+ATTENTION_MMA(128, 1, 1, 1)

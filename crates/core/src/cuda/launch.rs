@@ -527,6 +527,17 @@ fn mma_cfg(s: &CudaStorage, b: usize, t: usize, c: usize, n_head: usize) -> Opti
     })
 }
 
+/// A kernel of attention_mma.cu, asking for the largest shared-memory carveout:
+/// under the driver's default split an H200 ran 3 blocks of ~37 KB per SM
+/// (ncu: "Block Limit Shared Mem") where the registers allow 4.
+fn launch_attention_mma(dev: &CudaDevice, name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+    use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT as CARVEOUT;
+    dev.function("attention_mma", name)?
+        .set_attribute(CARVEOUT, 100)
+        .map_err(|e| cuda_err(format!("shared-memory carveout of {name}"), e))?;
+    launch(dev, "attention_mma", name, cfg, args)
+}
+
 fn attn_setup(b: usize, t: usize, c: usize, n_head: usize, causal: bool) -> Result<(AttnDims, usize, LaunchConfig)> {
     let hs = c / n_head;
     let r = hs.div_ceil(32);
@@ -566,7 +577,7 @@ pub(crate) fn attention_forward(
     let dev = out.device.clone();
     let args = [ptr_mut(out), ptr_mut(lse), ptr(qkv), Arg::Dims(dims)];
     if let Some((hs, cfg)) = mma_cfg(qkv, b, t, c, n_head) {
-        return launch(&dev, "attention_mma", &format!("attention_forward_mma_d{hs}"), cfg, &args);
+        return launch_attention_mma(&dev, &format!("attention_forward_mma_d{hs}"), cfg, &args);
     }
     launch(&dev, "attention", &format!("attention_forward_{}_r{r}", suffix(out)?), cfg, &args)
 }
@@ -591,9 +602,9 @@ pub(crate) fn attention_backward(
     if let Some((hs, cfg)) = mma_cfg(qkv, b, t, c, n_head) {
         // The dQ kernel also computes delta, which the dK/dV kernel reads.
         let args = [ptr_mut(dqkv), ptr_mut(delta), ptr(dout), ptr(qkv), ptr(out), ptr(lse), Arg::Dims(dims)];
-        launch(&dev, "attention_mma", &format!("attention_backward_dq_mma_d{hs}"), cfg, &args)?;
+        launch_attention_mma(&dev, &format!("attention_backward_dq_mma_d{hs}"), cfg, &args)?;
         let args = [ptr_mut(dqkv), ptr(dout), ptr(qkv), ptr(lse), ptr(delta), Arg::Dims(dims)];
-        return launch(&dev, "attention_mma", &format!("attention_backward_dkv_mma_d{hs}"), cfg, &args);
+        return launch_attention_mma(&dev, &format!("attention_backward_dkv_mma_d{hs}"), cfg, &args);
     }
     let rows = b * n_head * t;
     let args = [ptr_mut(delta), ptr(out), ptr(dout), Arg::Dims(dims), n64(rows)];
