@@ -271,6 +271,55 @@ fn linear_layernorm_gelu() {
     }
 }
 
+/// The MLP's fused GEMM + GELU ops: bf16 on CUDA runs one cuBLASLt GEMM with
+/// the GELU (forward) or its derivative (backward) in the epilogue where the
+/// hidden width is a multiple of 8 (50: the unfused path); the reference is f32
+/// on the CPU on the rounded inputs.
+#[test]
+fn linear_gelu_fused() {
+    let Some(dev) = gpu() else { return };
+    let mut r = ChaCha8Rng::seed_from_u64(5);
+    let round = |t: &Tensor| t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
+    let bf = |t: &Tensor| up(t, &dev, DType::BF16);
+    for (rows, c, h) in [(67, 96, 64), (512, 768, 3072), (5, 32, 50)] {
+        let (x, w, b) = (
+            round(&randn(&mut r, &[rows, c], 1.0)),
+            round(&randn(&mut r, &[h, c], 0.2)),
+            round(&randn(&mut r, &[h], 0.5)),
+        );
+        let (mut out, mut pre) = (zeros(&[rows, h]), zeros(&[rows, h]));
+        ops::linear_gelu_forward(&mut out, &mut pre, &x, &w, Some(&b)).unwrap();
+        let (mut gout, mut gpre) = (poisoned(&[rows, h], DType::BF16, &dev), poisoned(&[rows, h], DType::BF16, &dev));
+        ops::linear_gelu_forward(&mut gout, &mut gpre, &bf(&x), &bf(&w), Some(&bf(&b))).unwrap();
+        check(&format!("linear_gelu_forward bf16 {rows}x{c}->{h} pre"), &gpre, &pre, BF16_TOL);
+        check(&format!("linear_gelu_forward bf16 {rows}x{c}->{h} out"), &gout, &out, BF16_TOL);
+
+        // The next Linear (h -> c) backward through the GELU; dW and db accumulate.
+        let (pre, out) = (round(&pre), round(&out));
+        let (wp, dy) = (round(&randn(&mut r, &[c, h], 0.2)), round(&randn(&mut r, &[rows, c], 1.0)));
+        let (dw0, db0) = (round(&randn(&mut r, &[c, h], 1.0)), round(&randn(&mut r, &[c], 1.0)));
+        let (mut dpre, mut dw, mut db, mut scratch) =
+            (zeros(&[rows, h]), cpu_copy(&dw0), cpu_copy(&db0), zeros(&[rows, h]));
+        ops::linear_backward_gelu(&mut dpre, &mut dw, Some(&mut db), &dy, &out, &pre, &wp, &mut scratch).unwrap();
+        let (mut gdpre, mut gdw, mut gdb) = (poisoned(&[rows, h], DType::BF16, &dev), bf(&dw0), bf(&db0));
+        let mut gscratch = poisoned(&[rows, h], DType::BF16, &dev);
+        ops::linear_backward_gelu(
+            &mut gdpre,
+            &mut gdw,
+            Some(&mut gdb),
+            &bf(&dy),
+            &bf(&out),
+            &bf(&pre),
+            &bf(&wp),
+            &mut gscratch,
+        )
+        .unwrap();
+        check(&format!("linear_backward_gelu bf16 {rows}x{c}<-{h} dpre"), &gdpre, &dpre, BF16_TOL);
+        check(&format!("linear_backward_gelu bf16 {rows}x{c}<-{h} dweight"), &gdw, &dw, BF16_TOL);
+        check(&format!("linear_backward_gelu bf16 {rows}x{c}<-{h} dbias"), &gdb, &db, BF16_TOL);
+    }
+}
+
 #[test]
 fn attention_forward_backward() {
     let Some(dev) = gpu() else { return };

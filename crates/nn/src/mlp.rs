@@ -41,12 +41,13 @@ impl Mlp {
     }
 
     pub fn forward(&self, out: &mut Tensor, inp: &Tensor, acts: &mut MlpActs) -> Result<()> {
-        self.c_fc.forward(&mut acts.fc, inp)?;
-        ops::gelu_forward(&mut acts.gelu, &acts.fc)?;
+        let fc_bias = self.c_fc.bias.as_ref().map(|b| &b.value);
+        ops::linear_gelu_forward(&mut acts.gelu, &mut acts.fc, inp, &self.c_fc.weight.value, fc_bias)?;
         self.c_proj.forward(out, &acts.gelu)
     }
 
-    /// dinp (B, T, C) overwritten; `dgelu` and `dfc` (B, T, 4C) are scratch.
+    /// dinp (B, T, C) overwritten; `dgelu` and `dfc` (B, T, 4C) are scratch
+    /// (`dgelu` unused where the GELU backward is fused into c_proj's GEMM).
     pub fn backward(
         &mut self,
         dinp: &mut Tensor,
@@ -56,8 +57,18 @@ impl Mlp {
         dgelu: &mut Tensor,
         dfc: &mut Tensor,
     ) -> Result<()> {
-        self.c_proj.backward(dgelu, dout, &acts.gelu)?;
-        ops::gelu_backward(dfc, &acts.fc, dgelu)?;
+        let proj = &mut self.c_proj;
+        let dbias = proj.bias.as_mut().map(|b| &mut b.grad);
+        ops::linear_backward_gelu(
+            dfc,
+            &mut proj.weight.grad,
+            dbias,
+            dout,
+            &acts.gelu,
+            &acts.fc,
+            &proj.weight.value,
+            dgelu,
+        )?;
         self.c_fc.backward(dinp, dfc, inp)
     }
 }

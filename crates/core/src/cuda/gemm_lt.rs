@@ -26,13 +26,23 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use super::cuda_err;
 use crate::Result;
 
-/// What the GEMM does after the product.
+/// What the GEMM does after the product. `aux` matrices are bf16, shaped and
+/// strided like D.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Epilogue {
     None,
     /// Adds a bf16 vector of m elements (one per row of D) to every column.
     Bias {
         bias: u64,
+    },
+    /// x = product + bias; writes x to `aux` and GELU(x) (tanh form) to D.
+    GeluAuxBias {
+        bias: u64,
+        aux: u64,
+    },
+    /// D = product * GELU'(aux): the GELU backward applied to the gradient.
+    DGelu {
+        aux: u64,
     },
 }
 
@@ -41,6 +51,17 @@ impl Epilogue {
         match self {
             Epilogue::None => 0,
             Epilogue::Bias { .. } => 1,
+            Epilogue::GeluAuxBias { .. } => 2,
+            Epilogue::DGelu { .. } => 3,
+        }
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Epilogue::None => "",
+            Epilogue::Bias { .. } => "bias",
+            Epilogue::GeluAuxBias { .. } => "gelu_aux_bias",
+            Epilogue::DGelu { .. } => "dgelu",
         }
     }
 }
@@ -150,17 +171,26 @@ impl BlasLt {
         plan.c = layout(s.m, s.n, s.ldc)?;
         use cudarc::cublas::sys::cublasOperation_t as Op;
         let op = |t: bool| if t { Op::CUBLAS_OP_T } else { Op::CUBLAS_OP_N };
+        use sys::cublasLtEpilogue_t as E;
         let epi = match epilogue {
-            Epilogue::None => sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT,
-            Epilogue::Bias { .. } => sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
+            Epilogue::None => E::CUBLASLT_EPILOGUE_DEFAULT,
+            Epilogue::Bias { .. } => E::CUBLASLT_EPILOGUE_BIAS,
+            Epilogue::GeluAuxBias { .. } => E::CUBLASLT_EPILOGUE_GELU_AUX_BIAS,
+            Epilogue::DGelu { .. } => E::CUBLASLT_EPILOGUE_DGELU,
         };
         use sys::cublasLtMatmulDescAttributes_t as A;
         // SAFETY: the descriptor is live; each value has its attribute's type
-        // (cublasOperation_t, cublasLtEpilogue_t, cudaDataType_t: 32-bit enums).
+        // (cublasOperation_t, cublasLtEpilogue_t: 32-bit enums; the aux
+        // leading dimension an int64_t). The aux pointer is set per call.
         unsafe {
             set_attr(desc, A::CUBLASLT_MATMUL_DESC_TRANSA, &op(s.trans_a))?;
             set_attr(desc, A::CUBLASLT_MATMUL_DESC_TRANSB, &op(s.trans_b))?;
             set_attr(desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE, &epi)?;
+            if let Epilogue::GeluAuxBias { aux, .. } | Epilogue::DGelu { aux } = epilogue {
+                // The heuristic checks the aux matrix's alignment from its pointer.
+                set_attr(desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux)?;
+                set_attr(desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &s.ldc)?;
+            }
         }
         let pref = lt::create_matmul_pref().map_err(|e| lt_err("preference", e))?;
         let ws = self.workspace.len();
@@ -186,7 +216,8 @@ impl BlasLt {
     /// # Safety
     /// `a`, `b` and `d` must be bf16 device buffers holding the matrices the
     /// shape describes (with their leading dimensions), and the epilogue's
-    /// bias m bf16 elements; all on this handle's device, not freed before
+    /// bias m bf16 elements, its aux matrix m x n bf16 with D's leading
+    /// dimension; all on this handle's device, not freed before
     /// the stream has run the GEMM.
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn matmul(
@@ -205,10 +236,18 @@ impl BlasLt {
             Entry::Vacant(slot) => slot.insert(self.plan(s, epilogue)?),
         };
         use sys::cublasLtMatmulDescAttributes_t as A;
-        match epilogue {
-            Epilogue::None => {}
-            // SAFETY: the plan's descriptor is live and only used under the lock.
-            Epilogue::Bias { bias: p } => unsafe { set_attr(plan.desc, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &p)? },
+        // SAFETY: the plan's descriptor is live and only used under the lock;
+        // both attributes are device pointers (void*).
+        unsafe {
+            match epilogue {
+                Epilogue::None => {}
+                Epilogue::Bias { bias } => set_attr(plan.desc, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias)?,
+                Epilogue::GeluAuxBias { bias, aux } => {
+                    set_attr(plan.desc, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias)?;
+                    set_attr(plan.desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux)?;
+                }
+                Epilogue::DGelu { aux } => set_attr(plan.desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux)?,
+            }
         }
         let alpha = 1.0f32;
         let (ws, _sync) = self.workspace.device_ptr(stream);

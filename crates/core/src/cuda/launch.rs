@@ -300,6 +300,37 @@ pub(crate) fn matmul(
     }
 }
 
+/// bf16, one cuBLASLt GEMM: pre (rows, h) = inp (rows, c) @ weight (h, c)^T + bias,
+/// gelu (rows, h) = GELU(pre).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn linear_gelu_forward(
+    gelu: &mut CudaStorage,
+    pre: &mut CudaStorage,
+    inp: &CudaStorage,
+    weight: &CudaStorage,
+    bias: &CudaStorage,
+    rows: usize,
+    h: usize,
+    c: usize,
+) -> Result<()> {
+    let epilogue = Epilogue::GeluAuxBias { bias: addr(bias), aux: addr_mut(pre) };
+    lt_matmul(gelu, inp, weight, (rows, h, c), (false, true), false, epilogue)
+}
+
+/// bf16, one cuBLASLt GEMM: dpre (rows, h) = (dout (rows, c) @ weight (c, h)) * GELU'(pre).
+pub(crate) fn matmul_dgelu(
+    dpre: &mut CudaStorage,
+    dout: &CudaStorage,
+    weight: &CudaStorage,
+    pre: &CudaStorage,
+    rows: usize,
+    h: usize,
+    c: usize,
+) -> Result<()> {
+    let epilogue = Epilogue::DGelu { aux: addr(pre) };
+    lt_matmul(dpre, dout, weight, (rows, h, c), (false, false), false, epilogue)
+}
+
 /// The bf16 GEMM of [`matmul`] through cuBLASLt, with `epilogue`.
 fn lt_matmul(
     out: &mut CudaStorage,
@@ -332,10 +363,7 @@ fn lt_matmul(
         trans_a as u8,
         trans_b as u8,
         accumulate as u8,
-        match epilogue {
-            Epilogue::None => "",
-            Epilogue::Bias { .. } => "bias",
-        }
+        epilogue.name()
     );
     let (o, x, y) = (addr_mut(out), addr(a), addr(b));
     dev.timed(&name, || {

@@ -347,6 +347,95 @@ pub fn linear_backward(
     weight: &Tensor,
 ) -> Result<()> {
     matmul(dinp, dout, weight, false, false, false)?;
+    linear_param_grads(dweight, dbias, dout, inp)
+}
+
+/// Whether [`linear_gelu_forward`] (given a bias) and [`linear_backward_gelu`]
+/// run as single cuBLASLt GEMMs with the GELU (or its derivative) in the
+/// epilogue: bf16 on CUDA, and a hidden width that keeps the epilogue's extra
+/// matrix's rows 16-byte aligned.
+fn gelu_fusable(t: &Tensor, hidden: usize) -> bool {
+    on_cuda(t) && t.dtype() == DType::BF16 && hidden.is_multiple_of(8)
+}
+
+/// The MLP's first half: pre (N, H) = inp (N, C) @ weight (H, C)^T + bias, and
+/// out (N, H) = GELU(pre) (tanh form). Both are kept: the backward needs pre
+/// for GELU's derivative and out for the next layer's weight gradient.
+pub fn linear_gelu_forward(
+    out: &mut Tensor,
+    pre: &mut Tensor,
+    inp: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<()> {
+    const OP: &str = "linear_gelu_forward";
+    let (rows, c) = inp.shape().as_rows_cols();
+    let (h, c2) = weight.shape().as_rows_cols();
+    if !(gelu_fusable(out, h) && bias.is_some()) {
+        linear_forward(pre, inp, weight, bias)?;
+        return gelu_forward(out, pre);
+    }
+    same_kind(OP, out, &[pre, inp, weight])?;
+    if c != c2 || out.shape().as_rows_cols() != (rows, h) || pre.shape().as_rows_cols() != (rows, h) {
+        return Err(Error::Shape {
+            op: OP,
+            msg: format!(
+                "inp {} @ weight {}^T -> pre {}, out {}",
+                inp.shape(),
+                weight.shape(),
+                pre.shape(),
+                out.shape()
+            ),
+        });
+    }
+    let Some(bias) = bias else { unreachable!("checked above") };
+    same_kind(OP, out, &[bias])?;
+    expect_numel(OP, "bias", bias, h)?;
+    let (o, p) = (out.cuda_mut(OP)?, pre.cuda_mut(OP)?);
+    launch::linear_gelu_forward(o, p, inp.cuda(OP)?, weight.cuda(OP)?, bias.cuda(OP)?, rows, h, c)
+}
+
+/// The backward of `linear_forward(out, GELU(pre), weight, bias)` through the
+/// GELU: dpre (N, H) = (dout (N, C) @ weight (C, H)) * GELU'(pre), overwritten;
+/// dweight += dout^T @ inp (inp = GELU(pre)); dbias += column sums of dout.
+/// `scratch` (N, H) holds dL/d(inp) where the GEMM cannot apply GELU' itself.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward_gelu(
+    dpre: &mut Tensor,
+    dweight: &mut Tensor,
+    dbias: Option<&mut Tensor>,
+    dout: &Tensor,
+    inp: &Tensor,
+    pre: &Tensor,
+    weight: &Tensor,
+    scratch: &mut Tensor,
+) -> Result<()> {
+    const OP: &str = "linear_backward_gelu";
+    let (rows, c) = dout.shape().as_rows_cols();
+    let (c2, h) = weight.shape().as_rows_cols();
+    if !gelu_fusable(dpre, h) {
+        linear_backward(scratch, dweight, dbias, dout, inp, weight)?;
+        return gelu_backward(dpre, pre, scratch);
+    }
+    same_kind(OP, dpre, &[dout, pre, weight])?;
+    if c != c2 || dpre.shape().as_rows_cols() != (rows, h) || pre.shape().as_rows_cols() != (rows, h) {
+        return Err(Error::Shape {
+            op: OP,
+            msg: format!(
+                "dout {} @ weight {} -> dpre {} (pre {})",
+                dout.shape(),
+                weight.shape(),
+                dpre.shape(),
+                pre.shape()
+            ),
+        });
+    }
+    launch::matmul_dgelu(dpre.cuda_mut(OP)?, dout.cuda(OP)?, weight.cuda(OP)?, pre.cuda(OP)?, rows, h, c)?;
+    linear_param_grads(dweight, dbias, dout, inp)
+}
+
+/// dweight (OC, C) += dout^T @ inp; dbias (OC) += column sums of dout.
+fn linear_param_grads(dweight: &mut Tensor, dbias: Option<&mut Tensor>, dout: &Tensor, inp: &Tensor) -> Result<()> {
     matmul(dweight, dout, inp, true, false, true)?;
     let Some(dbias) = dbias else { return Ok(()) };
     const OP: &str = "linear_backward";
