@@ -371,10 +371,13 @@ pub fn linear_gelu_forward(
     const OP: &str = "linear_gelu_forward";
     let (rows, c) = inp.shape().as_rows_cols();
     let (h, c2) = weight.shape().as_rows_cols();
-    if !(gelu_fusable(out, h) && bias.is_some()) {
-        linear_forward(pre, inp, weight, bias)?;
-        return gelu_forward(out, pre);
-    }
+    let bias = match bias {
+        Some(bias) if gelu_fusable(out, h) => bias,
+        _ => {
+            linear_forward(pre, inp, weight, bias)?;
+            return gelu_forward(out, pre);
+        }
+    };
     same_kind(OP, out, &[pre, inp, weight])?;
     if c != c2 || out.shape().as_rows_cols() != (rows, h) || pre.shape().as_rows_cols() != (rows, h) {
         return Err(Error::Shape {
@@ -388,7 +391,6 @@ pub fn linear_gelu_forward(
             ),
         });
     }
-    let Some(bias) = bias else { unreachable!("checked above") };
     same_kind(OP, out, &[bias])?;
     expect_numel(OP, "bias", bias, h)?;
     let (o, p) = (out.cuda_mut(OP)?, pre.cuda_mut(OP)?);
