@@ -242,6 +242,19 @@ fn linear_layernorm_gelu() {
         );
         ops::layernorm_forward(&mut go, &mut gmean, &mut grstd, &bx, &bg, &bb, 1e-5).unwrap();
         check(&format!("layernorm_forward bf16 {rows}x{c}"), &go, &o, BF16_TOL);
+        // The residual add fused into the forward: resid = x + y, then LayerNorm(resid).
+        let y = round(&randn(&mut r, &[rows, c], 1.0));
+        let (mut sum, mut o2, mut mean2, mut rstd2) =
+            (zeros(&[rows, c]), zeros(&[rows, c]), zeros(&[rows]), zeros(&[rows]));
+        ops::residual_layernorm_forward(&mut sum, &mut o2, &mut mean2, &mut rstd2, &rx, &y, &rg, &rb, 1e-5).unwrap();
+        let (mut gsum, mut go2) = (poisoned(&[rows, c], DType::BF16, &dev), poisoned(&[rows, c], DType::BF16, &dev));
+        let (mut gmean2, mut grstd2) = (poisoned(&[rows], DType::F32, &dev), poisoned(&[rows], DType::F32, &dev));
+        let by = up(&y, &dev, DType::BF16);
+        ops::residual_layernorm_forward(&mut gsum, &mut go2, &mut gmean2, &mut grstd2, &bx, &by, &bg, &bb, 1e-5)
+            .unwrap();
+        check(&format!("residual_layernorm_forward bf16 {rows}x{c} resid"), &gsum, &sum, BF16_TOL);
+        check(&format!("residual_layernorm_forward bf16 {rows}x{c} out"), &go2, &o2, BF16_TOL);
+        check(&format!("residual_layernorm_forward bf16 {rows}x{c} rstd"), &grstd2, &rstd2, BF16_TOL);
         let (mut gdx, mut gdg, mut gdbeta) =
             (up(&resid, &dev, DType::BF16), up(&zeros(&[c]), &dev, DType::BF16), up(&zeros(&[c]), &dev, DType::BF16));
         ops::layernorm_backward(

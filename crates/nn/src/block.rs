@@ -99,8 +99,7 @@ impl Block {
     pub fn forward(&self, x: &Tensor, acts: &mut BlockActs, scratch: &mut BlockScratch) -> Result<()> {
         self.ln_1.forward(&mut acts.ln1, &mut acts.ln1_stats, x)?;
         self.attn.forward(&mut scratch.branch, &acts.ln1, &mut acts.attn)?;
-        ops::add(&mut acts.resid_mid, x, &scratch.branch)?;
-        self.ln_2.forward(&mut acts.ln2, &mut acts.ln2_stats, &acts.resid_mid)?;
+        self.ln_2.forward_residual(&mut acts.resid_mid, &mut acts.ln2, &mut acts.ln2_stats, x, &scratch.branch)?;
         self.mlp.forward(&mut scratch.branch, &acts.ln2, &mut acts.mlp)?;
         ops::add(&mut acts.out, &acts.resid_mid, &scratch.branch)
     }

@@ -46,6 +46,29 @@ impl LayerNorm {
         )
     }
 
+    /// resid = a + b (a residual connection), then out = LayerNorm(resid): one
+    /// pass over the rows where the backend fuses them.
+    pub fn forward_residual(
+        &self,
+        resid: &mut Tensor,
+        out: &mut Tensor,
+        stats: &mut LayerNormStats,
+        a: &Tensor,
+        b: &Tensor,
+    ) -> Result<()> {
+        ops::residual_layernorm_forward(
+            resid,
+            out,
+            &mut stats.mean,
+            &mut stats.rstd,
+            a,
+            b,
+            &self.weight.value,
+            &self.bias.value,
+            self.eps,
+        )
+    }
+
     /// dinp accumulates (it is the residual stream's gradient).
     pub fn backward(&mut self, dinp: &mut Tensor, dout: &Tensor, inp: &Tensor, stats: &LayerNormStats) -> Result<()> {
         ops::layernorm_backward(

@@ -388,6 +388,12 @@ fn warp_rows_cfg(rows: usize) -> LaunchConfig {
     }
 }
 
+/// Pairs per lane of the register-resident bf16 LayerNorm kernels for rows of
+/// `c` elements (even, up to 2048), if they take it.
+pub(crate) fn layernorm_pairs(c: usize) -> Option<usize> {
+    [6usize, 12, 16, 20, 25, 32].into_iter().find(|p| c <= 64 * p).filter(|_| c.is_multiple_of(2))
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn layernorm_forward(
     out: &mut CudaStorage,
@@ -400,7 +406,24 @@ pub(crate) fn layernorm_forward(
     c: usize,
     eps: f64,
 ) -> Result<()> {
-    let (dev, name) = (out.device.clone(), format!("layernorm_forward_{}", suffix(out)?));
+    let (dev, s) = (out.device.clone(), suffix(out)?);
+    if let Some(p) = layernorm_pairs(c).filter(|_| s == "bf16") {
+        // No residual: `resid` and `b` are null, the kernel reads `a` = inp.
+        let args = [
+            ptr_mut(out),
+            ptr_mut(mean),
+            ptr_mut(rstd),
+            Arg::Ptr(0),
+            ptr(inp),
+            Arg::Ptr(0),
+            ptr(weight),
+            ptr(bias),
+            n64(rows),
+            Arg::I32(c as i32),
+            Arg::F32(eps as f32),
+        ];
+        return launch(&dev, "layernorm", &format!("layernorm_forward_bf16_p{p}"), warp_rows_cfg(rows), &args);
+    }
     let args = [
         ptr_mut(out),
         ptr_mut(mean),
@@ -412,7 +435,43 @@ pub(crate) fn layernorm_forward(
         Arg::I32(c as i32),
         Arg::F32(eps as f32),
     ];
-    launch(&dev, "layernorm", &name, warp_rows_cfg(rows), &args)
+    launch(&dev, "layernorm", &format!("layernorm_forward_{s}"), warp_rows_cfg(rows), &args)
+}
+
+/// bf16, rows of a width [`layernorm_pairs`] takes: resid = a + b, then
+/// out = LayerNorm(resid), in one kernel.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn residual_layernorm_forward(
+    resid: &mut CudaStorage,
+    out: &mut CudaStorage,
+    mean: &mut CudaStorage,
+    rstd: &mut CudaStorage,
+    a: &CudaStorage,
+    b: &CudaStorage,
+    weight: &CudaStorage,
+    bias: &CudaStorage,
+    rows: usize,
+    c: usize,
+    eps: f64,
+) -> Result<()> {
+    let dev = out.device.clone();
+    let Some(p) = layernorm_pairs(c).filter(|_| out.dtype() == DType::BF16) else {
+        return Err(Error::Unsupported { op: "residual_layernorm_forward", dtype: out.dtype(), device: "cuda".into() });
+    };
+    let args = [
+        ptr_mut(out),
+        ptr_mut(mean),
+        ptr_mut(rstd),
+        ptr_mut(resid),
+        ptr(a),
+        ptr(b),
+        ptr(weight),
+        ptr(bias),
+        n64(rows),
+        Arg::I32(c as i32),
+        Arg::F32(eps as f32),
+    ];
+    launch(&dev, "layernorm", &format!("layernorm_forward_bf16_p{p}"), warp_rows_cfg(rows), &args)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -431,10 +490,8 @@ pub(crate) fn layernorm_backward(
     let dev = dinp.device.clone();
     let s = suffix(dinp)?;
     let args = [ptr_mut(dinp), ptr(dout), ptr(inp), ptr(weight), ptr(mean), ptr(rstd), n64(rows), Arg::I32(c as i32)];
-    // bf16 rows of even width up to 2048 take the register-resident kernel.
-    let pairs_per_lane = [6usize, 12, 16, 20, 25, 32].into_iter().find(|p| c <= 64 * p);
-    let name = match pairs_per_lane {
-        Some(p) if s == "bf16" && c.is_multiple_of(2) => format!("layernorm_backward_input_bf16_p{p}"),
+    let name = match layernorm_pairs(c) {
+        Some(p) if s == "bf16" => format!("layernorm_backward_input_bf16_p{p}"),
         _ => format!("layernorm_backward_input_{s}"),
     };
     launch(&dev, "layernorm", &name, warp_rows_cfg(rows), &args)?;

@@ -509,6 +509,51 @@ pub fn layernorm_forward(
     })
 }
 
+/// resid (N, C) = a + b (the residual stream), then out = LayerNorm(resid) as
+/// [`layernorm_forward`]. bf16 on CUDA does both in one pass where the
+/// register-resident kernel takes the row width.
+#[allow(clippy::too_many_arguments)]
+pub fn residual_layernorm_forward(
+    resid: &mut Tensor,
+    out: &mut Tensor,
+    mean: &mut Tensor,
+    rstd: &mut Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<()> {
+    const OP: &str = "residual_layernorm_forward";
+    let (n, c) = a.shape().as_rows_cols();
+    let fused = on_cuda(out) && out.dtype() == DType::BF16 && launch::layernorm_pairs(c).is_some();
+    if !fused {
+        add(resid, a, b)?;
+        return layernorm_forward(out, mean, rstd, resid, weight, bias, eps);
+    }
+    same_kind(OP, out, &[resid, a, b, weight, bias])?;
+    stats_kind(OP, out, &[mean, rstd])?;
+    for (what, t, numel) in [("resid", &*resid, n * c), ("out", &*out, n * c), ("b", b, n * c)] {
+        expect_numel(OP, what, t, numel)?;
+    }
+    for (what, t, numel) in [("mean", &*mean, n), ("rstd", &*rstd, n), ("weight", weight, c), ("bias", bias, c)] {
+        expect_numel(OP, what, t, numel)?;
+    }
+    launch::residual_layernorm_forward(
+        resid.cuda_mut(OP)?,
+        out.cuda_mut(OP)?,
+        mean.cuda_mut(OP)?,
+        rstd.cuda_mut(OP)?,
+        a.cuda(OP)?,
+        b.cuda(OP)?,
+        weight.cuda(OP)?,
+        bias.cuda(OP)?,
+        n,
+        c,
+        eps,
+    )
+}
+
 /// Backward of [`layernorm_forward`]. dinp accumulates (+=): it is the residual
 /// stream's gradient. dweight and dbias accumulate like every parameter gradient.
 #[allow(clippy::too_many_arguments)]
