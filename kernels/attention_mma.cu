@@ -54,6 +54,14 @@ __device__ __forceinline__ void mma16816(float* c, const unsigned* a, const unsi
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// Zeroes C-fragment accumulators.
+template <int N> __device__ __forceinline__ void zero(float (&acc)[N][4]) {
+    #pragma unroll
+    for (int i = 0; i < N; ++i)
+        #pragma unroll
+        for (int r = 0; r < 4; ++r) acc[i][r] = 0.f;
+}
+
 // A fragments of 16 rows [r0, r0+16) of one part of head h, all D columns,
 // straight from global memory (rows past T read as zero).
 template <int D>
@@ -190,10 +198,7 @@ __device__ void attention_forward_mma(bf16* out, float* lse, const bf16* qkv, Di
     unsigned qf[D / 16][4];
     load_a_rows<D>(qf, qkv, true, d, b, h, 0, q0);
     float o[D / 8][4];
-    #pragma unroll
-    for (int nt = 0; nt < D / 8; ++nt)
-        #pragma unroll
-        for (int r = 0; r < 4; ++r) o[nt][r] = 0.f;
+    zero(o);
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
     const int q_last = min(qb * BR + BR, d.T) - 1;
     const int tiles = d.causal ? q_last / BC + 1 : (d.T + BC - 1) / BC;
@@ -207,10 +212,7 @@ __device__ void attention_forward_mma(bf16* out, float* lse, const bf16* qkv, Di
         bf16 (*ks)[D + PAD] = ks_all[kt % NS];
         bf16 (*vs)[D + PAD] = vs_all[kt % NS];
         float s[BC / 8][4];
-        #pragma unroll
-        for (int nt = 0; nt < BC / 8; ++nt)
-            #pragma unroll
-            for (int r = 0; r < 4; ++r) s[nt][r] = 0.f;
+        zero(s);
         mma_a_xt<D>(s, qf, ks);
         #pragma unroll
         for (int half = 0; half < 2; ++half) {
@@ -311,10 +313,7 @@ __device__ void attention_backward_dq_mma(bf16* dqkv, float* delta, const bf16* 
         if (row < d.T && t == 0) delta[stat + row] = del_r[half];
     }
     float dq[D / 8][4];
-    #pragma unroll
-    for (int nt = 0; nt < D / 8; ++nt)
-        #pragma unroll
-        for (int r = 0; r < 4; ++r) dq[nt][r] = 0.f;
+    zero(dq);
     const int q_last = min(qb * BR + BR, d.T) - 1;
     const int tiles = d.causal ? q_last / BC + 1 : (d.T + BC - 1) / BC;
     for (int kt = 0; kt < tiles; ++kt) {
@@ -334,10 +333,8 @@ __device__ void attention_backward_dq_mma(bf16* dqkv, float* delta, const bf16* 
         #pragma unroll
         for (int hv = 0; hv < 2; ++hv) {
             float s[HT][4], dp[HT][4];
-            #pragma unroll
-            for (int nt = 0; nt < HT; ++nt)
-                #pragma unroll
-                for (int r = 0; r < 4; ++r) s[nt][r] = dp[nt][r] = 0.f;
+            zero(s);
+            zero(dp);
             mma_a_xt<D>(s, qf, ks, hv * BC / 2);
             mma_a_xt<D>(dp, dof, vs, hv * BC / 2);
             #pragma unroll
@@ -398,10 +395,8 @@ __device__ void attention_backward_dkv_mma(bf16* dqkv, const bf16* dout, const b
     load_a_rows<D>(kf, qkv, true, d, b, h, 1, k0w);
     load_a_rows<D>(vf, qkv, true, d, b, h, 2, k0w);
     float dk[D / 8][4], dv[D / 8][4];
-    #pragma unroll
-    for (int nt = 0; nt < D / 8; ++nt)
-        #pragma unroll
-        for (int r = 0; r < 4; ++r) dk[nt][r] = dv[nt][r] = 0.f;
+    zero(dk);
+    zero(dv);
     // Causal: queries before this key block never see it (BR == BC, so tile index = block index).
     const int first = d.causal ? kb : 0;
     const int tiles = (d.T + BC - 1) / BC;
@@ -424,10 +419,7 @@ __device__ void attention_backward_dkv_mma(bf16* dqkv, const bf16* dout, const b
         unsigned pt[BC / 16][4];
         {
             float st[BC / 8][4];
-            #pragma unroll
-            for (int nt = 0; nt < BC / 8; ++nt)
-                #pragma unroll
-                for (int r = 0; r < 4; ++r) st[nt][r] = 0.f;
+            zero(st);
             mma_a_xt<D>(st, kf, qs);
             #pragma unroll
             for (int nt = 0; nt < BC / 8; ++nt)
@@ -443,10 +435,7 @@ __device__ void attention_backward_dkv_mma(bf16* dqkv, const bf16* dout, const b
         #pragma unroll
         for (int kc = 0; kc < BC / 16; ++kc) mma_a_x<D>(dv, pt[kc], kc, dos);
         float dpt[BC / 8][4];
-        #pragma unroll
-        for (int nt = 0; nt < BC / 8; ++nt)
-            #pragma unroll
-            for (int r = 0; r < 4; ++r) dpt[nt][r] = 0.f;
+        zero(dpt);
         mma_a_xt<D>(dpt, vf, dos);
         // dS^T = P^T (dP^T - delta), for dK = dS^T Q; P^T as rounded to bf16 for dV
         // (dS is rounded to bf16 for its product too).

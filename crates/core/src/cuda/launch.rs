@@ -394,12 +394,16 @@ pub(crate) fn layernorm_pairs(c: usize) -> Option<usize> {
     [6usize, 12, 16, 20, 25, 32].into_iter().find(|p| c <= 64 * p).filter(|_| c.is_multiple_of(2))
 }
 
+/// out = LayerNorm(inp); with `residual` = (resid, b), first resid = inp + b
+/// and out = LayerNorm(resid), in the same kernel (bf16 rows that
+/// [`layernorm_pairs`] takes only).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn layernorm_forward(
     out: &mut CudaStorage,
     mean: &mut CudaStorage,
     rstd: &mut CudaStorage,
     inp: &CudaStorage,
+    residual: Option<(&mut CudaStorage, &CudaStorage)>,
     weight: &CudaStorage,
     bias: &CudaStorage,
     rows: usize,
@@ -408,70 +412,21 @@ pub(crate) fn layernorm_forward(
 ) -> Result<()> {
     let (dev, s) = (out.device.clone(), suffix(out)?);
     if let Some(p) = layernorm_pairs(c).filter(|_| s == "bf16") {
-        // No residual: `resid` and `b` are null, the kernel reads `a` = inp.
-        let args = [
-            ptr_mut(out),
-            ptr_mut(mean),
-            ptr_mut(rstd),
-            Arg::Ptr(0),
-            ptr(inp),
-            Arg::Ptr(0),
-            ptr(weight),
-            ptr(bias),
-            n64(rows),
-            Arg::I32(c as i32),
-            Arg::F32(eps as f32),
-        ];
+        // Without a residual, `resid` and `b` are null and the kernel reads `a` = inp.
+        let (resid, b) = match residual {
+            Some((resid, b)) => (ptr_mut(resid), ptr(b)),
+            None => (Arg::Ptr(0), Arg::Ptr(0)),
+        };
+        let (o, m, r, x, w, bi) = (ptr_mut(out), ptr_mut(mean), ptr_mut(rstd), ptr(inp), ptr(weight), ptr(bias));
+        let args = [o, m, r, resid, x, b, w, bi, n64(rows), Arg::I32(c as i32), Arg::F32(eps as f32)];
         return launch(&dev, "layernorm", &format!("layernorm_forward_bf16_p{p}"), warp_rows_cfg(rows), &args);
     }
-    let args = [
-        ptr_mut(out),
-        ptr_mut(mean),
-        ptr_mut(rstd),
-        ptr(inp),
-        ptr(weight),
-        ptr(bias),
-        n64(rows),
-        Arg::I32(c as i32),
-        Arg::F32(eps as f32),
-    ];
-    launch(&dev, "layernorm", &format!("layernorm_forward_{s}"), warp_rows_cfg(rows), &args)
-}
-
-/// bf16, rows of a width [`layernorm_pairs`] takes: resid = a + b, then
-/// out = LayerNorm(resid), in one kernel.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn residual_layernorm_forward(
-    resid: &mut CudaStorage,
-    out: &mut CudaStorage,
-    mean: &mut CudaStorage,
-    rstd: &mut CudaStorage,
-    a: &CudaStorage,
-    b: &CudaStorage,
-    weight: &CudaStorage,
-    bias: &CudaStorage,
-    rows: usize,
-    c: usize,
-    eps: f64,
-) -> Result<()> {
-    let dev = out.device.clone();
-    let Some(p) = layernorm_pairs(c).filter(|_| out.dtype() == DType::BF16) else {
+    if residual.is_some() {
         return Err(Error::Unsupported { op: "residual_layernorm_forward", dtype: out.dtype(), device: "cuda".into() });
-    };
-    let args = [
-        ptr_mut(out),
-        ptr_mut(mean),
-        ptr_mut(rstd),
-        ptr_mut(resid),
-        ptr(a),
-        ptr(b),
-        ptr(weight),
-        ptr(bias),
-        n64(rows),
-        Arg::I32(c as i32),
-        Arg::F32(eps as f32),
-    ];
-    launch(&dev, "layernorm", &format!("layernorm_forward_bf16_p{p}"), warp_rows_cfg(rows), &args)
+    }
+    let (o, m, r, x, w, bi) = (ptr_mut(out), ptr_mut(mean), ptr_mut(rstd), ptr(inp), ptr(weight), ptr(bias));
+    let args = [o, m, r, x, w, bi, n64(rows), Arg::I32(c as i32), Arg::F32(eps as f32)];
+    launch(&dev, "layernorm", &format!("layernorm_forward_{s}"), warp_rows_cfg(rows), &args)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -174,15 +174,8 @@ impl CudaDevice {
     /// which the kernels `f` launches must leave zeroed.
     pub(crate) fn with_counters<R>(&self, n: usize, f: impl FnOnce(u64) -> Result<R>) -> Result<R> {
         use cudarc::driver::DevicePtrMut;
-        let mut guard = self.inner.counters.lock().map_err(|_| cuda_err("counters", "poisoned lock"))?;
-        if guard.as_ref().is_none_or(|c| c.len() < n) {
-            *guard = None;
-            *guard = Some(self.stream().alloc_zeros::<u32>(n.max(1)).map_err(|e| cuda_err("counters", e))?);
-        }
-        match guard.as_mut() {
-            Some(buf) => f(buf.device_ptr_mut(self.stream()).0),
-            None => unreachable!("allocated above"),
-        }
+        let stream = self.stream().clone();
+        self.with_grown(&self.inner.counters, "counters", n, |buf| f(buf.device_ptr_mut(&stream).0))
     }
 
     /// Like [`CudaDevice::with_scratch`], handing over the buffer itself (for
@@ -192,10 +185,25 @@ impl CudaDevice {
         floats: usize,
         f: impl FnOnce(&mut CudaSlice<f32>) -> Result<R>,
     ) -> Result<R> {
-        let mut guard = self.inner.scratch.lock().map_err(|_| cuda_err("scratch", "poisoned lock"))?;
-        if guard.as_ref().is_none_or(|s| s.len() < floats) {
+        self.with_grown(&self.inner.scratch, "scratch", floats, f)
+    }
+
+    /// Runs `f` with the buffer in `slot`, first replaced by a zeroed one of
+    /// `n` elements if it is missing or shorter.
+    fn with_grown<T, R>(
+        &self,
+        slot: &Mutex<Option<CudaSlice<T>>>,
+        what: &str,
+        n: usize,
+        f: impl FnOnce(&mut CudaSlice<T>) -> Result<R>,
+    ) -> Result<R>
+    where
+        T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits,
+    {
+        let mut guard = slot.lock().map_err(|_| cuda_err(what, "poisoned lock"))?;
+        if guard.as_ref().is_none_or(|b| b.len() < n) {
             *guard = None; // free the old buffer before asking for a bigger one
-            let buf = self.stream().alloc_zeros::<f32>(floats.max(1)).map_err(|e| cuda_err("scratch", e))?;
+            let buf = self.stream().alloc_zeros::<T>(n.max(1)).map_err(|e| cuda_err(what, e))?;
             *guard = Some(buf);
         }
         match guard.as_mut() {

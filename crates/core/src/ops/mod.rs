@@ -487,6 +487,7 @@ pub fn layernorm_forward(
             mean.cuda_mut(OP)?,
             rstd.cuda_mut(OP)?,
             inp.cuda(OP)?,
+            None,
             weight.cuda(OP)?,
             bias.cuda(OP)?,
             n,
@@ -539,13 +540,12 @@ pub fn residual_layernorm_forward(
     for (what, t, numel) in [("mean", &*mean, n), ("rstd", &*rstd, n), ("weight", weight, c), ("bias", bias, c)] {
         expect_numel(OP, what, t, numel)?;
     }
-    launch::residual_layernorm_forward(
-        resid.cuda_mut(OP)?,
+    launch::layernorm_forward(
         out.cuda_mut(OP)?,
         mean.cuda_mut(OP)?,
         rstd.cuda_mut(OP)?,
         a.cuda(OP)?,
-        b.cuda(OP)?,
+        Some((resid.cuda_mut(OP)?, b.cuda(OP)?)),
         weight.cuda(OP)?,
         bias.cuda(OP)?,
         n,
