@@ -21,6 +21,7 @@ pub const MODULES: &[(&str, &str)] = &[
     ("multi_tensor", include_str!("../../../../kernels/multi_tensor.cu")),
     ("attention", include_str!("../../../../kernels/attention.cu")),
     ("attention_mma", include_str!("../../../../kernels/attention_mma.cu")),
+    ("attention_wgmma", include_str!("../../../../kernels/attention_wgmma.cu")),
     ("attention_cached", include_str!("../../../../kernels/attention_cached.cu")),
 ];
 
@@ -139,6 +140,15 @@ fn arch_name(cc: (i32, i32)) -> &'static str {
     }
 }
 
+/// Modules with Hopper-only instructions (wgmma): on compute capability 9.0
+/// they are compiled for compute_90a, whose PTX only sm_90 GPUs load; for any
+/// other target they compile to stubs that are never launched.
+const HOPPER_MODULES: &[&str] = &["attention_wgmma"];
+
+fn module_arch(module: &str, cc: (i32, i32)) -> &'static str {
+    if cc == (9, 0) && HOPPER_MODULES.contains(&module) { "compute_90a" } else { arch_name(cc) }
+}
+
 fn options() -> Vec<String> {
     // No --use_fast_math: results must match the CPU reference.
     vec!["-std=c++17".into()]
@@ -151,7 +161,7 @@ pub fn module_ptx(module: &'static str, cc: (i32, i32)) -> Result<Ptx> {
         .find(|m| m.0 == module)
         .map(|m| m.1)
         .ok_or_else(|| Error::KernelCompile { kernel: module.into(), msg: "no such kernel module".into() })?;
-    let arch = arch_name(cc);
+    let arch = module_arch(module, cc);
     let opts = options();
     let full = format!("{COMMON}\n{src}");
     let key = format!("{module}-{arch}-{:016x}.ptx", fnv1a(&[&full, arch, &opts.join(" ")]));

@@ -578,6 +578,23 @@ fn launch_attention_mma(dev: &CudaDevice, name: &str, cfg: LaunchConfig, args: &
     launch(dev, "attention_mma", name, cfg, args)
 }
 
+/// A kernel of attention_wgmma.cu (Hopper): grid (heads, ceil(T / 128)), two
+/// warpgroups, five 16 KB tiles of dynamic shared memory plus 1 KB to align
+/// them (kernels/HOPPER_ATTENTION.md).
+fn launch_attention_wgmma(dev: &CudaDevice, name: &str, heads: usize, t: usize, args: &[Arg]) -> Result<()> {
+    use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_DYNAMIC;
+    const SHARED: u32 = 5 * 16 * 1024 + 1024;
+    dev.function("attention_wgmma", name)?
+        .set_attribute(MAX_DYNAMIC, SHARED as i32)
+        .map_err(|e| cuda_err(format!("dynamic shared memory of {name}"), e))?;
+    let cfg = LaunchConfig {
+        grid_dim: (heads as u32, (t as u32).div_ceil(128), 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: SHARED,
+    };
+    launch(dev, "attention_wgmma", name, cfg, args)
+}
+
 fn attn_setup(b: usize, t: usize, c: usize, n_head: usize, causal: bool) -> Result<(AttnDims, usize, LaunchConfig)> {
     let hs = c / n_head;
     let r = hs.div_ceil(32);
@@ -616,6 +633,9 @@ pub(crate) fn attention_forward(
     let (dims, r, cfg) = attn_setup(b, t, c, n_head, causal)?;
     let dev = out.device.clone();
     let args = [ptr_mut(out), ptr_mut(lse), ptr(qkv), Arg::Dims(dims)];
+    if qkv.dtype() == DType::BF16 && c / n_head == 64 && dev.cc() == (9, 0) {
+        return launch_attention_wgmma(&dev, "attention_forward_wgmma_d64", b * n_head, t, &args);
+    }
     if let Some((hs, cfg)) = mma_cfg(qkv, b, t, c, n_head) {
         return launch_attention_mma(&dev, &format!("attention_forward_mma_d{hs}"), cfg, &args);
     }

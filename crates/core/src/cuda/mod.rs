@@ -125,7 +125,7 @@ impl CudaDevice {
         &self.inner.name
     }
 
-    fn cc(&self) -> (i32, i32) {
+    pub(crate) fn cc(&self) -> (i32, i32) {
         self.inner.compute_capability
     }
 
