@@ -15,6 +15,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 status() { if [ "$1" -eq 0 ]; then echo pass; else echo "FAIL($1)"; fi; }
 .dev/kernels_compile --nocapture > "$out/kernels_compile.log" 2>&1; k=$?
 .dev/cuda_ops --nocapture --test-threads 1 > "$out/cuda_ops.log" 2>&1; c=$?
+# On Hopper the same attention cases again through the portable (mma.sync) kernels.
+TRAINER_PORTABLE_ATTENTION=1 .dev/cuda_ops --nocapture --test-threads 1 attention > "$out/cuda_ops_portable.log" 2>&1; ca=$?
 .dev/gpt_parity --nocapture cuda > "$out/gpt_parity.log" 2>&1; p=$?
 
 # Tiny model, same seed, CPU vs GPU (fp32): the loss trajectories should agree
@@ -38,5 +40,6 @@ paste <(grep -oE "^step=[0-9]+ train_loss=[0-9.]+" "$out/tiny_cpu.log") <(grep -
 grep -E "^done|real" "$out/tiny_cpu.log" "$out/tiny_gpu.log"
 echo "--- gpt2-124m fp32 gpu"; tail -3 "$out/gpt2_124m_gpu.log"
 printf '\n%-22s %s\n' check result
-printf '%-22s %s\n' kernels_compile "$(status $k)" cuda_ops "$(status $c)" gpt_parity_cuda "$(status $p)" \
+printf '%-22s %s\n' kernels_compile "$(status $k)" cuda_ops "$(status $c)" cuda_ops_portable_attn "$(status $ca)" \
+  gpt_parity_cuda "$(status $p)" \
   tiny_cpu "$(status $tc)" tiny_gpu "$(status $tg)" gpt2_124m_gpu "$(status $g)"

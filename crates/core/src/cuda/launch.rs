@@ -3,6 +3,8 @@
 //! every launch goes on the device's single stream, so ops are ordered without
 //! host synchronization.
 
+use std::sync::OnceLock;
+
 use cudarc::cublas::{Gemm, GemmConfig, sys::cublasOperation_t};
 use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
@@ -578,22 +580,43 @@ fn launch_attention_mma(dev: &CudaDevice, name: &str, cfg: LaunchConfig, args: &
     launch(dev, "attention_mma", name, cfg, args)
 }
 
-/// A kernel of attention_wgmma.cu (Hopper): grid (heads, ceil(T / 128)), two
-/// warpgroups, five 16 KB tiles of dynamic shared memory plus 1 KB to align
-/// them (kernels/HOPPER_ATTENTION.md).
-fn launch_attention_wgmma(dev: &CudaDevice, name: &str, heads: usize, t: usize, args: &[Arg]) -> Result<()> {
-    use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_DYNAMIC;
-    const SHARED: u32 = 5 * 16 * 1024 + 1024;
-    dev.function("attention_wgmma", name)?
-        .set_attribute(MAX_DYNAMIC, SHARED as i32)
-        .map_err(|e| cuda_err(format!("dynamic shared memory of {name}"), e))?;
+/// The Hopper (wgmma) kernels of attention_wgmma.cu serve this call: bf16,
+/// head size 64, compute capability 9.0 (the module is built for compute_90a),
+/// unless TRAINER_PORTABLE_ATTENTION=1 asks for the mma.sync kernels every
+/// GPU runs (to compare, or to rule the Hopper kernels out).
+fn wgmma_attention(s: &CudaStorage, c: usize, n_head: usize) -> bool {
+    static PORTABLE: OnceLock<bool> = OnceLock::new();
+    let portable = *PORTABLE.get_or_init(|| std::env::var("TRAINER_PORTABLE_ATTENTION").is_ok_and(|v| v == "1"));
+    !portable && s.dtype() == DType::BF16 && c / n_head == 64 && s.device.cc() == (9, 0)
+}
+
+/// A kernel of attention_wgmma.cu: grid (heads, ceil(T / 64)), one warpgroup,
+/// `shared` bytes of dynamic shared memory (its 1 KB-aligned tiles), under the
+/// largest carveout so that three blocks share an SM.
+fn launch_attention_wgmma(
+    dev: &CudaDevice,
+    name: &str,
+    heads: usize,
+    t: usize,
+    shared: u32,
+    args: &[Arg],
+) -> Result<()> {
+    use cudarc::driver::sys::CUfunction_attribute::{
+        CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_DYNAMIC,
+        CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT as CARVEOUT,
+    };
+    let f = dev.function("attention_wgmma", name)?;
+    f.set_attribute(MAX_DYNAMIC, shared as i32).map_err(|e| cuda_err(format!("dynamic shared memory of {name}"), e))?;
+    f.set_attribute(CARVEOUT, 100).map_err(|e| cuda_err(format!("shared-memory carveout of {name}"), e))?;
     let cfg = LaunchConfig {
-        grid_dim: (heads as u32, (t as u32).div_ceil(128), 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: SHARED,
+        grid_dim: (heads as u32, t.div_ceil(64) as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: shared,
     };
     launch(dev, "attention_wgmma", name, cfg, args)
 }
+
+const KB: u32 = 1024;
 
 fn attn_setup(b: usize, t: usize, c: usize, n_head: usize, causal: bool) -> Result<(AttnDims, usize, LaunchConfig)> {
     let hs = c / n_head;
@@ -633,8 +656,10 @@ pub(crate) fn attention_forward(
     let (dims, r, cfg) = attn_setup(b, t, c, n_head, causal)?;
     let dev = out.device.clone();
     let args = [ptr_mut(out), ptr_mut(lse), ptr(qkv), Arg::Dims(dims)];
-    if qkv.dtype() == DType::BF16 && c / n_head == 64 && dev.cc() == (9, 0) {
-        return launch_attention_wgmma(&dev, "attention_forward_wgmma_d64", b * n_head, t, &args);
+    if wgmma_attention(qkv, c, n_head) {
+        // Q (8 KB), K and V tiles of 128 keys in two stages (64 KB), 1 KB to align.
+        const SHARED: u32 = (8 + 64 + 1) * KB;
+        return launch_attention_wgmma(&dev, "attention_forward_wgmma_d64", b * n_head, t, SHARED, &args);
     }
     if let Some((hs, cfg)) = mma_cfg(qkv, b, t, c, n_head) {
         return launch_attention_mma(&dev, &format!("attention_forward_mma_d{hs}"), cfg, &args);
@@ -659,6 +684,16 @@ pub(crate) fn attention_backward(
     let (dims, r, cfg) = attn_setup(b, t, c, n_head, causal)?;
     let dev = dqkv.device.clone();
     let s = suffix(dqkv)?;
+    if wgmma_attention(qkv, c, n_head) {
+        // Six 8 KB tiles, 512 B of row statistics, 1 KB to align. The dQ kernel
+        // also computes delta, which the dK/dV kernel reads.
+        const SHARED: u32 = 48 * KB + 512 + KB;
+        let heads = b * n_head;
+        let args = [ptr_mut(dqkv), ptr_mut(delta), ptr(dout), ptr(qkv), ptr(out), ptr(lse), Arg::Dims(dims)];
+        launch_attention_wgmma(&dev, "attention_backward_dq_wgmma_d64", heads, t, SHARED, &args)?;
+        let args = [ptr_mut(dqkv), ptr(dout), ptr(qkv), ptr(lse), ptr(delta), Arg::Dims(dims)];
+        return launch_attention_wgmma(&dev, "attention_backward_dkv_wgmma_d64", heads, t, SHARED, &args);
+    }
     if let Some((hs, cfg)) = mma_cfg(qkv, b, t, c, n_head) {
         // The dQ kernel also computes delta, which the dK/dV kernel reads.
         let args = [ptr_mut(dqkv), ptr_mut(delta), ptr(dout), ptr(qkv), ptr(out), ptr(lse), Arg::Dims(dims)];
