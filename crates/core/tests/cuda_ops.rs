@@ -135,7 +135,12 @@ fn linear_layernorm_gelu() {
     let Some(dev) = gpu() else { return };
     let mut r = ChaCha8Rng::seed_from_u64(3);
     // 2000 rows: 8 chunks of the column reductions (bias and LayerNorm parameter gradients).
-    for (rows, c, oc) in [(1, 32, 96), (67, 96, 50), (512, 768, 3072), (2000, 64, 200)] {
+    // bf16 LayerNorm backward: C a multiple of 8 takes the 16-byte kernel
+    // (768: 3 packs a lane, 1600: 7 with a partial last one), C = 100 the
+    // bfloat162 one; every even C the column-pair parameter kernel (100: a
+    // partial second strip).
+    for (rows, c, oc) in [(1, 32, 96), (67, 96, 50), (512, 768, 3072), (2000, 64, 200), (33, 100, 40), (300, 1600, 64)]
+    {
         let (x, w, b, dy) = (
             randn(&mut r, &[rows, c], 1.0),
             randn(&mut r, &[oc, c], 0.1),
@@ -483,7 +488,18 @@ fn cross_entropy_padded_vocab() {
     let Some(dev) = gpu() else { return };
     let mut r = ChaCha8Rng::seed_from_u64(6);
     // vp = 13: rows that are no whole number of 16-byte packs (the scalar kernel).
-    for (n, v, vp) in [(1, 5, 128), (5, 9, 13), (67, 997, 1024), (256, 50257, 50304)] {
+    // bf16 rows of whole packs up to 57344 columns are held in registers
+    // (50304 and 57344: 7 packs a thread, 1024: one pack on each of 128
+    // threads); 57352 is too long for that and takes the two-pass kernel.
+    for (n, v, vp) in [
+        (1, 5, 128),
+        (5, 9, 13),
+        (67, 997, 1024),
+        (256, 50257, 50304),
+        (4, 50304, 50304),
+        (3, 57000, 57344),
+        (3, 57349, 57352),
+    ] {
         let logits = randn(&mut r, &[n, vp], 4.0);
         let targets: Vec<u32> = (0..n).map(|_| r.random_range(0..v as u32)).collect();
         let tg = Tensor::from_vec(targets, [n], &Device::Cpu).unwrap();

@@ -396,6 +396,16 @@ pub(crate) fn layernorm_pairs(c: usize) -> Option<usize> {
     [6usize, 12, 16, 20, 25, 32].into_iter().find(|p| c <= 64 * p).filter(|_| c.is_multiple_of(2))
 }
 
+/// Packs of 8 per lane of the bf16 input backward with 16-byte accesses
+/// (layernorm_backward_input_bf16_v1 .. _v8) for rows of `c` elements (a
+/// multiple of 8, up to 2048), if it takes them.
+fn layernorm_backward_packs(c: usize) -> Option<usize> {
+    (c > 0 && c.is_multiple_of(8) && c <= 256 * 8).then(|| c.div_ceil(256))
+}
+
+/// Column pairs per block of layernorm_params_pairs_bf16 (32 lanes, a pair each).
+const PARAMS_PAIRS_STRIP: usize = 64;
+
 /// out = LayerNorm(inp); with `residual` = (resid, b), first resid = inp + b
 /// and out = LayerNorm(resid), in the same kernel (bf16 rows that
 /// [`layernorm_pairs`] takes only).
@@ -447,11 +457,21 @@ pub(crate) fn layernorm_backward(
     let dev = dinp.device.clone();
     let s = suffix(dinp)?;
     let args = [ptr_mut(dinp), ptr(dout), ptr(inp), ptr(weight), ptr(mean), ptr(rstd), n64(rows), Arg::I32(c as i32)];
-    let name = match layernorm_pairs(c) {
-        Some(p) if s == "bf16" => format!("layernorm_backward_input_bf16_p{p}"),
+    let name = match (layernorm_backward_packs(c), layernorm_pairs(c)) {
+        (Some(p), _) if s == "bf16" => format!("layernorm_backward_input_bf16_v{p}"),
+        (None, Some(p)) if s == "bf16" => format!("layernorm_backward_input_bf16_p{p}"),
         _ => format!("layernorm_backward_input_{s}"),
     };
     launch(&dev, "layernorm", &name, warp_rows_cfg(rows), &args)?;
+    // bf16 with even C: column pairs, both sums in one pass (64-column strips,
+    // so fewer counters than the with_column_scratch's 32-column ones).
+    let (name, cfg) = if s == "bf16" && c.is_multiple_of(2) {
+        let mut cfg = column_partials_cfg(rows, c);
+        cfg.grid_dim.0 = c.div_ceil(PARAMS_PAIRS_STRIP) as u32;
+        ("layernorm_params_pairs_bf16".to_string(), cfg)
+    } else {
+        (format!("layernorm_params_{s}"), column_partials_cfg(rows, c))
+    };
     with_column_scratch(&dev, rows, c, 2, |partials, counters| {
         let args = [
             ptr_mut(dweight),
@@ -465,7 +485,7 @@ pub(crate) fn layernorm_backward(
             n64(rows),
             n64(c),
         ];
-        launch(&dev, "layernorm", &format!("layernorm_params_{s}"), column_partials_cfg(rows, c), &args)
+        launch(&dev, "layernorm", &name, cfg, &args)
     })
 }
 
@@ -517,6 +537,26 @@ pub(crate) fn embedding_backward(
 
 // ------------------------------------------------------------------ loss
 
+/// Most 16-byte packs (8 bf16) a thread holds in the register-resident
+/// cross-entropy kernels (cross_entropy_rows_bf16_p1 .. _p7): 1024 threads
+/// hold rows of up to 57344 bf16 (GPT-2's 50304 takes 7). 8 spills on sm_80
+/// in the 64 registers a thread of a 1024-thread block may have.
+const CE_MAX_PACKS: usize = 7;
+
+/// (packs per thread, threads) of the register-resident bf16 cross-entropy for
+/// rows of `vp` columns, if it takes them: rows of whole 16-byte packs that fit
+/// in the registers of one block. Short rows get fewer threads (one pack each)
+/// rather than idle ones.
+fn cross_entropy_rows_cfg(vp: usize) -> Option<(usize, u32)> {
+    if !vp.is_multiple_of(8) {
+        return None;
+    }
+    let packs = vp / 8;
+    let threads = packs.next_multiple_of(32).clamp(32, 1024);
+    let np = packs.div_ceil(threads).max(1);
+    (np <= CE_MAX_PACKS).then_some((np, threads as u32))
+}
+
 pub(crate) fn cross_entropy(
     logits: &mut CudaStorage,
     losses: &mut CudaStorage,
@@ -526,24 +566,25 @@ pub(crate) fn cross_entropy(
     v: usize,
     grad_scale: Option<f64>,
 ) -> Result<()> {
-    // 16-byte packs need rows that are a whole number of them (and so aligned:
-    // every allocation is).
-    let packed = (vp * logits.dtype().size_in_bytes()).is_multiple_of(16);
-    let (dev, name) =
-        (logits.device.clone(), format!("cross_entropy_{}{}", if packed { "vec_" } else { "" }, suffix(logits)?));
-    let cfg = LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
-    let args = [
-        ptr_mut(logits),
-        ptr_mut(losses),
-        ptr(targets),
-        n64(vp),
-        n64(v),
-        Arg::F32(grad_scale.unwrap_or(0.0) as f32),
-        Arg::I32(grad_scale.is_some() as i32),
-    ];
     if rows == 0 {
         return Ok(());
     }
+    let dev = logits.device.clone();
+    let (scale, with_grad) = (Arg::F32(grad_scale.unwrap_or(0.0) as f32), Arg::I32(grad_scale.is_some() as i32));
+    // bf16 rows that fit in registers: one read and one write of the logits.
+    if let Some((np, threads)) = cross_entropy_rows_cfg(vp).filter(|_| logits.dtype() == DType::BF16) {
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        // vp <= 8 * 1024 * CE_MAX_PACKS, so both fit the kernel's int.
+        let args =
+            [ptr_mut(logits), ptr_mut(losses), ptr(targets), Arg::I32(vp as i32), Arg::I32(v as i32), scale, with_grad];
+        return launch(&dev, "cross_entropy", &format!("cross_entropy_rows_bf16_p{np}"), cfg, &args);
+    }
+    // 16-byte packs need rows that are a whole number of them (and so aligned:
+    // every allocation is).
+    let packed = (vp * logits.dtype().size_in_bytes()).is_multiple_of(16);
+    let name = format!("cross_entropy_{}{}", if packed { "vec_" } else { "" }, suffix(logits)?);
+    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+    let args = [ptr_mut(logits), ptr_mut(losses), ptr(targets), n64(vp), n64(v), scale, with_grad];
     launch(&dev, "cross_entropy", &name, cfg, &args)
 }
 
