@@ -91,16 +91,30 @@ __device__ __forceinline__ void wgmma_rs_m64n64(float (&d)[32], const unsigned (
 // Stage rows [r0, r0 + ROWS) x 64 of a row-major bf16 matrix x (row stride
 // `ld` elements, `n` rows) into the swizzled tile at shared address `tile`,
 // 16 bytes per copy; rows past n are zero-filled (the source is then x itself,
-// never read).
+// never read). Thread i copies chunk i % 8 of rows i / 8 + STEP k: STEP is a
+// multiple of 8, so the swizzle pattern is the same for all of its rows and the
+// addresses advance by constants.
 template <int ROWS, int THREADS>
 __device__ __forceinline__ void wg_stage(unsigned tile, const bf16* x, i64 ld, int n, int r0) {
-    static_assert(ROWS * 8 % THREADS == 0, "whole copies per thread");
+    constexpr int STEP = THREADS / 8;
+    static_assert(STEP % 8 == 0 && ROWS % STEP == 0, "whole swizzle atoms per pass");
+    const int r = threadIdx.x / 8, c = threadIdx.x % 8;
+    const bf16* src = x + (i64)(r0 + r) * ld + c * 8;
+    const unsigned dst = tile + swizzled(r, c);
 #pragma unroll
-    for (int k = 0; k < ROWS * 8 / THREADS; ++k) {
-        const int idx = threadIdx.x + THREADS * k, r = idx >> 3, c = idx & 7, row = r0 + r;
-        const bool ok = row < n;
-        wg_cp_async16(tile + swizzled(r, c), ok ? x + row * ld + c * 8 : x, ok);
+    for (int k = 0; k < ROWS / STEP; ++k) {
+        const bool ok = r0 + r + STEP * k < n;
+        wg_cp_async16(dst + STEP * k * 128, ok ? src + STEP * k * ld : x, ok);
     }
+}
+
+// 2^x in one MUFU.EX2. exp2f is four instructions (it rescales arguments
+// below -126 to return denormals), and the softmax is instruction-bound;
+// probabilities below 2^-126 flush to zero, far under bf16 resolution of 1.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
 }
 
 __device__ __forceinline__ unsigned wg_pack(float lo, float hi) {
@@ -110,6 +124,22 @@ __device__ __forceinline__ unsigned wg_pack(float lo, float hi) {
 __device__ __forceinline__ float wg_unpack(const unsigned (&f)[16], int i) {
     const __nv_bfloat162 v = *reinterpret_cast<const __nv_bfloat162*>(&f[i >> 1]);
     return (i & 1) ? __high2float(v) : __low2float(v);
+}
+
+// Sets the masked scores of an accumulator tile to -inf (then 2^x is 0):
+// element i is row row0 + 8 ((i >> 1) & 1), column col0 + 8 (i >> 2) + 2 t +
+// (i & 1); columns past T are masked, and under a causal mask a key after its
+// query (keys are columns, or rows when KEYS_ARE_ROWS: the dK/dV kernel's
+// transposed tiles). Called only for tiles that need it, so that the full
+// tiles' softmax has no index arithmetic and no branches.
+template <bool KEYS_ARE_ROWS, int N>
+__device__ __forceinline__ void mask_scores(float (&s)[N], int row0, int col0, int t, const Dims& d) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        const int row = row0 + 8 * ((i >> 1) & 1), col = col0 + 8 * (i >> 2) + 2 * t + (i & 1);
+        const bool after = KEYS_ARE_ROWS ? row > col : col > row;
+        if (col >= d.T || (d.causal && after)) s[i] = -INFINITY;
+    }
 }
 
 // The A registers of a 64 x 64 operand from its accumulator (see the top).
@@ -191,33 +221,27 @@ __device__ void attention_forward_wgmma(bf16* out, float* lse, const bf16* qkv, 
         wgmma_wait_all();
         fence_regs(sacc);
 
-        // Online softmax in base 2; element i is key k0 + 8 (i >> 2) + 2 t + (i & 1).
+        // Online softmax in base 2 (scale > 0, so the maximum is taken over the raw
+        // scores and the scaling folds into the exponent's FFMA); element i is
+        // key k0 + 8 (i >> 2) + 2 t + (i & 1).
         const bool full = k0 + KEYS <= d.T && !(d.causal && k0 + KEYS - 1 > q_first + 16 * warp);
+        if (!full) mask_scores<false>(sacc, row0, k0, t, d);
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-            const int row = row0 + 8 * half;
             float mx = -INFINITY;
 #pragma unroll
-            for (int i = 2 * half; i < 64; i += 4)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int col = k0 + 8 * (i >> 2) + 2 * t + e;
-                    float v = sacc[i + e] * scale_log2;
-                    if (!full && (col >= d.T || (d.causal && col > row))) v = -INFINITY;
-                    sacc[i + e] = v;
-                    mx = fmaxf(mx, v);
-                }
+            for (int i = 2 * half; i < 64; i += 4) mx = fmaxf(mx, fmaxf(sacc[i], sacc[i + 1]));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float m_new = fmaxf(m[half], mx);
+            const float m_new = fmaxf(m[half], mx * scale_log2);  // m is in scaled base-2 units
             const float ref = m_new == -INFINITY ? 0.f : m_new;  // a row with no valid key yet
-            const float alpha = exp2f(m[half] - ref);
+            const float alpha = fast_exp2(m[half] - ref);
             float sum = 0.f;
 #pragma unroll
             for (int i = 2 * half; i < 64; i += 4)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                    const float p = exp2f(sacc[i + e] - ref);
+                    const float p = fast_exp2(fmaf(sacc[i + e], scale_log2, -ref));
                     sacc[i + e] = p;
                     sum += p;
                 }
@@ -277,7 +301,8 @@ __device__ void attention_forward_wgmma(bf16* out, float* lse, const bf16* qkv, 
 //
 // Both kernels: one warpgroup, 64 rows, tiles of 64, dynamic shared memory
 // 48 KB of tiles + 512 B of row statistics + 1 KB for alignment. Small blocks
-// so that three fit an SM and one's softmax overlaps another's products.
+// so that several share an SM (dQ 4 at 122 registers, dK/dV 3 at 164) and
+// one's softmax overlaps another's products.
 
 // dQ and delta: grid (B * H, ceil(T / 64)). Q and dO of the block's 64 queries
 // stay in shared memory; K/V tiles stream through. Per key tile: S = Q K^T and
@@ -368,12 +393,12 @@ __device__ void attention_backward_dq_wgmma(bf16* dqkv, float* delta, const bf16
 
         // Every (query, key) pair of the warp's rows and this tile is valid: no mask.
         const bool full = k0 + 64 <= d.T && !(d.causal && k0 + 63 > q_first + 16 * warp);
+        if (!full) mask_scores<false>(sacc, row0, k0, t, d);
 #pragma unroll
         for (int i = 0; i < 32; ++i) {
-            const int half = (i >> 1) & 1, row = row0 + 8 * half, col = k0 + 8 * (i >> 2) + 2 * t + (i & 1);
-            const bool ok = full || (col < d.T && !(d.causal && col > row));
-            const float p = ok ? exp2f(sacc[i] * scale_log2 - lse2[half]) : 0.f;
-            sacc[i] = p * (dpacc[i] - del[half]) * d.scale;
+            const int half = (i >> 1) & 1;
+            const float p = fast_exp2(fmaf(sacc[i], scale_log2, -lse2[half]));
+            sacc[i] = p * (dpacc[i] - del[half]);  // dS / scale: the scale is applied to dQ at the end
         }
         unsigned dsf[16];
         pack_a(dsf, sacc);
@@ -405,7 +430,8 @@ __device__ void attention_backward_dq_wgmma(bf16* dqkv, float* delta, const bf16
 #pragma unroll
         for (int i = 2 * half; i < 32; i += 4) {
             const int col = 8 * (i >> 2) + 2 * t;
-            *reinterpret_cast<unsigned*>(dqkv + qkv_index(d, b, row, 0, h, col)) = wg_pack(dq[i], dq[i + 1]);
+            *reinterpret_cast<unsigned*>(dqkv + qkv_index(d, b, row, 0, h, col)) =
+                wg_pack(dq[i] * d.scale, dq[i + 1] * d.scale);
         }
     }
 }
@@ -421,7 +447,7 @@ __device__ void attention_backward_dkv_wgmma(bf16* dqkv, const bf16* dout, const
     const unsigned sk = base, sv = base + TILE_BYTES(64);
     auto sq = [&](int s) { return base + (2 + s) * TILE_BYTES(64); };
     auto sdo = [&](int s) { return base + (4 + s) * TILE_BYTES(64); };
-    // lse (base 2) and delta of stage s's 64 queries, after the tiles.
+    // lse and delta of stage s's 64 queries, after the tiles.
     extern __shared__ unsigned char smem_raw[];
     float* stats = reinterpret_cast<float*>(smem_raw + (base - (unsigned)__cvta_generic_to_shared(smem_raw)) +
                                             6 * TILE_BYTES(64));
@@ -436,16 +462,18 @@ __device__ void attention_backward_dkv_wgmma(bf16* dqkv, const bf16* dout, const
     const int k_first = kb * 64;
     // Causal: queries before this key block never see it (tiles are 64 wide too).
     const int first = d.causal ? kb : 0, tiles = (d.T + 63) / 64;
-    // Q, dO, lse and delta of query tile qt into stage s (the statistics with
-    // plain stores: visible after the next barrier).
+    // Q, dO, lse and delta of query tile qt into stage s, all asynchronously
+    // (the statistics 4 bytes a thread: rows of T floats need not be 16-byte
+    // aligned; a synchronous load here stalled the warps that made it).
+    const unsigned stats_smem = base + 6 * TILE_BYTES(64);
     auto stage = [&](int s, int qt) {
         wg_stage<64, 128>(sq(s), qp, ld, d.T, qt * 64);
         wg_stage<64, 128>(sdo(s), dop, ldo, d.T, qt * 64);
-        if (threadIdx.x < 64) {
-            const int q = qt * 64 + threadIdx.x;
-            stats[128 * s + threadIdx.x] = q < d.T ? lse[stat + q] * log2e : 0.f;
-            stats[128 * s + 64 + threadIdx.x] = q < d.T ? delta[stat + q] : 0.f;
-        }
+        const int q = qt * 64 + threadIdx.x % 64;
+        const float* src = threadIdx.x < 64 ? lse : delta;
+        const bool ok = q < d.T;
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(stats_smem + 4 * (128 * s + threadIdx.x)),
+                     "l"(ok ? src + stat + q : src), "r"(ok ? 4 : 0));
     };
     wg_stage<64, 128>(sk, qkv + qkv_index(d, b, 0, 1, h, 0), ld, d.T, k_first);
     wg_stage<64, 128>(sv, qkv + qkv_index(d, b, 0, 2, h, 0), ld, d.T, k_first);
@@ -479,13 +507,11 @@ __device__ void attention_backward_dkv_wgmma(bf16* dqkv, const bf16* dout, const
 
         // Every (key, query) pair of the warp's keys and this tile is valid: no mask.
         const bool full = q0 + 64 <= d.T && !(d.causal && k_first + 16 * warp + 15 > q0);
+        if (!full) mask_scores<true>(acc, key0, q0, t, d);
         // P^T, kept only as the bf16 A registers of dV = P^T dO.
 #pragma unroll
-        for (int i = 0; i < 32; ++i) {
-            const int key = key0 + 8 * ((i >> 1) & 1), qi = 8 * (i >> 2) + 2 * t + (i & 1), query = q0 + qi;
-            const bool ok = full || (query < d.T && !(d.causal && key > query));
-            acc[i] = ok ? exp2f(acc[i] * scale_log2 - lse_s[qi]) : 0.f;
-        }
+        for (int i = 0; i < 32; ++i)
+            acc[i] = fast_exp2(fmaf(acc[i], scale_log2, -log2e * lse_s[8 * (i >> 2) + 2 * t + (i & 1)]));
         unsigned pt[16];
         pack_a(pt, acc);
 
@@ -507,11 +533,12 @@ __device__ void attention_backward_dkv_wgmma(bf16* dqkv, const bf16* dout, const
         fence_regs(dv);
         fence_regs(dpt);
 
-        // dS^T with P^T as rounded to bf16 for dV (dS is rounded for its product too).
+        // dS^T / scale (the scale is applied to dK at the end), with P^T as
+        // rounded to bf16 for dV (dS is rounded for its product too).
 #pragma unroll
         for (int i = 0; i < 32; ++i) {
             const int qi = 8 * (i >> 2) + 2 * t + (i & 1);
-            dpt[i] = wg_unpack(pt, i) * (dpt[i] - del_s[qi]) * d.scale;
+            dpt[i] = wg_unpack(pt, i) * (dpt[i] - del_s[qi]);
         }
         unsigned dst[16];
         pack_a(dst, dpt);
@@ -539,7 +566,8 @@ __device__ void attention_backward_dkv_wgmma(bf16* dqkv, const bf16* dout, const
 #pragma unroll
         for (int i = 2 * half; i < 32; i += 4) {
             const int col = 8 * (i >> 2) + 2 * t;
-            *reinterpret_cast<unsigned*>(dqkv + qkv_index(d, b, key, 1, h, col)) = wg_pack(dk[i], dk[i + 1]);
+            *reinterpret_cast<unsigned*>(dqkv + qkv_index(d, b, key, 1, h, col)) =
+                wg_pack(dk[i] * d.scale, dk[i + 1] * d.scale);
             *reinterpret_cast<unsigned*>(dqkv + qkv_index(d, b, key, 2, h, col)) = wg_pack(dv[i], dv[i + 1]);
         }
     }
@@ -552,7 +580,7 @@ __device__ void attention_backward_dkv_wgmma(bf16* dqkv, const bf16* dout, const
 extern "C" __global__ void __launch_bounds__(128, 3) attention_forward_wgmma_d64(FWD_ARGS) {
     attention_forward_wgmma(out, lse, qkv, d);
 }
-extern "C" __global__ void __launch_bounds__(128, 3) attention_backward_dq_wgmma_d64(DQ_ARGS) {
+extern "C" __global__ void __launch_bounds__(128, 4) attention_backward_dq_wgmma_d64(DQ_ARGS) {
     attention_backward_dq_wgmma(dqkv, delta, dout, qkv, out, lse, d);
 }
 extern "C" __global__ void __launch_bounds__(128, 3) attention_backward_dkv_wgmma_d64(DKV_ARGS) {

@@ -633,7 +633,7 @@ fn wgmma_attention(s: &CudaStorage, c: usize, n_head: usize) -> bool {
 
 /// A kernel of attention_wgmma.cu: grid (heads, ceil(T / 64)), one warpgroup,
 /// `shared` bytes of dynamic shared memory (its 1 KB-aligned tiles), under the
-/// largest carveout so that three blocks share an SM.
+/// largest carveout so that several blocks share an SM.
 fn launch_attention_wgmma(
     dev: &CudaDevice,
     name: &str,
