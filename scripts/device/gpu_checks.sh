@@ -33,7 +33,7 @@ common=(--config configs/tiny.toml --set 'data.train="/tmp/kjv/train_*.bin"' --s
   --set eval.batches=2 --set logging.run_dir='"/tmp/r_124m"' > "$out/gpt2_124m_gpu.log" 2>&1; g=$?
 
 grep -E "rel err" "$out/cuda_ops.log" | sort -t' ' -k1,1 | awk '{print}' > "$out/cuda_ops_errs.txt"
-echo "--- worst cuda_ops errors"; sort -g -k4 -t' ' <(grep -oE "^[^:]+: rel err [0-9.e+-]+" "$out/cuda_ops.log" | awk '{print $NF, $0}') | tail -5
+echo "--- worst cuda_ops errors"; sort -g -k1,1 <(grep -oE "^[^:]+: rel err [0-9.e+-]+" "$out/cuda_ops.log" | awk '{print $NF, $0}') | tail -5
 echo "--- failures"; grep -E "panicked|FAILED|error" "$out"/*.log | head -20
 echo "--- tiny cpu vs gpu (step train_loss)"
 paste <(grep -oE "^step=[0-9]+ train_loss=[0-9.]+" "$out/tiny_cpu.log") <(grep -oE "train_loss=[0-9.]+" "$out/tiny_gpu.log") | awk 'NR%10==0'
