@@ -300,7 +300,7 @@ __device__ void attention_forward_wgmma(bf16* out, float* lse, const bf16* qkv, 
 // ---------------------------------------------------------------- backward
 //
 // Both kernels: one warpgroup, 64 rows, tiles of 64, dynamic shared memory
-// 48 KB of tiles + 512 B of row statistics + 1 KB for alignment. Small blocks
+// 48 KB of tiles + 1 KB for alignment (+ 1 KB of lse/delta for dK/dV). Small blocks
 // so that several share an SM (dQ 4 at 122 registers, dK/dV 3 at 164) and
 // one's softmax overlaps another's products.
 

@@ -47,7 +47,7 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     return warp_max(lane < nwarps ? scratch[lane] : -INFINITY);
 }
 
-// Attention shapes, shared by attention.cu and attention_mma.cu (mirrored by
+// Attention shapes, shared by the attention*.cu modules (mirrored by
 // AttnDims in crates/core/src/cuda/launch.rs). qkv (B, T, 3C) = q | k | v with
 // head h at columns [h*hs, (h+1)*hs) of each third; out (B, T, C).
 struct Dims {

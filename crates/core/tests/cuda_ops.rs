@@ -136,10 +136,11 @@ fn linear_layernorm_gelu() {
     let mut r = ChaCha8Rng::seed_from_u64(3);
     // 2000 rows: 8 chunks of the column reductions (bias and LayerNorm parameter gradients).
     // bf16 LayerNorm backward: C a multiple of 8 takes the 16-byte kernel
-    // (768: 3 packs a lane, 1600: 7 with a partial last one), C = 100 the
-    // bfloat162 one; every even C the column-pair parameter kernel (100: a
-    // partial second strip).
-    for (rows, c, oc) in [(1, 32, 96), (67, 96, 50), (512, 768, 3072), (2000, 64, 200), (33, 100, 40), (300, 1600, 64)]
+    // (768: 3 packs a lane, 1600: 7 with a partial last one, 2048: the largest,
+    // 8), C = 100 the bfloat162 one; every even C the column-pair parameter
+    // kernel (100: a partial second strip).
+    for (rows, c, oc) in
+        [(1, 32, 96), (67, 96, 50), (512, 768, 3072), (2000, 64, 200), (33, 100, 40), (300, 1600, 64), (40, 2048, 16)]
     {
         let (x, w, b, dy) = (
             randn(&mut r, &[rows, c], 1.0),
@@ -377,10 +378,11 @@ fn attention_forward_backward() {
     let mut r = ChaCha8Rng::seed_from_u64(4);
     // (B, T, n_head, head size): tiles of 32 keys and 8 rows; T = 67 and 1 are ragged.
     // T = 300 with hs = 64: tiles of the tensor-core kernels with and without a mask;
-    // on Hopper hs = 64 runs the wgmma kernel (128-row blocks, 128-key tiles):
-    // T = 1 is a block of padding rows (8 heads: the error is relative to the
-    // largest |lse|, and a single score can sit near 0), T = 520 five tiles
-    // through both stages.
+    // on Hopper hs = 64 runs the wgmma kernels (64-row blocks; 128-key tiles
+    // forward, 64 backward): T = 1 is a block of padding rows (8 heads: the
+    // error is relative to the largest |lse|, and a single score can sit near
+    // 0), T = 520 runs several tiles through both stages with a ragged last
+    // one, T = 256 whole blocks and tiles only.
     for (b, t, nh, hs) in [
         (2, 67, 4, 8),
         (1, 1, 2, 32),
@@ -390,6 +392,7 @@ fn attention_forward_backward() {
         (1, 300, 2, 64),
         (1, 1, 8, 64),
         (1, 520, 2, 64),
+        (2, 256, 2, 64),
     ] {
         let c = nh * hs;
         for causal in [true, false] {

@@ -467,7 +467,7 @@ pub(crate) fn layernorm_backward(
     // so fewer counters than the with_column_scratch's 32-column ones).
     let (name, cfg) = if s == "bf16" && c.is_multiple_of(2) {
         let mut cfg = column_partials_cfg(rows, c);
-        cfg.grid_dim.0 = c.div_ceil(PARAMS_PAIRS_STRIP) as u32;
+        cfg.grid_dim.0 = c.div_ceil(PARAMS_PAIRS_STRIP).max(1) as u32;
         ("layernorm_params_pairs_bf16".to_string(), cfg)
     } else {
         (format!("layernorm_params_{s}"), column_partials_cfg(rows, c))
@@ -668,6 +668,15 @@ fn attn_setup(b: usize, t: usize, c: usize, n_head: usize, causal: bool) -> Resu
             msg: format!("head size {hs} is not supported: it must be between 1 and 128"),
         });
     }
+    // Every attention kernel puts the heads of all sequences along grid x and
+    // row blocks (of 8 rows at least 64) along grid y, which stops at 65535.
+    let heads = b * n_head;
+    if t.div_ceil(64) > 65_535 || heads > i32::MAX as usize || t > i32::MAX as usize {
+        return Err(Error::Shape {
+            op: "attention (cuda)",
+            msg: format!("B * n_head = {heads}, T = {t}: at most 2^31 - 1 heads and T <= 4194240"),
+        });
+    }
     let dims = AttnDims {
         t: t as i32,
         h: n_head as i32,
@@ -676,7 +685,7 @@ fn attn_setup(b: usize, t: usize, c: usize, n_head: usize, causal: bool) -> Resu
         causal: causal as i32,
     };
     let cfg = LaunchConfig {
-        grid_dim: ((t as u32).div_ceil(ATTN_ROWS), (b * n_head) as u32, 1),
+        grid_dim: ((t as u32).div_ceil(ATTN_ROWS), heads as u32, 1),
         block_dim: (32 * ATTN_ROWS, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -695,6 +704,9 @@ pub(crate) fn attention_forward(
     causal: bool,
 ) -> Result<()> {
     let (dims, r, cfg) = attn_setup(b, t, c, n_head, causal)?;
+    if b * t == 0 {
+        return Ok(()); // an empty grid is a launch error
+    }
     let dev = out.device.clone();
     let args = [ptr_mut(out), ptr_mut(lse), ptr(qkv), Arg::Dims(dims)];
     if wgmma_attention(qkv, c, n_head) {
@@ -723,17 +735,22 @@ pub(crate) fn attention_backward(
     causal: bool,
 ) -> Result<()> {
     let (dims, r, cfg) = attn_setup(b, t, c, n_head, causal)?;
+    if b * t == 0 {
+        return Ok(()); // an empty grid is a launch error
+    }
     let dev = dqkv.device.clone();
     let s = suffix(dqkv)?;
     if wgmma_attention(qkv, c, n_head) {
-        // Six 8 KB tiles, 512 B of row statistics, 1 KB to align. The dQ kernel
-        // also computes delta, which the dK/dV kernel reads.
-        const SHARED: u32 = 48 * KB + 512 + KB;
+        // Six 8 KB tiles and 1 KB to align them; dK/dV also keeps lse and delta
+        // of its two query stages (1 KB). The dQ kernel also computes delta,
+        // which the dK/dV kernel reads.
+        const DQ_SHARED: u32 = (48 + 1) * KB;
+        const DKV_SHARED: u32 = (48 + 1 + 1) * KB;
         let heads = b * n_head;
         let args = [ptr_mut(dqkv), ptr_mut(delta), ptr(dout), ptr(qkv), ptr(out), ptr(lse), Arg::Dims(dims)];
-        launch_attention_wgmma(&dev, "attention_backward_dq_wgmma_d64", heads, t, SHARED, &args)?;
+        launch_attention_wgmma(&dev, "attention_backward_dq_wgmma_d64", heads, t, DQ_SHARED, &args)?;
         let args = [ptr_mut(dqkv), ptr(dout), ptr(qkv), ptr(lse), ptr(delta), Arg::Dims(dims)];
-        return launch_attention_wgmma(&dev, "attention_backward_dkv_wgmma_d64", heads, t, SHARED, &args);
+        return launch_attention_wgmma(&dev, "attention_backward_dkv_wgmma_d64", heads, t, DKV_SHARED, &args);
     }
     if let Some((hs, cfg)) = mma_cfg(qkv, b, t, c, n_head) {
         // The dQ kernel also computes delta, which the dK/dV kernel reads.
