@@ -161,6 +161,18 @@ timeout_secs = 120
             .collect()
     }
 
+    /// The step records (those with a train_loss) of the run's metrics.jsonl.
+    fn step_records(&self, run: &str) -> Vec<serde_json::Value> {
+        let metrics = fs::read_to_string(self.path().join(run).join("metrics.jsonl")).unwrap();
+        let records: Vec<serde_json::Value> = metrics
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v.get("train_loss").is_some())
+            .collect();
+        assert!(!records.is_empty(), "{run}: no step records");
+        records
+    }
+
     /// (step, val_loss) of every evaluation in the run's metrics.
     fn val_losses(&self, run: &str) -> Vec<(u64, f64)> {
         let metrics = fs::read_to_string(self.path().join(run).join("metrics.jsonl")).unwrap();
@@ -285,6 +297,9 @@ fn matches_single_process(np: usize, zero_stage: u32, extra: &[&str]) {
     // Rank 0 alone reports.
     assert_eq!(out.matches("done steps=6").count(), 1, "{out}");
     assert_matches(&ws, "single", &run);
+    // Step records carry the data-parallel wait only where there is one.
+    assert!(ws.step_records(&run).iter().all(|r| r["grad_sync_ms"].as_f64().is_some_and(|ms| ms >= 0.0)));
+    assert!(ws.step_records("single").iter().all(|r| r.get("grad_sync_ms").is_none()));
 }
 
 /// Buckets of 0.01 MiB (2621 f32 elements): ~630 of them, most launched

@@ -540,8 +540,10 @@ impl<'a> Run<'a> {
 
     /// One step's forward and backward over its micro-batches, with the
     /// gradients averaged over the data-parallel ranks: (mean loss over the
-    /// global batch, gradient norm).
-    fn forward_backward(&mut self, x: &mut [u32], y: &mut [u32]) -> Result<(f64, f64)> {
+    /// global batch, gradient norm, seconds spent after the backward pass
+    /// waiting for the gradient all-reduce and the norm and loss averages: the
+    /// data-parallel overhead the overlap did not hide; None with one rank).
+    fn forward_backward(&mut self, x: &mut [u32], y: &mut [u32]) -> Result<(f64, f64, Option<f64>)> {
         let accum = self.batch.grad_accum_steps;
         self.model.zero_grad()?;
         let mut loss = 0.0;
@@ -560,12 +562,15 @@ impl<'a> Run<'a> {
             loss += self.acts.mean_loss()? / accum as f64;
         }
         match &mut self.dp {
-            None => Ok((loss, global_grad_norm(&self.model.params())?)),
+            None => Ok((loss, global_grad_norm(&self.model.params())?, None)),
             Some(dp) => {
+                // The loss above was read back after the backward pass: from
+                // here on the GPU only waits for communication.
+                let started = Instant::now();
                 let norm = dp.reduce_gradients(&self.model)?;
                 let mut mean = [loss];
                 dp.group().all_reduce_host(&mut mean, ReduceOp::Avg)?;
-                Ok((mean[0], norm))
+                Ok((mean[0], norm, Some(started.elapsed().as_secs_f64())))
             }
         }
     }
@@ -596,7 +601,7 @@ impl<'a> Run<'a> {
             let started = Instant::now();
             attempts += 1;
             self.hooks.maybe_fail(self.place.rank, attempts)?;
-            let (loss, norm) = self.forward_backward(&mut x, &mut y)?;
+            let (loss, norm, grad_sync) = self.forward_backward(&mut x, &mut y)?;
             let loss = self.hooks.loss(attempts, loss);
             let next = self.step + 1;
             if !(loss.is_finite() && norm.is_finite()) {
@@ -635,6 +640,9 @@ impl<'a> Run<'a> {
                 ];
                 if let Some(peak) = peak_flops {
                     record.push(("mfu", Value::Fixed(flops_per_step / secs / peak, 3)));
+                }
+                if let Some(sync) = grad_sync {
+                    record.push(("grad_sync_ms", Value::Fixed(sync * 1e3, 2)));
                 }
                 if let Device::Cuda(d) = &self.device {
                     record.push(("peak_mem_gb", Value::Fixed(d.memory_stats().1 as f64 / 1e9, 2)));
