@@ -49,6 +49,15 @@ __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.a
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
 
+// The stage this iteration reads has landed (its copies were committed one
+// group before the newest) and is visible to the whole block, wgmma's async
+// proxy included.
+__device__ __forceinline__ void stage_ready() {
+    wg_wait_copies_but_one();
+    fence_proxy_async();
+    __syncthreads();
+}
+
 // Keeps the compiler from moving accesses to accumulator registers across the
 // asynchronous wgmma (it sees neither the asynchrony nor the dependency).
 template <int N> __device__ __forceinline__ void fence_regs(float (&r)[N]) {
@@ -207,9 +216,7 @@ __device__ void attention_forward_wgmma(bf16* out, float* lse, const bf16* qkv, 
 
     for (int it = 0; it < tiles; ++it) {
         const int n = tiles - 1 - it, s = it & 1, k0 = n * KEYS;
-        wg_wait_copies_but_one();
-        fence_proxy_async();
-        __syncthreads();
+        stage_ready();
 
         float sacc[64];
         fence_regs(sacc);
@@ -373,9 +380,7 @@ __device__ void attention_backward_dq_wgmma(bf16* dqkv, float* delta, const bf16
     const unsigned long long desc_q = smem_desc(sq), desc_do = smem_desc(sdo);
     for (int kt = 0; kt < tiles; ++kt) {
         const int s = kt & 1, k0 = kt * 64;
-        wg_wait_copies_but_one();
-        fence_proxy_async();
-        __syncthreads();
+        stage_ready();
 
         float sacc[32], dpacc[32];
         fence_regs(sacc);
@@ -489,9 +494,7 @@ __device__ void attention_backward_dkv_wgmma(bf16* dqkv, const bf16* dout, const
     const unsigned long long desc_k = smem_desc(sk), desc_v = smem_desc(sv);
     for (int qt = first; qt < tiles; ++qt) {
         const int s = (qt - first) & 1, q0 = qt * 64;
-        wg_wait_copies_but_one();
-        fence_proxy_async();
-        __syncthreads();
+        stage_ready();
         const float* lse_s = stats + 128 * s;
         const float* del_s = lse_s + 64;
         const unsigned long long desc_q = smem_desc(sq(s)), desc_do = smem_desc(sdo(s));
