@@ -16,21 +16,10 @@
 # Logs go to $OUT (or /tmp/dp_checks); a short table is printed last.
 set -uo pipefail
 out=${OUT:-/tmp/dp_checks}; mkdir -p "$out"
-# NVLink multicast must stay off on these machines (DESIGN.md), on every rank.
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-export TRAINER_KERNEL_CACHE=/tmp/trainer-kernels
+source scripts/device/multi_gpu_env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-gpus=$(nvidia-smi -L | wc -l)
-[ "$gpus" -ge 4 ] || echo "warning: $gpus GPU(s) visible; the 4-GPU runs will fail"
-
-# KJV twice (~2.1M tokens): the 20 steps of (a) (80 windows of 16 x 1024) stay
-# inside one epoch, so every layout sees the same batches.
-data=/tmp/kjv2
-if [ ! -f "$data/train_000000.bin" ]; then
-  mkdir -p "$data" && cat data/kjv/kjv.txt data/kjv/kjv.txt > "$data/kjv2.txt"
-  .dev/trainer prepare --input "$data/kjv2.txt" --output "$data" --val-tokens 65536 --overwrite > /dev/null
-fi
+# The 20 steps of (a) (80 windows of 16 x 1024) stay inside one epoch of
+# $data, so every layout sees the same batches.
 
 # ranks (1: a plain process), name, --set arguments...
 train() {

@@ -11,19 +11,8 @@
 # Logs go to $OUT (or /tmp/layout_checks); a short table is printed last.
 set -uo pipefail
 out=${OUT:-/tmp/layout_checks}; mkdir -p "$out"
-# NVLink multicast must stay off on these machines (DESIGN.md), on every rank.
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-export TRAINER_KERNEL_CACHE=/tmp/trainer-kernels
-gpus=$(nvidia-smi -L | wc -l)
-[ "$gpus" -ge 4 ] || echo "warning: $gpus GPU(s) visible; the 4-GPU runs will fail"
-
-# KJV twice (~2.1M tokens): 12 steps of 64 sequences stay inside one epoch.
-data=/tmp/kjv2
-if [ ! -f "$data/train_000000.bin" ]; then
-  mkdir -p "$data" && cat data/kjv/kjv.txt data/kjv/kjv.txt > "$data/kjv2.txt"
-  .dev/trainer prepare --input "$data/kjv2.txt" --output "$data" --val-tokens 65536 --overwrite > /dev/null
-fi
+# 12 steps of 64 sequences stay inside one epoch of $data.
+source scripts/device/multi_gpu_env.sh
 
 # ranks, name, --set arguments... (the run directory is /tmp/layout_<name>)
 train() {

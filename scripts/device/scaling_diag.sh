@@ -10,12 +10,9 @@
 # Needs the release `trainer` in .dev/; from the repository root:
 #   bash scripts/device/scaling_diag.sh
 set -uo pipefail
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-export TRAINER_KERNEL_CACHE=/tmp/trainer-kernels
-.dev/trainer prepare --input data/kjv/kjv.txt --output /tmp/kjv --val-tokens 65536 --overwrite > /dev/null
+source scripts/device/multi_gpu_env.sh
 # --set arguments of run $1, plus any extra ones in $2.
-sets() { echo --config configs/gpt2-124m.toml --set training.max_steps=20 --set 'data.train="/tmp/kjv/train_*.bin"' --set 'data.val=""' --set checkpoint.interval=0 --set training.micro_batch_size=32 --set training.grad_accum_steps=1 --set logging.run_dir=\"/tmp/run_$1\" ${2:-}; }
+sets() { echo --config configs/gpt2-124m.toml --set training.max_steps=20 --set "data.train=\"$data/train_*.bin\"" --set 'data.val=""' --set checkpoint.interval=0 --set training.micro_batch_size=32 --set training.grad_accum_steps=1 --set logging.run_dir=\"/tmp/run_$1\" ${2:-}; }
 # Summary of run $1 over $2 GPUs.
 med() { python3 -c "
 import json,statistics

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use trainer_core::{DType, Device};
-use trainer_models::gpt::{Gpt, hf, read_weights};
+use trainer_models::gpt::{Gpt, GptConfig, hf, read_weights};
 use trainer_nn::Module;
 use trainer_train::checkpoint;
 
@@ -70,15 +70,7 @@ pub fn run_export(args: &ExportArgs) -> Result<()> {
         ExportFormat::Hf => hf::export(&config, &tensors, &source, &args.output)
             .with_context(|| format!("export to {}", args.output.display()))?,
     }
-    println!(
-        "exported format=hf vocab_size={} n_layer={} n_head={} n_embd={} block_size={} output={}",
-        config.vocab_size,
-        config.n_layer,
-        config.n_head,
-        config.n_embd,
-        config.block_size,
-        args.output.display()
-    );
+    println!("exported format=hf {} output={}", shape_fields(&config), args.output.display());
     Ok(())
 }
 
@@ -88,15 +80,14 @@ pub fn run_import(args: &ImportArgs) -> Result<()> {
     let mut model = Gpt::new(config.clone(), DType::F32, &Device::Cpu)?;
     model.load_named(imported.tensors, &args.from.join(hf::WEIGHTS_FILE))?;
     model.save_weights(&args.output).with_context(|| format!("import into {}", args.output.display()))?;
-    println!(
-        "imported params={} vocab_size={} n_layer={} n_head={} n_embd={} block_size={} weights={}",
-        model.num_params(),
-        config.vocab_size,
-        config.n_layer,
-        config.n_head,
-        config.n_embd,
-        config.block_size,
-        args.output.display()
-    );
+    println!("imported params={} {} weights={}", model.num_params(), shape_fields(&config), args.output.display());
     Ok(())
+}
+
+/// The model's shape as the `key=value` fields of the export and import lines.
+fn shape_fields(c: &GptConfig) -> String {
+    format!(
+        "vocab_size={} n_layer={} n_head={} n_embd={} block_size={}",
+        c.vocab_size, c.n_layer, c.n_head, c.n_embd, c.block_size
+    )
 }

@@ -464,18 +464,28 @@ mod tests {
         Place { rank: 0, layout: Layout { world_size: 1, data_parallel: 1, zero_stage: 0 } }
     }
 
-    fn save_one(store: &Store, step: u64, m: &Gpt, opt: &AdamW) -> PathBuf {
-        let state = TrainerState {
-            optimizer_step: opt.step,
-            schedule_step: step,
-            data: vec![DataPosition { rank: 0, epoch: 0, index: 3 }],
+    /// The state a run in these tests saves: steps, model and data positions as given.
+    fn trainer_state(
+        optimizer_step: u64,
+        schedule_step: u64,
+        model: GptConfig,
+        data: Vec<DataPosition>,
+    ) -> TrainerState {
+        TrainerState {
+            optimizer_step,
+            schedule_step,
+            data,
             seed: 1,
             first_val_loss: None,
             last_train_loss: None,
-            model: m.config.clone(),
+            model,
             run: run_shape(),
             config: String::new(),
-        };
+        }
+    }
+
+    fn save_one(store: &Store, step: u64, m: &Gpt, opt: &AdamW) -> PathBuf {
+        let state = trainer_state(opt.step, step, m.config.clone(), vec![DataPosition { rank: 0, epoch: 0, index: 3 }]);
         save(store, step, m, opt, &place(), state, &Hooks::default(), &ProcessGroup::single("world")).unwrap().unwrap()
     }
 
@@ -613,19 +623,8 @@ mod tests {
             let reader = (layout.zero_stage == 1).then_some(r);
             pending.write(&optim_file(r), reader, "optimizer", &named, range_metadata(&opt)).unwrap();
         }
-        let mut state = TrainerState {
-            optimizer_step: 9,
-            schedule_step: step,
-            data: Vec::new(),
-            seed: 1,
-            first_val_loss: None,
-            last_train_loss: None,
-            model: m.config.clone(),
-            run: run_shape(),
-            config: String::new(),
-        };
-        state.data = (0..layout.world_size).map(|rank| DataPosition { rank, epoch: 1, index: 8 }).collect();
-        pending.commit(layout.clone(), state).unwrap()
+        let data = (0..layout.world_size).map(|rank| DataPosition { rank, epoch: 1, index: 8 }).collect();
+        pending.commit(layout.clone(), trainer_state(9, step, m.config.clone(), data)).unwrap()
     }
 
     fn layout(dp: usize, zero_stage: u32) -> Layout {
@@ -719,21 +718,8 @@ mod tests {
     }
 
     fn manifest_with(layout: Layout, positions: &[(u64, usize)]) -> Manifest {
-        let state = TrainerState {
-            optimizer_step: 3,
-            schedule_step: 3,
-            data: positions
-                .iter()
-                .enumerate()
-                .map(|(rank, &(epoch, index))| DataPosition { rank, epoch, index })
-                .collect(),
-            seed: 1,
-            first_val_loss: None,
-            last_train_loss: None,
-            model: gpt(8),
-            run: run_shape(),
-            config: String::new(),
-        };
+        let data = positions.iter().enumerate().map(|(rank, &(epoch, index))| DataPosition { rank, epoch, index });
+        let state = trainer_state(3, 3, gpt(8), data.collect());
         Manifest { format: "trainer-checkpoint".into(), version: 1, step: 3, layout, files: Vec::new(), state }
     }
 

@@ -659,17 +659,21 @@ fn launch_attention_wgmma(
 
 const KB: u32 = 1024;
 
-fn attn_setup(b: usize, t: usize, c: usize, n_head: usize, causal: bool) -> Result<(AttnDims, usize, LaunchConfig)> {
+/// Head size and 32-lane groups per head row of the warp-per-row kernels
+/// (attention.cu, attention_cached.cu), which take head sizes up to 128.
+fn head_lanes(op: &'static str, c: usize, n_head: usize) -> Result<(usize, usize)> {
     let hs = c / n_head;
     let r = hs.div_ceil(32);
     if r == 0 || r > 4 {
-        return Err(Error::Shape {
-            op: "attention (cuda)",
-            msg: format!("head size {hs} is not supported: it must be between 1 and 128"),
-        });
+        return Err(Error::Shape { op, msg: format!("head size {hs} is not supported: it must be between 1 and 128") });
     }
-    // Every attention kernel puts the heads of all sequences along grid x and
-    // row blocks (of 8 rows at least 64) along grid y, which stops at 65535.
+    Ok((hs, r))
+}
+
+fn attn_setup(b: usize, t: usize, c: usize, n_head: usize, causal: bool) -> Result<(AttnDims, usize)> {
+    let (hs, r) = head_lanes("attention (cuda)", c, n_head)?;
+    // The tensor-core kernels put all sequences' heads along grid x (up to
+    // 2^31 - 1) and 64-row blocks along grid y, which stops at 65535.
     let heads = b * n_head;
     if t.div_ceil(64) > 65_535 || heads > i32::MAX as usize || t > i32::MAX as usize {
         return Err(Error::Shape {
@@ -684,12 +688,24 @@ fn attn_setup(b: usize, t: usize, c: usize, n_head: usize, causal: bool) -> Resu
         scale: 1.0 / (hs as f32).sqrt(),
         causal: causal as i32,
     };
-    let cfg = LaunchConfig {
+    Ok((dims, r))
+}
+
+/// The launch shape of attention.cu's kernels: blocks of ATTN_ROWS rows along
+/// grid x, the heads of all sequences along grid y (at most 65535).
+fn cuda_core_attn_cfg(b: usize, t: usize, n_head: usize) -> Result<LaunchConfig> {
+    let heads = b * n_head;
+    if heads > 65_535 {
+        return Err(Error::Shape {
+            op: "attention (cuda)",
+            msg: format!("B * n_head = {heads}: at most 65535 for this dtype and head size"),
+        });
+    }
+    Ok(LaunchConfig {
         grid_dim: ((t as u32).div_ceil(ATTN_ROWS), heads as u32, 1),
         block_dim: (32 * ATTN_ROWS, 1, 1),
         shared_mem_bytes: 0,
-    };
-    Ok((dims, r, cfg))
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -703,7 +719,7 @@ pub(crate) fn attention_forward(
     n_head: usize,
     causal: bool,
 ) -> Result<()> {
-    let (dims, r, cfg) = attn_setup(b, t, c, n_head, causal)?;
+    let (dims, r) = attn_setup(b, t, c, n_head, causal)?;
     if b * t == 0 {
         return Ok(()); // an empty grid is a launch error
     }
@@ -717,6 +733,7 @@ pub(crate) fn attention_forward(
     if let Some((hs, cfg)) = mma_cfg(qkv, b, t, c, n_head) {
         return launch_attention_mma(&dev, &format!("attention_forward_mma_d{hs}"), cfg, &args);
     }
+    let cfg = cuda_core_attn_cfg(b, t, n_head)?;
     launch(&dev, "attention", &format!("attention_forward_{}_r{r}", suffix(out)?), cfg, &args)
 }
 
@@ -734,35 +751,32 @@ pub(crate) fn attention_backward(
     n_head: usize,
     causal: bool,
 ) -> Result<()> {
-    let (dims, r, cfg) = attn_setup(b, t, c, n_head, causal)?;
+    let (dims, r) = attn_setup(b, t, c, n_head, causal)?;
     if b * t == 0 {
         return Ok(()); // an empty grid is a launch error
     }
     let dev = dqkv.device.clone();
     let s = suffix(dqkv)?;
+    // The tensor-core dQ kernels also compute delta, which their dK/dV kernels read.
+    let dq_args = [ptr_mut(dqkv), ptr_mut(delta), ptr(dout), ptr(qkv), ptr(out), ptr(lse), Arg::Dims(dims)];
+    let args = [ptr_mut(dqkv), ptr(dout), ptr(qkv), ptr(lse), ptr(delta), Arg::Dims(dims)];
     if wgmma_attention(qkv, c, n_head) {
         // Six 8 KB tiles and 1 KB to align them; dK/dV also keeps lse and delta
-        // of its two query stages (1 KB). The dQ kernel also computes delta,
-        // which the dK/dV kernel reads.
+        // of its two query stages (1 KB).
         const DQ_SHARED: u32 = (48 + 1) * KB;
         const DKV_SHARED: u32 = (48 + 1 + 1) * KB;
         let heads = b * n_head;
-        let args = [ptr_mut(dqkv), ptr_mut(delta), ptr(dout), ptr(qkv), ptr(out), ptr(lse), Arg::Dims(dims)];
-        launch_attention_wgmma(&dev, "attention_backward_dq_wgmma_d64", heads, t, DQ_SHARED, &args)?;
-        let args = [ptr_mut(dqkv), ptr(dout), ptr(qkv), ptr(lse), ptr(delta), Arg::Dims(dims)];
+        launch_attention_wgmma(&dev, "attention_backward_dq_wgmma_d64", heads, t, DQ_SHARED, &dq_args)?;
         return launch_attention_wgmma(&dev, "attention_backward_dkv_wgmma_d64", heads, t, DKV_SHARED, &args);
     }
     if let Some((hs, cfg)) = mma_cfg(qkv, b, t, c, n_head) {
-        // The dQ kernel also computes delta, which the dK/dV kernel reads.
-        let args = [ptr_mut(dqkv), ptr_mut(delta), ptr(dout), ptr(qkv), ptr(out), ptr(lse), Arg::Dims(dims)];
-        launch_attention_mma(&dev, &format!("attention_backward_dq_mma_d{hs}"), cfg, &args)?;
-        let args = [ptr_mut(dqkv), ptr(dout), ptr(qkv), ptr(lse), ptr(delta), Arg::Dims(dims)];
+        launch_attention_mma(&dev, &format!("attention_backward_dq_mma_d{hs}"), cfg, &dq_args)?;
         return launch_attention_mma(&dev, &format!("attention_backward_dkv_mma_d{hs}"), cfg, &args);
     }
+    let cfg = cuda_core_attn_cfg(b, t, n_head)?;
     let rows = b * n_head * t;
-    let args = [ptr_mut(delta), ptr(out), ptr(dout), Arg::Dims(dims), n64(rows)];
-    launch(&dev, "attention", &format!("attention_delta_{s}"), warp_rows_cfg(rows), &args)?;
-    let args = [ptr_mut(dqkv), ptr(dout), ptr(qkv), ptr(lse), ptr(delta), Arg::Dims(dims)];
+    let delta_args = [ptr_mut(delta), ptr(out), ptr(dout), Arg::Dims(dims), n64(rows)];
+    launch(&dev, "attention", &format!("attention_delta_{s}"), warp_rows_cfg(rows), &delta_args)?;
     launch(&dev, "attention", &format!("attention_backward_dq_{s}_r{r}"), cfg, &args)?;
     launch(&dev, "attention", &format!("attention_backward_dkv_{s}_r{r}"), cfg, &args)
 }
@@ -780,14 +794,7 @@ pub(crate) fn attention_cached(
     c: usize,
     n_head: usize,
 ) -> Result<()> {
-    let hs = c / n_head;
-    let r = hs.div_ceil(32);
-    if r == 0 || r > 4 {
-        return Err(Error::Shape {
-            op: "attention_cached (cuda)",
-            msg: format!("head size {hs} is not supported: it must be between 1 and 128"),
-        });
-    }
+    let (hs, r) = head_lanes("attention_cached (cuda)", c, n_head)?;
     if tq == 0 || b == 0 {
         return Ok(());
     }
