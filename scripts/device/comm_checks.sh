@@ -27,19 +27,27 @@ expect_abort() { if [ "$1" -ne 0 ] && grep -q "$2" "$out/$3.log"; then echo pass
 
 run 2 nccl_2 collectives --device cuda; c2=$?
 run "$np" nccl_n collectives --device cuda; cn=$?
+# Background communicator (the trainer's overlapped buckets): collectives, and
+# a failing rank with two communicators to abort.
+run "$np" nccl_bg collectives --device cuda --background-ctas 2; cg=$?
+run "$np" nccl_bg_fail fail --rank 1 --device cuda --background-ctas 2; fg=$?
 run "$np" mpi_n collectives --device cpu; cc=$?
 run "$np" nccl_fail fail --rank 1 --device cuda; f=$?
 MPI_TIMEOUT=60 run 2 nccl_timeout --timeout-ms 5000 timeout --rank 1 --device cuda; t=$?
 run "$np" bench_f32 bench --device cuda --dtype f32 --max-mib 1024; b=$?
 run "$np" bench_bf16 bench --device cuda --dtype bf16 --max-mib 1024; bb=$?
+run "$np" bench_bf16_bg bench --device cuda --dtype bf16 --max-mib 256 --background-ctas 2; bg=$?
 
-echo "--- failures"; grep -hE "error:|panicked" "$out"/nccl_2.log "$out"/nccl_n.log "$out"/mpi_n.log "$out"/bench_*.log | head -20
+echo "--- failures"; grep -hE "error:|panicked" "$out"/nccl_2.log "$out"/nccl_n.log "$out"/nccl_bg.log "$out"/mpi_n.log "$out"/bench_*.log | head -20
 echo "--- all_reduce f32, $np ranks"; cat "$out/bench_f32.log"
 echo "--- all_reduce bf16, $np ranks"; cat "$out/bench_bf16.log"
+echo "--- all_reduce bf16 on the background communicator (2 thread blocks), $np ranks"; cat "$out/bench_bf16_bg.log"
 printf '\n%-30s %s\n' check result
 printf '%-30s %s\n' "nccl collectives 2 ranks" "$(status $c2)" "nccl collectives $np ranks" "$(status $cn)" \
   "mpi collectives $np ranks" "$(status $cc)" \
+  "nccl collectives background" "$(status $cg)" \
   "nccl rank failure" "$(expect_abort $f 'rank 1 of [0-9]*: deliberate failure' nccl_fail)" \
+  "nccl failure, background comm" "$(expect_abort $fg 'rank 1 of [0-9]*: deliberate failure' nccl_bg_fail)" \
   "nccl timeout" "$(expect_abort $t 'NCCL all_reduce (sum) of 4 f32 elements.*did not complete within 5 s' nccl_timeout)" \
-  "bench f32" "$(status $b)" "bench bf16" "$(status $bb)"
+  "bench f32" "$(status $b)" "bench bf16" "$(status $bb)" "bench bf16 background" "$(status $bg)"
 grep -h "busbw at 1 GiB" "$out"/bench_*.log

@@ -3,10 +3,12 @@
 # micro-batch 32, 20 steps, median of steps 6-20 of each run:
 #   - 1 GPU alone, then four independent 1-GPU runs at once (no communication:
 #     does the machine itself lose anything with all four GPUs busy?);
-#   - 4-rank data parallel with the overlapped all-reduce (25 MiB buckets),
-#     without overlap, and with 100 MiB buckets: tok/s per GPU, step time and
+#   - 4-rank data parallel with the overlapped all-reduce (defaults: 25 MiB
+#     buckets on 2 thread blocks), with NCCL's own choice of thread blocks
+#     (overlap_ctas = 0), and without overlap: tok/s per GPU, step time,
 #     grad_sync_ms (the time after the backward pass spent waiting for the
-#     gradient all-reduce and the loss/norm averages).
+#     gradient all-reduce and the loss/norm averages) and the NCCL trace
+#     summary (nccl_trace_summary.py: which rank lags, by how much, the tail).
 # Needs the release `trainer` in .dev/; from the repository root:
 #   bash scripts/device/scaling_diag.sh
 set -uo pipefail
@@ -25,10 +27,11 @@ rm -rf /tmp/run_*
 eval .dev/trainer $(sets alone) > /tmp/alone.log 2>&1; med alone 1
 for i in 0 1 2 3; do (CUDA_VISIBLE_DEVICES=$i eval .dev/trainer $(sets ind$i) > /tmp/ind$i.log 2>&1) & done; wait
 for i in 0 1 2 3; do med ind$i 1; done
-for v in "dp4" "dp4_no_overlap --set parallel.overlap=false" "dp4_100mib --set parallel.bucket_mb=100"; do
+for v in "dp4" "dp4_ctas0 --set parallel.overlap_ctas=0" "dp4_no_overlap --set parallel.overlap=false"; do
   set -- $v; n=$1; shift
   eval mpirun --allow-run-as-root --oversubscribe -np 4 -x NCCL_NVLS_ENABLE -x LD_LIBRARY_PATH -x TRAINER_KERNEL_CACHE \
-    .dev/trainer $(sets $n "$*") > /tmp/$n.log 2>&1 || tail -3 /tmp/$n.log
+    -x TRAINER_NCCL_TRACE=1 .dev/trainer $(sets $n "$*") > /tmp/$n.log 2>&1 || tail -3 /tmp/$n.log
   med $n 4
+  python3 scripts/device/nccl_trace_summary.py /tmp/$n.log
 done
 nvidia-smi --query-gpu=index,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv

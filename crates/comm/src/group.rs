@@ -334,7 +334,7 @@ impl ProcessGroup {
         let mpi = MpiComm::new(comm, runtime.clone());
         let label = format!("process group '{name}' ({})", ranks_text(members));
         let nccl = match device {
-            Device::Cuda(d) => Some(NcclComm::new(d, &mpi, rank, members.len(), &label, timeout)?),
+            Device::Cuda(d) => Some(NcclComm::new(d, &mpi, (rank, members.len()), &label, world.options())?),
             Device::Cpu => None,
         };
         Ok(ProcessGroup {
@@ -493,6 +493,20 @@ impl ProcessGroup {
     /// Starts [`ProcessGroup::all_reduce_range`] on the communication stream
     /// after the compute stream's work so far; see [`Work`].
     pub fn start_all_reduce(&self, t: &mut Tensor, range: Range<usize>, op: ReduceOp) -> Result<Work> {
+        self.start_all_reduce_on(t, range, op, false)
+    }
+
+    /// [`ProcessGroup::start_all_reduce`] for communication that runs while
+    /// the GPU computes: on NCCL it goes through the group's background
+    /// communicator, which uses at most [`CommOptions::background_ctas`]
+    /// thread blocks, so that it takes few multiprocessors from the compute
+    /// kernels it overlaps. In order with every other operation of the group
+    /// (one communication stream).
+    pub fn start_background_all_reduce(&self, t: &mut Tensor, range: Range<usize>, op: ReduceOp) -> Result<Work> {
+        self.start_all_reduce_on(t, range, op, true)
+    }
+
+    fn start_all_reduce_on(&self, t: &mut Tensor, range: Range<usize>, op: ReduceOp, background: bool) -> Result<Work> {
         const OP: &str = "all_reduce";
         let backend = self.backend(OP, t, &range)?;
         self.check_reduce(OP, t, op)?;
@@ -514,7 +528,7 @@ impl ProcessGroup {
                 let rop = nccl_op(op);
                 // SAFETY: ptr..ptr + count elements lies inside the tensor
                 // (range checked); in place is allowed by NCCL.
-                let done = n.launch(format!("NCCL {what}"), |comm, stream| unsafe {
+                let done = n.launch(format!("NCCL {what}"), background, |comm, stream| unsafe {
                     nccl::all_reduce(void(ptr), void(ptr), count, dtype, rop, comm, stream)
                 })?;
                 Ok(Work { pending: Some((done, n.device().clone())) })
@@ -570,7 +584,7 @@ impl ProcessGroup {
                 // SAFETY: the send range is the checked range; the receive
                 // range is this rank's shard inside it, which is NCCL's
                 // in-place layout for reduce-scatter.
-                let done = n.launch(format!("NCCL {what}"), |comm, stream| unsafe {
+                let done = n.launch(format!("NCCL {what}"), false, |comm, stream| unsafe {
                     nccl::reduce_scatter(void(send), void(recv), count, dtype, rop, comm, stream)
                 })?;
                 Ok(Work { pending: Some((done, n.device().clone())) })
@@ -618,7 +632,7 @@ impl ProcessGroup {
                 // SAFETY: the receive range is the checked range; the send
                 // range is this rank's shard inside it (NCCL's in-place
                 // all-gather layout).
-                let done = n.launch(format!("NCCL {what}"), |comm, stream| unsafe {
+                let done = n.launch(format!("NCCL {what}"), false, |comm, stream| unsafe {
                     nccl::all_gather(void(send), void(recv), count, dtype, comm, stream)
                 })?;
                 Ok(Work { pending: Some((done, n.device().clone())) })
@@ -657,7 +671,7 @@ impl ProcessGroup {
             Backend::Nccl(n) => {
                 let (dtype, count, ptr) = (self.nccl_type(OP, t)?, range.len(), address_mut(t, range.start));
                 // SAFETY: ptr..ptr + count elements lies inside the tensor.
-                let done = n.launch(format!("NCCL {what}"), |comm, stream| unsafe {
+                let done = n.launch(format!("NCCL {what}"), false, |comm, stream| unsafe {
                     nccl::broadcast(void(ptr), void(ptr), count, dtype, root as i32, comm, stream)
                 })?;
                 Ok(Work { pending: Some((done, n.device().clone())) })
@@ -699,7 +713,7 @@ impl ProcessGroup {
             Backend::Nccl(n) => {
                 let (dtype, count, ptr) = (self.nccl_type(OP, t)?, range.len(), address(t, range.start));
                 // SAFETY: ptr..ptr + count elements lies inside the tensor.
-                let done = n.launch(format!("NCCL {what}"), |comm, stream| unsafe {
+                let done = n.launch(format!("NCCL {what}"), false, |comm, stream| unsafe {
                     nccl::send(void(ptr), count, dtype, dst as i32, comm, stream)
                 })?;
                 Work { pending: Some((done, n.device().clone())) }.wait()
@@ -734,7 +748,7 @@ impl ProcessGroup {
             Backend::Nccl(n) => {
                 let (dtype, count, ptr) = (self.nccl_type(OP, t)?, range.len(), address_mut(t, range.start));
                 // SAFETY: ptr..ptr + count elements lies inside the tensor.
-                let done = n.launch(format!("NCCL {what}"), |comm, stream| unsafe {
+                let done = n.launch(format!("NCCL {what}"), false, |comm, stream| unsafe {
                     nccl::recv(void(ptr), count, dtype, src as i32, comm, stream)
                 })?;
                 Work { pending: Some((done, n.device().clone())) }.wait()

@@ -9,12 +9,13 @@
 //! are reduced.
 
 use std::collections::VecDeque;
-use std::ffi::CStr;
+use std::ffi::{CStr, c_int};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaEvent, CudaStream};
 use cudarc::nccl::result::{self as nccl, NcclError, NcclStatus};
 use cudarc::nccl::sys;
@@ -23,12 +24,23 @@ use trainer_core::{CudaDevice, DType};
 use crate::error::{cuda_err, nccl_err};
 use crate::mpi_backend::{self, Deadline, MpiComm};
 use crate::world::{abort_job_after, guarded};
-use crate::{Error, Result};
+use crate::{CommOptions, Error, Result};
 
-/// The raw communicator, shared with the watchdog.
-struct RawComm(sys::ncclComm_t);
+/// The raw communicators of one group, shared with the watchdog: the main
+/// one, and the background one capped at a few thread blocks (see
+/// [`crate::CommOptions::background_ctas`]).
+struct RawComm {
+    main: sys::ncclComm_t,
+    background: Option<sys::ncclComm_t>,
+}
 
-// SAFETY: an NCCL communicator is a handle usable from any thread; the only
+impl RawComm {
+    fn all(&self) -> impl Iterator<Item = sys::ncclComm_t> {
+        std::iter::once(self.main).chain(self.background)
+    }
+}
+
+// SAFETY: NCCL communicators are handles usable from any thread; the only
 // calls made from the watchdog thread, ncclCommGetAsyncError and
 // ncclCommAbort, are documented as safe while operations are in flight on
 // another thread.
@@ -43,6 +55,27 @@ pub(crate) struct NcclComm {
     /// Serializes launches: NCCL wants one thread at a time per communicator.
     launch_lock: Mutex<()>,
     watchdog: Option<Watchdog>,
+    /// `TRAINER_NCCL_TRACE=1`: what every traced time is measured from.
+    trace_origin: Option<Arc<TraceOrigin>>,
+}
+
+/// An event on the idle communication stream and the host time at which it
+/// had completed: GPU and host times since then are comparable (to within
+/// the synchronization's latency, some microseconds).
+struct TraceOrigin {
+    event: CudaEvent,
+    host: Instant,
+}
+
+/// GPU timestamps of one traced operation: when the compute stream reached
+/// the launch (its inputs were ready) and when the communication stream
+/// started it; its end is the operation's completion event.
+struct Trace {
+    origin: Arc<TraceOrigin>,
+    /// When the host launched the operation.
+    host: Instant,
+    ready: CudaEvent,
+    start: CudaEvent,
 }
 
 /// NCCL's name and text for an error code, plus its last message.
@@ -76,11 +109,11 @@ impl NcclComm {
     pub(crate) fn new(
         device: &CudaDevice,
         mpi: &MpiComm,
-        rank: usize,
-        size: usize,
+        (rank, size): (usize, usize),
         label: &str,
-        timeout: Duration,
+        options: &CommOptions,
     ) -> Result<Self> {
+        let timeout = options.timeout;
         // SAFETY: only probes whether the NCCL library can be opened.
         if !unsafe { sys::is_culib_present() } {
             return Err(Error::Nccl {
@@ -107,10 +140,29 @@ impl NcclComm {
             nccl::comm_init_rank(&mut raw, size as i32, unique, rank as i32)
         })
         .map_err(|e| nccl_err(format!("ncclCommInitRank for {label}"), describe(None, e.0)))?;
-        let raw = Arc::new(RawComm(raw));
+        let background = match options.background_ctas {
+            0 => None,
+            ctas => Some(split_capped(raw, rank, ctas, label, timeout)?),
+        };
+        let raw = Arc::new(RawComm { main: raw, background });
         let stream = device.context().new_stream().map_err(|e| cuda_err("creating the NCCL stream", e))?;
-        let watchdog = Watchdog::spawn(raw.clone(), device.clone(), label.to_string(), timeout)?;
-        Ok(NcclComm { raw, device: device.clone(), stream, launch_lock: Mutex::new(()), watchdog: Some(watchdog) })
+        let watchdog = Watchdog::spawn(raw.clone(), device.clone(), format!("{label} rank {rank}"), timeout)?;
+        let trace_origin = match std::env::var("TRAINER_NCCL_TRACE").is_ok_and(|v| v == "1") {
+            true => {
+                let event = timed_event(&stream, "recording the trace origin")?;
+                event.synchronize().map_err(|e| cuda_err("synchronizing the trace origin", e))?;
+                Some(Arc::new(TraceOrigin { event, host: Instant::now() }))
+            }
+            false => None,
+        };
+        Ok(NcclComm {
+            raw,
+            device: device.clone(),
+            stream,
+            launch_lock: Mutex::new(()),
+            watchdog: Some(watchdog),
+            trace_origin,
+        })
     }
 
     pub(crate) fn device(&self) -> &CudaDevice {
@@ -150,20 +202,35 @@ impl NcclComm {
     pub(crate) fn launch(
         &self,
         what: String,
+        background: bool,
         call: impl FnOnce(sys::ncclComm_t, sys::cudaStream_t) -> std::result::Result<NcclStatus, NcclError>,
     ) -> Result<Arc<CudaEvent>> {
         let _guard = self.launch_lock.lock().map_err(|_| cuda_err("NCCL launch", "poisoned lock"))?;
-        self.comm_waits_for_compute()?;
+        let trace = match &self.trace_origin {
+            Some(origin) => {
+                let host = Instant::now();
+                let ready = timed_event(self.device.stream(), "recording a compute event")?;
+                self.stream.wait(&ready).map_err(|e| cuda_err("comm stream waiting for compute", e))?;
+                let start = timed_event(&self.stream, "recording a trace event")?;
+                Some(Trace { origin: origin.clone(), host, ready, start })
+            }
+            None => {
+                self.comm_waits_for_compute()?;
+                None
+            }
+        };
         self.device.context().bind_to_thread().map_err(|e| cuda_err("binding the context", e))?;
         let queued = Arc::new(OnceLock::new());
         if let Some(w) = &self.watchdog {
-            w.watch(what.clone(), queued.clone());
+            w.watch(what.clone(), queued.clone(), trace);
         }
-        let called = call(self.raw.0, self.stream.cu_stream() as sys::cudaStream_t)
-            .map_err(|e| nccl_err(what.clone(), describe(Some(self.raw.0), e.0)));
+        let comm = if background { self.raw.background.unwrap_or(self.raw.main) } else { self.raw.main };
+        let called = call(comm, self.stream.cu_stream() as sys::cudaStream_t)
+            .map_err(|e| nccl_err(what.clone(), describe(Some(comm), e.0)));
         // Recorded whether or not the call queued anything: the watch ends
         // with it (a failed call is reported to the caller, not timed out).
-        let done = Arc::new(self.stream.record_event(None).map_err(|e| cuda_err(format!("{what}: recording"), e))?);
+        let flags = self.trace_origin.as_ref().map(|_| CUevent_flags::CU_EVENT_DEFAULT);
+        let done = Arc::new(self.stream.record_event(flags).map_err(|e| cuda_err(format!("{what}: recording"), e))?);
         let _ = queued.set(done.clone());
         called?;
         Ok(done)
@@ -176,10 +243,59 @@ impl Drop for NcclComm {
         // watchdog, then free the communicator.
         let _ = self.stream.synchronize();
         drop(self.watchdog.take());
-        // SAFETY: the communicator is valid, nothing is queued on it any
-        // more, and the watchdog that shared it has exited.
-        let _ = unsafe { nccl::comm_destroy(self.raw.0) };
+        for comm in self.raw.all() {
+            // SAFETY: the communicator is valid, nothing is queued on it any
+            // more, and the watchdog that shared it has exited.
+            let _ = unsafe { nccl::comm_destroy(comm) };
+        }
     }
+}
+
+/// A communicator over the same ranks as `parent` whose collectives use at
+/// most `ctas` thread blocks (collective over the parent's ranks).
+fn split_capped(
+    parent: sys::ncclComm_t,
+    rank: usize,
+    ctas: u32,
+    label: &str,
+    timeout: Duration,
+) -> Result<sys::ncclComm_t> {
+    // NCCL_CONFIG_INITIALIZER: every field undefined (NCCL's defaults) but
+    // the thread-block cap. NCCL reads min(size, its own size) bytes, so this
+    // (newer or older) layout is understood by any NCCL >= 2.17.
+    const UNDEF: c_int = c_int::MIN;
+    let mut config = sys::ncclConfig_t {
+        size: std::mem::size_of::<sys::ncclConfig_t>(),
+        magic: 0xcafe_beef,
+        version: 23000,
+        blocking: UNDEF,
+        cgaClusterSize: UNDEF,
+        minCTAs: 1,
+        maxCTAs: ctas.min(c_int::MAX as u32) as c_int,
+        netName: std::ptr::null(),
+        splitShare: UNDEF,
+        trafficClass: UNDEF,
+        commName: std::ptr::null(),
+        collnetEnable: UNDEF,
+        CTAPolicy: UNDEF,
+        shrinkShare: UNDEF,
+        nvlsCTAs: UNDEF,
+        nChannelsPerNetPeer: UNDEF,
+        nvlinkCentricSched: UNDEF,
+        graphUsageMode: UNDEF,
+        numRmaCtx: UNDEF,
+        maxP2pPeers: UNDEF,
+    };
+    let mut child: sys::ncclComm_t = std::ptr::null_mut();
+    let what = format!("ncclCommSplit (background communicator, {ctas} thread blocks) for {label}");
+    // SAFETY: `parent` is a valid communicator, `child` and `config` valid
+    // pointers for the call; every rank of the parent makes the same call.
+    let code =
+        guarded(&what, timeout, || unsafe { sys::ncclCommSplit(parent, 0, rank as c_int, &mut child, &mut config) });
+    if code != sys::ncclResult_t::ncclSuccess || child.is_null() {
+        return Err(nccl_err(what, describe(Some(parent), code)));
+    }
+    Ok(child)
 }
 
 /// An operation the watchdog waits for: first for the host call that
@@ -188,6 +304,29 @@ struct Watched {
     what: String,
     done: Arc<OnceLock<Arc<CudaEvent>>>,
     since: Instant,
+    trace: Option<Trace>,
+}
+
+/// An event that can be timed, recorded on `stream` now.
+fn timed_event(stream: &CudaStream, what: &str) -> Result<CudaEvent> {
+    stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| cuda_err(what, e))
+}
+
+/// Prints one traced operation's times in ms since the trace origin: when the
+/// host launched it, when the compute stream reached the launch (its inputs
+/// ready: if much later than the host's launch, the host runs ahead of the
+/// GPU, as it should), when the communication stream started it and when it
+/// ended, and the NCCL time (end - start, waiting for peers included).
+fn print_trace(label: &str, what: &str, trace: &Trace, done: &CudaEvent) {
+    let at = |e: &CudaEvent| trace.origin.event.elapsed_ms(e).unwrap_or(f32::NAN);
+    let host = trace.host.saturating_duration_since(trace.origin.host).as_secs_f64() * 1e3;
+    let (ready, start, end) = (at(&trace.ready), at(&trace.start), at(done));
+    let line = format!(
+        "nccl-trace {label}: {what} host {host:.3} ready {ready:.3} start {start:.3} end {end:.3} nccl {:.3}\n",
+        end - start
+    );
+    // One write, so that the lines of ranks sharing a terminal or pipe do not interleave.
+    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
 }
 
 struct Watchdog {
@@ -208,9 +347,9 @@ impl Watchdog {
         Ok(Watchdog { tx: Some(tx), thread: Some(thread) })
     }
 
-    fn watch(&self, what: String, done: Arc<OnceLock<Arc<CudaEvent>>>) {
+    fn watch(&self, what: String, done: Arc<OnceLock<Arc<CudaEvent>>>, trace: Option<Trace>) {
         if let Some(tx) = &self.tx {
-            let _ = tx.send(Watched { what, done, since: Instant::now() });
+            let _ = tx.send(Watched { what, done, since: Instant::now(), trace });
         }
     }
 }
@@ -243,6 +382,9 @@ fn watch_loop(rx: mpsc::Receiver<Watched>, raw: Arc<RawComm>, device: CudaDevice
             let Some(done) = front.done.get() else { break }; // still in the host call
             match done.try_is_complete() {
                 Ok(true) => {
+                    if let Some(trace) = &front.trace {
+                        print_trace(&label, &front.what, trace, done);
+                    }
                     pending.pop_front();
                 }
                 Ok(false) => break,
@@ -262,12 +404,14 @@ fn watch_loop(rx: mpsc::Receiver<Watched>, raw: Arc<RawComm>, device: CudaDevice
                 ),
             );
         }
-        let mut code = sys::ncclResult_t::ncclSuccess;
-        // SAFETY: the communicator stays valid until this thread has exited.
-        let _ = unsafe { sys::ncclCommGetAsyncError(raw.0, &mut code) };
-        if !matches!(code, sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress) {
-            let what = pending.front().map_or("an NCCL operation", |w| w.what.as_str());
-            fail(&raw, &format!("{what} on {label}: NCCL reported {}", describe(Some(raw.0), code)));
+        for comm in raw.all() {
+            let mut code = sys::ncclResult_t::ncclSuccess;
+            // SAFETY: the communicator stays valid until this thread has exited.
+            let _ = unsafe { sys::ncclCommGetAsyncError(comm, &mut code) };
+            if !matches!(code, sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress) {
+                let what = pending.front().map_or("an NCCL operation", |w| w.what.as_str());
+                fail(&raw, &format!("{what} on {label}: NCCL reported {}", describe(Some(comm), code)));
+            }
         }
         if !open && pending.is_empty() {
             return;
@@ -282,9 +426,11 @@ fn fail(raw: &Arc<RawComm>, msg: &str) -> ! {
     abort_job_after(msg, move || {
         let (tx, rx) = mpsc::channel();
         let _ = std::thread::Builder::new().name("nccl-abort".into()).spawn(move || {
-            // SAFETY: the communicator is valid; ncclCommAbort may be called
-            // while operations are in flight, which is its purpose.
-            let _ = unsafe { nccl::comm_abort(raw.0) };
+            for comm in raw.all() {
+                // SAFETY: the communicator is valid; ncclCommAbort may be
+                // called while operations are in flight, which is its purpose.
+                let _ = unsafe { nccl::comm_abort(comm) };
+            }
             let _ = tx.send(());
         });
         let _ = rx.recv_timeout(Duration::from_secs(10));

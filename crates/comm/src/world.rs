@@ -21,11 +21,17 @@ pub struct CommOptions {
     /// A collective that has not completed this long after it was started
     /// aborts the job, naming the operation and the group.
     pub timeout: Duration,
+    /// Thread blocks (NCCL channels) for a GPU group's background
+    /// collectives ([`crate::ProcessGroup::start_background_all_reduce`]),
+    /// which get a communicator of their own capped at this many; 0: no such
+    /// communicator, they run like any other collective (NCCL picks the
+    /// channels, up to tens of multiprocessors).
+    pub background_ctas: u32,
 }
 
 impl Default for CommOptions {
     fn default() -> Self {
-        CommOptions { timeout: Duration::from_secs(600) }
+        CommOptions { timeout: Duration::from_secs(600), background_ctas: 0 }
     }
 }
 

@@ -164,6 +164,12 @@ pub struct ParallelConfig {
     /// pass, as soon as its gradients are final (ZeRO stage 0), so that
     /// communication overlaps computation; false: all after the backward pass.
     pub overlap: bool,
+    /// Thread blocks (NCCL channels) the overlapped all-reduces may use, on a
+    /// communicator of their own; the buckets left for after the backward pass
+    /// use NCCL's full choice. NCCL would otherwise take up to tens of
+    /// multiprocessors from the backward kernels it runs beside, which slows
+    /// them by more than the few channels need to keep up. 0: no cap.
+    pub overlap_ctas: u32,
     /// A collective that has not completed within this many seconds aborts the
     /// job, naming the operation.
     pub timeout_secs: u64,
@@ -171,7 +177,16 @@ pub struct ParallelConfig {
 
 impl Default for ParallelConfig {
     fn default() -> Self {
-        ParallelConfig { dp: None, tp: 1, pp: 1, zero_stage: 0, bucket_mb: 25.0, overlap: true, timeout_secs: 600 }
+        ParallelConfig {
+            dp: None,
+            tp: 1,
+            pp: 1,
+            zero_stage: 0,
+            bucket_mb: 25.0,
+            overlap: true,
+            overlap_ctas: 2,
+            timeout_secs: 600,
+        }
     }
 }
 
@@ -447,12 +462,23 @@ impl Config {
         if p.timeout_secs == 0 {
             return Err("parallel.timeout_secs = 0: must be at least 1".into());
         }
+        // NCCL has at most 64 channels (MAXCHANNELS).
+        if p.overlap_ctas > 64 {
+            return Err(format!(
+                "parallel.overlap_ctas = {}: allowed are 0 (NCCL chooses) to 64 thread blocks",
+                p.overlap_ctas
+            ));
+        }
         Ok(())
     }
 
     /// The settings of the communication layer.
     pub fn comm_options(&self) -> trainer_comm::CommOptions {
-        trainer_comm::CommOptions { timeout: std::time::Duration::from_secs(self.parallel.timeout_secs) }
+        let p = &self.parallel;
+        // Only overlapped buckets use the background communicator: without
+        // overlap (or under ZeRO-1, which never overlaps) it is not created.
+        let background_ctas = if p.overlap && p.zero_stage == 0 { p.overlap_ctas } else { 0 };
+        trainer_comm::CommOptions { timeout: std::time::Duration::from_secs(p.timeout_secs), background_ctas }
     }
 
     /// The mesh sizes as written (dp unset: inferred from the world).
@@ -648,6 +674,17 @@ train = "x/train_*.bin"
         assert_eq!((c.parallel.zero_stage, c.parallel.bucket_mb, c.parallel.overlap), (0, 25.0, true));
         assert_eq!(c.mesh_spec(), trainer_comm::MeshSpec { dp: None, tp: 1, pp: 1 });
         assert_eq!(c.comm_options().timeout, std::time::Duration::from_secs(600));
+        // Overlapped buckets get a communicator of 2 thread blocks; without
+        // overlap, or under ZeRO-1 (never overlapped), there is none.
+        assert_eq!(c.comm_options().background_ctas, 2);
+        for (sets, ctas) in [
+            (&["parallel.overlap_ctas=0"][..], 0),
+            (&["parallel.overlap_ctas=8"], 8),
+            (&["parallel.overlap=false"], 0),
+            (&["parallel.zero_stage=1"], 0),
+        ] {
+            assert_eq!(load("", sets).unwrap().comm_options().background_ctas, ctas, "{sets:?}");
+        }
         let b = c.batch(4).unwrap();
         assert_eq!((b.grad_accum_steps, b.global_batch_size), (1, 32));
 
@@ -678,6 +715,8 @@ train = "x/train_*.bin"
             (&["parallel.zero_stage=3"], &["parallel.zero_stage = 3", "0", "1"]),
             (&["parallel.bucket_mb=0"], &["parallel.bucket_mb = 0", "> 0"]),
             (&["parallel.timeout_secs=0"], &["parallel.timeout_secs = 0"]),
+            (&["parallel.overlap_ctas=65"], &["parallel.overlap_ctas = 65", "0", "64"]),
+            (&["parallel.overlap_ctas=-1"], &["parallel.overlap_ctas"]),
             (&["parallel.world=2"], &["parallel", "world"]),
             (&["optimizer.lr_scaling=\"sqrt\""], &["optimizer.lr_scaling", "none", "linear"]),
             (

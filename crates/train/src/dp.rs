@@ -43,6 +43,8 @@ pub(crate) struct DataParallel {
     overlap: bool,
     /// The buckets each parameter has elements in.
     param_buckets: Vec<Vec<usize>>,
+    /// Parameters whose gradients are not final yet in this step.
+    unfinished: usize,
     /// This step's all-reduces so far.
     work: Vec<Work>,
 }
@@ -103,6 +105,7 @@ impl DataParallel {
             buckets,
             overlap,
             param_buckets,
+            unfinished: 0,
             work: Vec::new(),
         })
     }
@@ -119,13 +122,19 @@ impl DataParallel {
             b.waiting = b.params;
             b.launched = false;
         }
+        self.unfinished = self.param_buckets.len();
         self.work.clear();
     }
 
     /// The gradients of parameters `params` are final: launches every bucket
     /// that now has all of its gradients (a parameter spans one or more
-    /// buckets, and a bucket one or more parameters).
+    /// buckets, and a bucket one or more parameters); after the backward
+    /// pass's last gradients, everything left.
     pub(crate) fn grads_ready(&mut self, model: &Gpt, params: Range<usize>) -> Result<()> {
+        self.unfinished = self.unfinished.saturating_sub(params.len());
+        if self.unfinished == 0 {
+            return self.launch_rest(model);
+        }
         for p in params {
             for i in 0..self.param_buckets[p].len() {
                 let b = self.param_buckets[p][i];
@@ -139,14 +148,40 @@ impl DataParallel {
     }
 
     /// Copies bucket `b`'s gradients into the flat buffer and starts its
-    /// all-reduce (after the copy, on the communication stream).
+    /// all-reduce (after the copy, on the communication stream), with few
+    /// thread blocks: it runs beside the rest of the backward pass.
     fn launch(&mut self, model: &Gpt, b: usize) -> Result<()> {
         let params = model.params();
         let grads: Vec<&Tensor> = params.iter().map(|p| &p.grad).collect();
         let bucket = &mut self.buckets[b];
         ops::copy_spans(&mut [&mut self.flat], &grads, &bucket.pairs)?;
-        self.work.push(self.group.start_all_reduce(&mut self.flat, bucket.range.clone(), ReduceOp::Avg)?);
+        let range = bucket.range.clone();
+        self.work.push(self.group.start_background_all_reduce(&mut self.flat, range, ReduceOp::Avg)?);
         bucket.launched = true;
+        Ok(())
+    }
+
+    /// Launches every bucket not launched yet, after the backward pass: with
+    /// no compute left to hide behind, each contiguous run of them goes out
+    /// as one all-reduce with NCCL's full choice of thread blocks (one large
+    /// all-reduce moves data faster than several small ones: ~310 GB/s bus
+    /// bandwidth at 64 MiB against ~260 at 16 MiB on 4 H200s).
+    fn launch_rest(&mut self, model: &Gpt) -> Result<()> {
+        let params = model.params();
+        let grads: Vec<&Tensor> = params.iter().map(|p| &p.grad).collect();
+        let rest: Vec<usize> = (0..self.buckets.len()).filter(|&b| !self.buckets[b].launched).collect();
+        if rest.is_empty() {
+            return Ok(());
+        }
+        let pairs: Vec<(Span, Span)> = rest.iter().flat_map(|&b| self.buckets[b].pairs.iter().copied()).collect();
+        ops::copy_spans(&mut [&mut self.flat], &grads, &pairs)?;
+        for run in rest.chunk_by(|a, b| a + 1 == *b) {
+            let range = self.buckets[run[0]].range.start..self.buckets[run[run.len() - 1]].range.end;
+            self.work.push(self.group.start_all_reduce(&mut self.flat, range, ReduceOp::Avg)?);
+            for &b in run {
+                self.buckets[b].launched = true;
+            }
+        }
         Ok(())
     }
 
@@ -173,13 +208,10 @@ impl DataParallel {
         if !self.overlap {
             self.begin_step();
         }
-        // Every bucket is queued before any is waited for, so that they follow
-        // one another on the communication stream without host round trips.
-        for b in 0..self.buckets.len() {
-            if !self.buckets[b].launched {
-                self.launch(model, b)?;
-            }
-        }
+        // Everything is queued before anything is waited for, so that the
+        // all-reduces follow one another on the communication stream without
+        // host round trips.
+        self.launch_rest(model)?;
         for w in self.work.drain(..) {
             w.wait()?;
         }

@@ -20,6 +20,10 @@ struct Cli {
     /// Collective timeout in milliseconds.
     #[arg(long, global = true, default_value_t = 120_000)]
     timeout_ms: u64,
+    /// Thread blocks of each GPU group's background communicator (0: none);
+    /// `bench` then measures background all-reduces.
+    #[arg(long, global = true, default_value_t = 0)]
+    background_ctas: u32,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -88,7 +92,7 @@ fn main() {
         println!("{}", visible_gpus());
         return;
     }
-    let options = CommOptions { timeout: Duration::from_millis(cli.timeout_ms) };
+    let options = CommOptions { timeout: Duration::from_millis(cli.timeout_ms), background_ctas: cli.background_ctas };
     let world = match World::init(options) {
         Ok(w) => w,
         Err(e) => abort_job(&format!("{e:#}")),
@@ -388,6 +392,18 @@ impl Checker {
             let want: Vec<Option<f64>> = (0..n).map(|i| Some(sum(i))).collect();
             self.expect("two buckets in flight", &t, &want, true)?;
 
+            // Background and main all-reduces in flight together, in order.
+            let mut t = self.tensor(&(0..n).map(|i| value(me, i)).collect::<Vec<_>>(), dtype)?;
+            let a = g.start_background_all_reduce(&mut t, 0..900, ReduceOp::Sum)?;
+            let b = g.start_all_reduce(&mut t, 900..1500, ReduceOp::Avg)?;
+            let c = g.start_background_all_reduce(&mut t, 1500..n, ReduceOp::Sum)?;
+            for w in [a, b, c] {
+                w.wait()?;
+            }
+            let want: Vec<Option<f64>> =
+                (0..n).map(|i| Some(if (900..1500).contains(&i) { sum(i) / size as f64 } else { sum(i) })).collect();
+            self.expect("background and main buckets in flight", &t, &want, true)?;
+
             // Shards that do not divide: refused on every rank, nothing sent.
             if size > 1 {
                 let mut t = self.tensor(&vec![1.0; size * 2 + 1], dtype)?;
@@ -439,10 +455,25 @@ impl Checker {
     }
 }
 
+/// One all-reduce (sum) of the whole tensor, on the background communicator or not.
+fn all_reduce(g: &ProcessGroup, t: &mut Tensor, background: bool) -> Result<()> {
+    let n = t.numel();
+    match background {
+        true => g.start_background_all_reduce(t, 0..n, ReduceOp::Sum)?.wait()?,
+        false => g.all_reduce(t, ReduceOp::Sum)?,
+    }
+    Ok(())
+}
+
 fn bench(world: &World, g: &ProcessGroup, device: &Device, dtype: DType, max_mib: usize, iters: usize) -> Result<()> {
     let n = g.size();
+    let background = world.options().background_ctas > 0;
     if world.rank() == 0 {
-        println!("all_reduce (sum) over {n} rank(s), {dtype}, {device}, {iters} iterations per size");
+        let comm = match world.options().background_ctas {
+            0 => String::new(),
+            c => format!(", background communicator ({c} thread blocks)"),
+        };
+        println!("all_reduce (sum) over {n} rank(s), {dtype}, {device}, {iters} iterations per size{comm}");
         println!("{:>12} {:>12} {:>12} {:>12}", "bytes", "time_us", "algbw_GB/s", "busbw_GB/s");
     }
     let mut mib = 1;
@@ -451,13 +482,13 @@ fn bench(world: &World, g: &ProcessGroup, device: &Device, dtype: DType, max_mib
         let elems = bytes / dtype.size_in_bytes();
         let mut t = Tensor::zeros([elems], dtype, device)?;
         for _ in 0..3 {
-            g.all_reduce(&mut t, ReduceOp::Sum)?;
+            all_reduce(g, &mut t, background)?;
         }
         device.synchronize()?;
         g.barrier()?;
         let start = Instant::now();
         for _ in 0..iters {
-            g.all_reduce(&mut t, ReduceOp::Sum)?;
+            all_reduce(g, &mut t, background)?;
         }
         device.synchronize()?;
         let mut secs = [start.elapsed().as_secs_f64() / iters as f64];
