@@ -392,7 +392,8 @@ impl Checker {
             let want: Vec<Option<f64>> = (0..n).map(|i| Some(sum(i))).collect();
             self.expect("two buckets in flight", &t, &want, true)?;
 
-            // Background and main all-reduces in flight together, in order.
+            // Background and main all-reduces in flight together, in order
+            // (compared within rounding: an average over 3 ranks is inexact).
             let mut t = self.tensor(&(0..n).map(|i| value(me, i)).collect::<Vec<_>>(), dtype)?;
             let a = g.start_background_all_reduce(&mut t, 0..900, ReduceOp::Sum)?;
             let b = g.start_all_reduce(&mut t, 900..1500, ReduceOp::Avg)?;
@@ -402,7 +403,7 @@ impl Checker {
             }
             let want: Vec<Option<f64>> =
                 (0..n).map(|i| Some(if (900..1500).contains(&i) { sum(i) / size as f64 } else { sum(i) })).collect();
-            self.expect("background and main buckets in flight", &t, &want, true)?;
+            self.expect("background and main buckets in flight", &t, &want, false)?;
 
             // Shards that do not divide: refused on every rank, nothing sent.
             if size > 1 {
