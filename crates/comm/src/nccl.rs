@@ -140,9 +140,11 @@ impl NcclComm {
             nccl::comm_init_rank(&mut raw, size as i32, unique, rank as i32)
         })
         .map_err(|e| nccl_err(format!("ncclCommInitRank for {label}"), describe(None, e.0)))?;
+        // ncclCommSplit and the thread-block cap need NCCL 2.18; with an
+        // older library background collectives share the main communicator.
         let background = match options.background_ctas {
-            0 => None,
-            ctas => Some(split_capped(raw, rank, ctas, label, timeout)?),
+            ctas if ctas > 0 && nccl_version() >= 21800 => Some(split_capped(raw, rank, ctas, label, timeout)?),
+            _ => None,
         };
         let raw = Arc::new(RawComm { main: raw, background });
         let stream = device.context().new_stream().map_err(|e| cuda_err("creating the NCCL stream", e))?;
@@ -249,6 +251,14 @@ impl Drop for NcclComm {
             let _ = unsafe { nccl::comm_destroy(comm) };
         }
     }
+}
+
+/// The NCCL library's version code (2.18.1 is 21801), 0 if unknown.
+fn nccl_version() -> c_int {
+    let mut v: c_int = 0;
+    // SAFETY: `v` is a valid out-pointer; the call only reports the version.
+    let code = unsafe { sys::ncclGetVersion(&mut v) };
+    if code == sys::ncclResult_t::ncclSuccess { v } else { 0 }
 }
 
 /// A communicator over the same ranks as `parent` whose collectives use at
