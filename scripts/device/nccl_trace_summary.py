@@ -46,6 +46,8 @@ for k in range(5, n):
                 bucket_nccl[i].append(x[4]); bucket_queue[i].append(x[2] - x[1])
     lag = min(a, key=a.get); slowest[lag] += 1
     skew.append(max(a.values()) - min(a.values())); tail.append(a[lag])
+if not skew:
+    print(f"  only {n} steps: nothing after the first five to summarize"); sys.exit()
 print(f"  steps={n} buckets/step={len(per[min(per)][n-1])} laggard tail med={med(tail):.2f} ms  skew med={med(skew):.2f} max={max(skew):.2f}  laggard counts {dict(sorted(slowest.items()))}")
 print("  per rank after-backward med: " + "  ".join(f"r{r}:{med(v):.2f}" for r, v in sorted(after.items())))
 print("  rank0 buckets in launch order, elems:nccl/queue ms: " + "  ".join(

@@ -8,7 +8,8 @@
 #     (overlap_ctas = 0), and without overlap: tok/s per GPU, step time,
 #     grad_sync_ms (the time after the backward pass spent waiting for the
 #     gradient all-reduce and the loss/norm averages) and the NCCL trace
-#     summary (nccl_trace_summary.py: which rank lags, by how much, the tail).
+#     summary (nccl_trace_summary.py: which rank lags, by how much, the tail;
+#     the trace adds timed events around each NCCL call, a few per step).
 # Needs the release `trainer` in .dev/; from the repository root:
 #   bash scripts/device/scaling_diag.sh
 set -uo pipefail

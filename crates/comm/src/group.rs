@@ -500,8 +500,9 @@ impl ProcessGroup {
     /// the GPU computes: on NCCL it goes through the group's background
     /// communicator, which uses at most [`CommOptions::background_ctas`]
     /// thread blocks, so that it takes few multiprocessors from the compute
-    /// kernels it overlaps. In order with every other operation of the group
-    /// (one communication stream).
+    /// kernels it overlaps (without one, when that option is 0 or NCCL is
+    /// older than 2.18, it is a plain all-reduce; on MPI always). In order
+    /// with every other operation of the group (one communication stream).
     pub fn start_background_all_reduce(&self, t: &mut Tensor, range: Range<usize>, op: ReduceOp) -> Result<Work> {
         self.start_all_reduce_on(t, range, op, true)
     }
@@ -526,9 +527,10 @@ impl ProcessGroup {
             Backend::Nccl(n) => {
                 let (dtype, count, ptr) = (self.nccl_type(OP, t)?, range.len(), address_mut(t, range.start));
                 let rop = nccl_op(op);
+                let lane = if background { " (background)" } else { "" };
                 // SAFETY: ptr..ptr + count elements lies inside the tensor
                 // (range checked); in place is allowed by NCCL.
-                let done = n.launch(format!("NCCL {what}"), background, |comm, stream| unsafe {
+                let done = n.launch(format!("NCCL {what}{lane}"), background, |comm, stream| unsafe {
                     nccl::all_reduce(void(ptr), void(ptr), count, dtype, rop, comm, stream)
                 })?;
                 Ok(Work { pending: Some((done, n.device().clone())) })

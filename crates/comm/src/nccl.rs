@@ -40,6 +40,19 @@ impl RawComm {
     }
 }
 
+impl Drop for RawComm {
+    /// Runs when the last holder lets go: [`NcclComm`] after finishing its
+    /// queued work and joining the watchdog, or an error path of
+    /// [`NcclComm::new`]. The split communicator goes before its parent.
+    fn drop(&mut self) {
+        for comm in self.background.into_iter().chain([self.main]) {
+            // SAFETY: the communicator is valid and nothing is queued on it
+            // or uses it any more (no other holder is left).
+            let _ = unsafe { nccl::comm_destroy(comm) };
+        }
+    }
+}
+
 // SAFETY: NCCL communicators are handles usable from any thread; the only
 // calls made from the watchdog thread, ncclCommGetAsyncError and
 // ncclCommAbort, are documented as safe while operations are in flight on
@@ -140,13 +153,20 @@ impl NcclComm {
             nccl::comm_init_rank(&mut raw, size as i32, unique, rank as i32)
         })
         .map_err(|e| nccl_err(format!("ncclCommInitRank for {label}"), describe(None, e.0)))?;
+        // Owned from here: an error below frees what was made.
+        let mut comms = RawComm { main: raw, background: None };
         // ncclCommSplit and the thread-block cap need NCCL 2.18; with an
         // older library background collectives share the main communicator.
-        let background = match options.background_ctas {
-            ctas if ctas > 0 && nccl_version() >= 21800 => Some(split_capped(raw, rank, ctas, label, timeout)?),
-            _ => None,
-        };
-        let raw = Arc::new(RawComm { main: raw, background });
+        match (options.background_ctas, nccl_version()) {
+            (0, _) => {}
+            (ctas, v) if v >= 21800 => comms.background = Some(split_capped(comms.main, rank, ctas, label, timeout)?),
+            (_, v) if rank == 0 => eprintln!(
+                "warning: NCCL {v} has no ncclCommSplit (2.18 and later): overlapped all-reduces of {label} run \
+                 with NCCL's own choice of thread blocks"
+            ),
+            _ => {}
+        }
+        let raw = Arc::new(comms);
         let stream = device.context().new_stream().map_err(|e| cuda_err("creating the NCCL stream", e))?;
         let watchdog = Watchdog::spawn(raw.clone(), device.clone(), format!("{label} rank {rank}"), timeout)?;
         let trace_origin = match std::env::var("TRAINER_NCCL_TRACE").is_ok_and(|v| v == "1") {
@@ -194,8 +214,10 @@ impl NcclComm {
     }
 
     /// Queues one NCCL call on the communication stream after the compute
-    /// stream's work so far; returns the event that completes with it. The
-    /// watchdog aborts the job if that takes longer than the timeout.
+    /// stream's work so far, on the background communicator if `background`
+    /// (and there is one), else the main one; returns the event that
+    /// completes with it. The watchdog aborts the job if that takes longer
+    /// than the timeout.
     ///
     /// The watch starts before the call: NCCL may block the calling thread
     /// in it, not only the stream (it connects to a peer on the first
@@ -241,15 +263,10 @@ impl NcclComm {
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
-        // Finish queued work (the watchdog still guards it), stop the
-        // watchdog, then free the communicator.
+        // Finish queued work (the watchdog still guards it) and stop the
+        // watchdog; the communicators go with the last `raw` (RawComm's drop).
         let _ = self.stream.synchronize();
         drop(self.watchdog.take());
-        for comm in self.raw.all() {
-            // SAFETY: the communicator is valid, nothing is queued on it any
-            // more, and the watchdog that shared it has exited.
-            let _ = unsafe { nccl::comm_destroy(comm) };
-        }
     }
 }
 
@@ -271,7 +288,7 @@ fn split_capped(
     timeout: Duration,
 ) -> Result<sys::ncclComm_t> {
     // NCCL_CONFIG_INITIALIZER: every field undefined (NCCL's defaults) but
-    // the thread-block cap. NCCL reads min(size, its own size) bytes, so this
+    // the thread-block range, 1 to `ctas`. NCCL reads min(size, its own size) bytes, so this
     // (newer or older) layout is understood by any NCCL >= 2.17.
     const UNDEF: c_int = c_int::MIN;
     let mut config = sys::ncclConfig_t {
@@ -331,9 +348,10 @@ fn print_trace(label: &str, what: &str, trace: &Trace, done: &CudaEvent) {
     let at = |e: &CudaEvent| trace.origin.event.elapsed_ms(e).unwrap_or(f32::NAN);
     let host = trace.host.saturating_duration_since(trace.origin.host).as_secs_f64() * 1e3;
     let (ready, start, end) = (at(&trace.ready), at(&trace.start), at(done));
+    // Measured directly: f32 milliseconds since the origin lose precision in long runs.
+    let nccl = trace.start.elapsed_ms(done).unwrap_or(f32::NAN);
     let line = format!(
-        "nccl-trace {label}: {what} host {host:.3} ready {ready:.3} start {start:.3} end {end:.3} nccl {:.3}\n",
-        end - start
+        "nccl-trace {label}: {what} host {host:.3} ready {ready:.3} start {start:.3} end {end:.3} nccl {nccl:.3}\n"
     );
     // One write, so that the lines of ranks sharing a terminal or pipe do not interleave.
     let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());

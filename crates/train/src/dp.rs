@@ -9,7 +9,10 @@
 //! Under ZeRO stage 0 the buckets are launched during the last micro-step's
 //! backward pass, each as soon as the gradients of every parameter it holds
 //! are final (the model reports them block by block), on the communication
-//! stream, so that communication overlaps the rest of the backward pass.
+//! stream and a communicator capped at a few thread blocks, so that
+//! communication overlaps the rest of the backward pass; the buckets its last
+//! gradients complete (and all of them without overlap) go out after it as
+//! one all-reduce per contiguous run, at NCCL's full speed.
 //!
 //! Nothing here runs with a single data-parallel rank: the trainer keeps its
 //! plain path (per-parameter gradients, no flat buffer), so one GPU pays
