@@ -198,8 +198,15 @@ impl NcclComm {
 
     /// The communication stream waits for the compute stream's work so far.
     pub(crate) fn comm_waits_for_compute(&self) -> Result<()> {
-        let ev = self.device.stream().record_event(None).map_err(|e| cuda_err("recording a compute event", e))?;
-        self.stream.wait(&ev).map_err(|e| cuda_err("comm stream waiting for compute", e))
+        self.wait_for_compute(None).map(drop)
+    }
+
+    /// [`NcclComm::comm_waits_for_compute`], returning the compute stream's
+    /// event (recorded with `flags`: timed for the trace).
+    fn wait_for_compute(&self, flags: Option<CUevent_flags>) -> Result<CudaEvent> {
+        let ev = self.device.stream().record_event(flags).map_err(|e| cuda_err("recording a compute event", e))?;
+        self.stream.wait(&ev).map_err(|e| cuda_err("comm stream waiting for compute", e))?;
+        Ok(ev)
     }
 
     /// The compute stream waits for the communication queued so far.
@@ -230,18 +237,15 @@ impl NcclComm {
         call: impl FnOnce(sys::ncclComm_t, sys::cudaStream_t) -> std::result::Result<NcclStatus, NcclError>,
     ) -> Result<Arc<CudaEvent>> {
         let _guard = self.launch_lock.lock().map_err(|_| cuda_err("NCCL launch", "poisoned lock"))?;
+        let host = Instant::now();
+        let timed = self.trace_origin.as_ref().map(|_| CUevent_flags::CU_EVENT_DEFAULT);
+        let ready = self.wait_for_compute(timed)?;
         let trace = match &self.trace_origin {
             Some(origin) => {
-                let host = Instant::now();
-                let ready = timed_event(self.device.stream(), "recording a compute event")?;
-                self.stream.wait(&ready).map_err(|e| cuda_err("comm stream waiting for compute", e))?;
                 let start = timed_event(&self.stream, "recording a trace event")?;
                 Some(Trace { origin: origin.clone(), host, ready, start })
             }
-            None => {
-                self.comm_waits_for_compute()?;
-                None
-            }
+            None => None,
         };
         self.device.context().bind_to_thread().map_err(|e| cuda_err("binding the context", e))?;
         let queued = Arc::new(OnceLock::new());
@@ -253,8 +257,7 @@ impl NcclComm {
             .map_err(|e| nccl_err(what.clone(), describe(Some(comm), e.0)));
         // Recorded whether or not the call queued anything: the watch ends
         // with it (a failed call is reported to the caller, not timed out).
-        let flags = self.trace_origin.as_ref().map(|_| CUevent_flags::CU_EVENT_DEFAULT);
-        let done = Arc::new(self.stream.record_event(flags).map_err(|e| cuda_err(format!("{what}: recording"), e))?);
+        let done = Arc::new(self.stream.record_event(timed).map_err(|e| cuda_err(format!("{what}: recording"), e))?);
         let _ = queued.set(done.clone());
         called?;
         Ok(done)

@@ -25,7 +25,7 @@ pub struct CommOptions {
     /// collectives ([`crate::ProcessGroup::start_background_all_reduce`]),
     /// which get a communicator of their own capped at this many; 0: no such
     /// communicator, they run like any other collective (NCCL picks the
-    /// channels, up to tens of multiprocessors).
+    /// channels, one thread block each).
     pub background_ctas: u32,
 }
 

@@ -166,9 +166,9 @@ pub struct ParallelConfig {
     pub overlap: bool,
     /// Thread blocks (NCCL channels) the overlapped all-reduces may use, on a
     /// communicator of their own; the buckets left for after the backward pass
-    /// use NCCL's full choice. NCCL would otherwise take up to tens of
-    /// multiprocessors from the backward kernels it runs beside, which slows
-    /// them by more than the few channels need to keep up. 0: no cap.
+    /// use NCCL's full choice. With NCCL's own choice the overlapped
+    /// all-reduces slowed the backward kernels they ran beside by more than
+    /// they hid (4 H200s, benches/RESULTS.md). 0: no cap.
     pub overlap_ctas: u32,
     /// A collective that has not completed within this many seconds aborts the
     /// job, naming the operation.
