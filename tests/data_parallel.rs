@@ -592,3 +592,64 @@ fn unsupported_parallel_settings_are_one_line_errors() {
         assert!(stderr.starts_with("error: ") && stderr.contains(needle), "{set}: {stderr}");
     }
 }
+
+/// The runs whose per-step records `tests/data/trainer_losses.json` holds, as
+/// the binary computed them before the trainer was restructured around the
+/// model seam (commit d3ea322): (name, ranks, settings).
+const RECORDED_RUNS: &[(&str, Option<usize>, &[&str])] = &[
+    // One process, gradient accumulation 4, with validation.
+    ("single_accum4", None, &["data.val=\"shards/val_*.bin\"", "eval.interval=3", "eval.batches=2"]),
+    // Two data-parallel ranks without accumulation, overlapped buckets.
+    ("dp2", Some(2), &["training.global_batch_size=8", "parallel.bucket_mb=0.01"]),
+    // Two ZeRO-1 ranks with accumulation 2.
+    ("dp2_zero1_accum2", Some(2), &["parallel.zero_stage=1"]),
+];
+
+/// The fields of a run's metrics that must not change when the code is
+/// restructured: everything but the timings.
+fn recorded_fields(ws: &Workspace, run: &str) -> Vec<serde_json::Value> {
+    let metrics = fs::read_to_string(ws.path().join(run).join("metrics.jsonl")).unwrap();
+    metrics
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let o = v.as_object_mut().unwrap();
+            for timing in ["tok_per_s", "grad_sync_ms", "mfu", "peak_mem_gb"] {
+                o.remove(timing);
+            }
+            v
+        })
+        .collect()
+}
+
+/// Refactoring the trainer must not change a single bit of what it computes:
+/// every loss, gradient norm, learning rate and validation loss of these runs
+/// equals the recorded one exactly (f64 JSON round-trips exactly). Set
+/// TRAINER_WRITE_LOSS_FIXTURE=1 to record them anew (only after a change that
+/// is meant to change the numbers, saying why in its commit).
+#[test]
+fn the_trainer_reproduces_the_recorded_runs_bit_for_bit() {
+    if !mpi_available() {
+        return;
+    }
+    let ws = Workspace::new();
+    let path = common::repo_root().join("tests/data/trainer_losses.json");
+    let mut got = serde_json::Map::new();
+    for (name, np, sets) in RECORDED_RUNS {
+        ws.train(*np, name, sets);
+        got.insert(name.to_string(), serde_json::Value::Array(recorded_fields(&ws, name)));
+    }
+    let got = serde_json::Value::Object(got);
+    if std::env::var("TRAINER_WRITE_LOSS_FIXTURE").is_ok_and(|v| v == "1") {
+        fs::write(&path, serde_json::to_string_pretty(&got).unwrap() + "\n").unwrap();
+        return;
+    }
+    let want: serde_json::Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+    for (name, _, _) in RECORDED_RUNS {
+        let (w, g) = (want[name].as_array().unwrap(), got[name].as_array().unwrap());
+        assert_eq!(w.len(), g.len(), "{name}: {} records recorded, {} now", w.len(), g.len());
+        for (a, b) in w.iter().zip(g) {
+            assert_eq!(a, b, "{name}: a record differs from the recorded run");
+        }
+    }
+}
