@@ -192,7 +192,8 @@ fn run_eval(args: &EvalArgs) -> Result<()> {
             (evaluate_weights(&cfg, &weights)?, format!("weights={}", weights.display()))
         }
     };
-    println!("val_loss={:.4} val_ppl={:.2} batches={} tokens={} {source}", r.loss, r.perplexity, r.batches, r.tokens);
+    let tokens = r.samples * cfg.training.seq_len;
+    println!("val_loss={:.4} val_ppl={:.2} batches={} tokens={tokens} {source}", r.loss, r.perplexity, r.batches);
     Ok(())
 }
 

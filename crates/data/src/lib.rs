@@ -2,6 +2,7 @@
 //! each data-parallel rank its own disjoint windows, tokenizers, and `prepare`,
 //! which turns text into shards.
 
+mod batch;
 mod loader;
 mod prepare;
 mod shard;
@@ -9,6 +10,7 @@ mod tokenizer;
 
 use std::path::{Path, PathBuf};
 
+pub use batch::{Batch, Loader};
 pub use loader::{BatchLoader, LoaderPosition};
 pub use prepare::{PrepareOptions, PrepareReport, prepare};
 pub use shard::{HEADER_BYTES, MAGIC, Shard, write_shard};

@@ -13,7 +13,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
-use crate::{Error, Result, Shard};
+use crate::{Batch, Error, Loader, Result, Shard};
 
 /// Where a loader is in its stream: enough to resume it exactly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,6 +131,34 @@ impl BatchLoader {
         inputs.copy_from_slice(&self.buf[..span]);
         targets.copy_from_slice(&self.buf[1..]);
         self.pos.index += self.world;
+    }
+}
+
+impl Loader for BatchLoader {
+    fn new_batch(&self) -> Batch {
+        Batch::tokens(self.b, self.t)
+    }
+
+    fn next_batch(&mut self, batch: &mut Batch) {
+        match batch {
+            Batch::Tokens { inputs, targets, .. } => BatchLoader::next_batch(self, inputs, targets),
+        }
+    }
+
+    fn position(&self) -> LoaderPosition {
+        self.pos
+    }
+
+    fn seek(&mut self, pos: LoaderPosition) {
+        BatchLoader::seek(self, pos)
+    }
+
+    fn micro_batches(&self) -> usize {
+        self.windows.len()
+    }
+
+    fn batches_per_epoch(&self) -> usize {
+        BatchLoader::batches_per_epoch(self)
     }
 }
 

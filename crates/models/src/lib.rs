@@ -3,6 +3,11 @@
 //! through, nor of parallelism.
 
 pub mod gpt;
+mod model;
+mod section;
+
+pub use model::{Acts, GradsReady, InputSpec, Model, ModelDesc, ReadyResult, ignore_ready};
+pub use section::{ModelSection, build, from_weights};
 
 /// Errors of model construction and weight loading.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +28,10 @@ pub enum Error {
 
     #[error("generate: {0}")]
     Generation(String),
+
+    /// What a [`GradsReady`] callback failed with (it stopped the backward pass).
+    #[error(transparent)]
+    Ready(Box<dyn std::error::Error + Send + Sync>),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -1,10 +1,17 @@
 use trainer_core::{DType, Device, Result, Tensor, ops};
 
+/// A parameter's identity within its model: its position in the whole
+/// model's [`Module::params`] order, assigned once by [`number_params`]. A
+/// part of a model (a pipeline stage) keeps the ids of the whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ParamId(pub usize);
+
 /// A trainable tensor and its gradient (same shape, dtype and device).
 #[derive(Debug)]
 pub struct Param {
     /// Stable name, used in checkpoints and for matching other frameworks' weights.
     pub name: String,
+    pub id: ParamId,
     pub value: Tensor,
     pub grad: Tensor,
 }
@@ -14,6 +21,7 @@ impl Param {
     pub fn zeros(name: impl Into<String>, dims: &[usize], dtype: DType, device: &Device) -> Result<Self> {
         Ok(Param {
             name: name.into(),
+            id: ParamId(0),
             value: Tensor::zeros(dims, dtype, device)?,
             grad: Tensor::zeros(dims, dtype, device)?,
         })
@@ -27,6 +35,13 @@ impl Param {
 
     pub fn zero_grad(&mut self) -> Result<()> {
         ops::zero(&mut self.grad)
+    }
+}
+
+/// Gives `params` (a whole model's, in its order) the ids 0, 1, 2, ...
+pub fn number_params(params: Vec<&mut Param>) {
+    for (i, p) in params.into_iter().enumerate() {
+        p.id = ParamId(i);
     }
 }
 

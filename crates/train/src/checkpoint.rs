@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use trainer_core::io::{self, Loaded};
 use trainer_core::{Device, Tensor};
-use trainer_models::gpt::GptConfig;
+use trainer_models::ModelDesc;
 
 use crate::{Error, Result};
 
@@ -113,7 +113,8 @@ pub struct TrainerState {
     pub seed: u64,
     pub first_val_loss: Option<f64>,
     pub last_train_loss: Option<f64>,
-    pub model: GptConfig,
+    /// The model's kind and shape.
+    pub model: ModelDesc,
     pub run: RunShape,
     /// The job's config, as TOML.
     pub config: String,
@@ -502,7 +503,7 @@ mod tests {
             seed: 7,
             first_val_loss: Some(10.5),
             last_train_loss: None,
-            model: GptConfig { vocab_size: 10, block_size: 4, n_layer: 1, n_head: 1, n_embd: 2 },
+            model: ModelDesc { kind: "some_model".into(), config: serde_json::json!({"width": 2}) },
             run: RunShape {
                 dtype: "fp32".into(),
                 micro_batch_size: 1,

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use trainer_models::gpt::{GptConfig, PRESETS};
+use trainer_models::{ModelDesc, ModelSection};
 
 use crate::{Error, Result};
 
@@ -15,7 +15,7 @@ pub struct Config {
     /// Where the config came from, for error messages.
     #[serde(skip)]
     pub file: String,
-    pub model: ModelConfig,
+    pub model: ModelSection,
     pub data: DataConfig,
     #[serde(default)]
     pub training: TrainingConfig,
@@ -31,22 +31,6 @@ pub struct Config {
     pub checkpoint: CheckpointConfig,
     #[serde(default)]
     pub parallel: ParallelConfig,
-}
-
-/// A preset, optionally with fields overridden, or every size field given.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelConfig {
-    pub preset: Option<String>,
-    pub vocab_size: Option<usize>,
-    pub block_size: Option<usize>,
-    pub n_layer: Option<usize>,
-    pub n_head: Option<usize>,
-    pub n_embd: Option<usize>,
-    /// A Hugging Face GPT-2 directory (config.json + model.safetensors) to
-    /// start from: the shape comes from its config.json, the weights replace
-    /// the random initialization.
-    pub init_from: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -312,41 +296,6 @@ fn line_col(src: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
-/// The shape of `model.init_from`'s config.json; explicit shape keys may
-/// repeat it but not contradict it.
-fn init_from_shape(m: &ModelConfig, dir: &str) -> std::result::Result<GptConfig, String> {
-    if dir.trim().is_empty() {
-        return Err("model.init_from is empty: give a Hugging Face model directory".into());
-    }
-    let g = trainer_models::gpt::hf::read_config(Path::new(dir))
-        .map_err(|e| format!("model.init_from = \"{dir}\": {e}"))?;
-    if let Some(p) = &m.preset {
-        return Err(format!(
-            "model.preset = \"{p}\" conflicts with model.init_from = \"{dir}\", whose config.json gives the shape: \
-             remove model.preset"
-        ));
-    }
-    for (key, hf_key, given, have) in [
-        ("vocab_size", "vocab_size", m.vocab_size, g.vocab_size),
-        ("block_size", "n_positions", m.block_size, g.block_size),
-        ("n_layer", "n_layer", m.n_layer, g.n_layer),
-        ("n_head", "n_head", m.n_head, g.n_head),
-        ("n_embd", "n_embd", m.n_embd, g.n_embd),
-    ] {
-        match given {
-            Some(v) if v != have => {
-                return Err(format!(
-                    "model.{key} = {v} conflicts with {hf_key} = {have} in {dir}/config.json (model.init_from): \
-                     remove model.{key}"
-                ));
-            }
-            _ => {}
-        }
-    }
-    g.validate().map_err(|e| format!("model.init_from = \"{dir}\": {e}"))?;
-    Ok(g)
-}
-
 impl Config {
     /// Reads, overrides, deserializes and validates a config file.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
@@ -405,36 +354,9 @@ impl Config {
         Error::Config { file: self.file.clone(), msg: msg.into() }
     }
 
-    /// The resolved model shape.
-    pub fn gpt(&self) -> std::result::Result<GptConfig, String> {
-        let m = &self.model;
-        if let Some(dir) = &m.init_from {
-            return init_from_shape(m, dir);
-        }
-        let mut g = match &m.preset {
-            Some(name) => GptConfig::preset(name).ok_or_else(|| {
-                let names: Vec<&str> = PRESETS.iter().map(|p| p.0).collect();
-                format!("model.preset = \"{name}\" is not a preset; allowed: {}", names.join(", "))
-            })?,
-            None => {
-                let need =
-                    |k: &str, v: Option<usize>| v.ok_or(format!("model.{k} is required when model.preset is not set"));
-                GptConfig {
-                    vocab_size: 50257,
-                    block_size: 1024,
-                    n_layer: need("n_layer", m.n_layer)?,
-                    n_head: need("n_head", m.n_head)?,
-                    n_embd: need("n_embd", m.n_embd)?,
-                }
-            }
-        };
-        g.vocab_size = m.vocab_size.unwrap_or(g.vocab_size);
-        g.block_size = m.block_size.unwrap_or(g.block_size);
-        g.n_layer = m.n_layer.unwrap_or(g.n_layer);
-        g.n_head = m.n_head.unwrap_or(g.n_head);
-        g.n_embd = m.n_embd.unwrap_or(g.n_embd);
-        g.validate().map_err(|e| e.to_string().trim_start_matches("model config: ").to_string())?;
-        Ok(g)
+    /// The model the `[model]` section describes.
+    pub fn model_desc(&self) -> std::result::Result<ModelDesc, String> {
+        self.model.resolve()
     }
 
     fn validate_parallel(&self) -> std::result::Result<(), String> {
@@ -519,7 +441,8 @@ impl Config {
     /// Range checks that the types cannot express. Each message names the key,
     /// the value given and what is allowed.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        let g = self.gpt()?;
+        self.model_desc()?;
+        let max_seq_len = self.model.max_seq_len()?;
         let t = &self.training;
         let at_least_1 = |k: &str, v: u64| if v >= 1 { Ok(()) } else { Err(format!("{k} = {v}: must be at least 1")) };
         at_least_1("training.micro_batch_size", t.micro_batch_size as u64)?;
@@ -559,10 +482,10 @@ impl Config {
                 "checkpoint.resume is empty: use \"auto\", \"none\" or the path of a checkpoint directory".into()
             );
         }
-        if t.seq_len > g.block_size {
+        if t.seq_len > max_seq_len {
             return Err(format!(
-                "training.seq_len = {}: must not exceed the model's block_size ({})",
-                t.seq_len, g.block_size
+                "training.seq_len = {}: must not exceed the model's block_size ({max_seq_len})",
+                t.seq_len
             ));
         }
         if t.dtype == Precision::Bf16 && t.device == DeviceKind::Cpu {
@@ -629,7 +552,7 @@ train = "x/train_*.bin"
         assert_eq!(c.optimizer.lr, 3e-4);
         assert_eq!(c.logging.run_dir, "runs/x");
         assert_eq!(c.training.seq_len, 16);
-        assert_eq!(c.gpt().unwrap().n_embd, 32);
+        assert_eq!(c.model_desc().unwrap().config["n_embd"], 32);
         assert_eq!(c.checkpoint_dir(), Path::new("runs/x/checkpoints"));
         assert_eq!(c.resume(), Resume::Auto);
         let c = load("[checkpoint]\ndir = \"ck\"\nresume = \"ck/step_00000010\"\n", &[]).unwrap();

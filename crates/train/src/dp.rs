@@ -23,8 +23,8 @@ use std::ops::Range;
 use trainer_comm::{ProcessGroup, ReduceOp, Work};
 use trainer_core::Tensor;
 use trainer_core::ops::{self, Span};
-use trainer_models::gpt::Gpt;
-use trainer_nn::{AdamW, FlatLayout, FlatPiece, Module, Placement};
+use trainer_models::Model;
+use trainer_nn::{AdamW, FlatLayout, FlatPiece, Param, ParamId, Placement};
 
 use crate::Result;
 
@@ -44,8 +44,10 @@ pub(crate) struct DataParallel {
     buckets: Vec<Bucket>,
     /// Launch buckets during the backward pass (ZeRO stage 0 only).
     overlap: bool,
-    /// The buckets each parameter has elements in.
+    /// The buckets each parameter (by position in the model's order) has elements in.
     param_buckets: Vec<Vec<usize>>,
+    /// Each parameter id's position in the model's order.
+    positions: std::collections::HashMap<ParamId, usize>,
     /// Parameters whose gradients are not final yet in this step.
     unfinished: usize,
     /// This step's all-reduces so far.
@@ -78,9 +80,10 @@ impl DataParallel {
         zero_stage: u32,
         (bucket_bytes, overlap): (usize, bool),
         layout: FlatLayout,
-        model: &Gpt,
+        model: &dyn Model,
     ) -> Result<Self> {
         let (dtype, device) = (model.dtype(), model.device().clone());
+        let positions = model.params().iter().enumerate().map(|(i, p)| (p.id, i)).collect();
         let pieces = layout.pieces(0..layout.len);
         let own = if zero_stage == 1 { layout.pieces(layout.shard(group.rank())) } else { Vec::new() };
         let flat = Tensor::zeros([layout.len], dtype, &device)?;
@@ -108,6 +111,7 @@ impl DataParallel {
             buckets,
             overlap,
             param_buckets,
+            positions,
             unfinished: 0,
             work: Vec::new(),
         })
@@ -129,21 +133,22 @@ impl DataParallel {
         self.work.clear();
     }
 
-    /// The gradients of parameters `params` are final: launches every bucket
+    /// The gradients of parameters `ids` are final: launches every bucket
     /// that now has all of its gradients (a parameter spans one or more
     /// buckets, and a bucket one or more parameters); after the backward
-    /// pass's last gradients, everything left.
-    pub(crate) fn grads_ready(&mut self, model: &Gpt, params: Range<usize>) -> Result<()> {
-        self.unfinished = self.unfinished.saturating_sub(params.len());
+    /// pass's last gradients, everything left. `params` are the model's.
+    pub(crate) fn grads_ready(&mut self, params: &[&Param], ids: &[ParamId]) -> Result<()> {
+        self.unfinished = self.unfinished.saturating_sub(ids.len());
         if self.unfinished == 0 {
-            return self.launch_rest(model);
+            return self.launch_rest(params);
         }
-        for p in params {
+        for id in ids {
+            let Some(&p) = self.positions.get(id) else { continue };
             for i in 0..self.param_buckets[p].len() {
                 let b = self.param_buckets[p][i];
                 self.buckets[b].waiting = self.buckets[b].waiting.saturating_sub(1);
                 if self.buckets[b].waiting == 0 && !self.buckets[b].launched {
-                    self.launch(model, b)?;
+                    self.launch(params, b)?;
                 }
             }
         }
@@ -153,8 +158,7 @@ impl DataParallel {
     /// Copies bucket `b`'s gradients into the flat buffer and starts its
     /// all-reduce (after the copy, on the communication stream), with few
     /// thread blocks: it runs beside the rest of the backward pass.
-    fn launch(&mut self, model: &Gpt, b: usize) -> Result<()> {
-        let params = model.params();
+    fn launch(&mut self, params: &[&Param], b: usize) -> Result<()> {
         let grads: Vec<&Tensor> = params.iter().map(|p| &p.grad).collect();
         let bucket = &mut self.buckets[b];
         ops::copy_spans(&mut [&mut self.flat], &grads, &bucket.pairs)?;
@@ -169,8 +173,7 @@ impl DataParallel {
     /// as one all-reduce with NCCL's full choice of thread blocks (one large
     /// all-reduce moves data faster than several small ones: ~310 GB/s bus
     /// bandwidth at 64 MiB against ~260 at 16 MiB on 4 H200s).
-    fn launch_rest(&mut self, model: &Gpt) -> Result<()> {
-        let params = model.params();
+    fn launch_rest(&mut self, params: &[&Param]) -> Result<()> {
         let grads: Vec<&Tensor> = params.iter().map(|p| &p.grad).collect();
         let rest: Vec<usize> = (0..self.buckets.len()).filter(|&b| !self.buckets[b].launched).collect();
         if rest.is_empty() {
@@ -195,7 +198,7 @@ impl DataParallel {
     /// Averages the accumulated gradients over the group (what the backward
     /// pass has not launched yet, then waits for all); returns the global
     /// gradient norm (of the averaged gradients, as one process would see it).
-    pub(crate) fn reduce_gradients(&mut self, model: &Gpt) -> Result<f64> {
+    pub(crate) fn reduce_gradients(&mut self, model: &dyn Model) -> Result<f64> {
         if self.zero_stage == 1 {
             let params = model.params();
             let grads: Vec<&Tensor> = params.iter().map(|p| &p.grad).collect();
@@ -214,7 +217,7 @@ impl DataParallel {
         // Everything is queued before anything is waited for, so that the
         // all-reduces follow one another on the communication stream without
         // host round trips.
-        self.launch_rest(model)?;
+        self.launch_rest(&model.params())?;
         for w in self.work.drain(..) {
             w.wait()?;
         }
@@ -223,7 +226,7 @@ impl DataParallel {
 
     /// One optimizer update from the averaged gradients; afterwards every
     /// rank holds the same parameters.
-    pub(crate) fn update(&mut self, opt: &mut AdamW, model: &mut Gpt, lr: f64, grad_scale: f64) -> Result<()> {
+    pub(crate) fn update(&mut self, opt: &mut AdamW, model: &mut dyn Model, lr: f64, grad_scale: f64) -> Result<()> {
         {
             let mut values: Vec<&mut Tensor> = model.params_mut().into_iter().map(|p| &mut p.value).collect();
             // Under ZeRO-1 the optimizer covers only this rank's shard, so

@@ -2,8 +2,8 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use trainer_comm::{ProcessGroup, ReduceOp};
-use trainer_data::{BatchLoader, LoaderPosition};
-use trainer_models::gpt::{Gpt, GptActs};
+use trainer_data::{Loader, LoaderPosition};
+use trainer_models::{Acts, Model};
 
 use crate::Result;
 use crate::checkpoint;
@@ -16,11 +16,12 @@ pub struct EvalReport {
     pub loss: f64,
     pub perplexity: f64,
     pub batches: usize,
-    pub tokens: usize,
+    /// Sequences (or images) evaluated.
+    pub samples: usize,
 }
 
 /// Mean loss over the first `batches` validation batches (always the same ones).
-pub fn evaluate(model: &Gpt, acts: &mut GptActs, loader: &mut BatchLoader, batches: usize) -> Result<EvalReport> {
+pub fn evaluate(model: &dyn Model, acts: &mut Acts, loader: &mut dyn Loader, batches: usize) -> Result<EvalReport> {
     evaluate_in(model, acts, loader, batches, &ProcessGroup::single("dp"))
 }
 
@@ -37,44 +38,40 @@ pub(crate) fn share(n: usize, rank: usize, size: usize) -> Range<usize> {
 /// the mean over all of them, as one process computes it up to the order of
 /// the sums. `loader` must be the whole validation set (rank 0 of 1) on every rank.
 pub fn evaluate_in(
-    model: &Gpt,
-    acts: &mut GptActs,
-    loader: &mut BatchLoader,
+    model: &dyn Model,
+    acts: &mut Acts,
+    loader: &mut dyn Loader,
     batches: usize,
     group: &ProcessGroup,
 ) -> Result<EvalReport> {
     let n = batches.min(loader.batches_per_epoch());
-    let span = acts.b * acts.t;
-    let (mut x, mut y) = (vec![0u32; span], vec![0u32; span]);
+    let mut batch = loader.new_batch();
     let mine = share(n, group.rank(), group.size());
     // Unshuffled, window i of the epoch is validation batch i.
     loader.seek(LoaderPosition { epoch: 0, index: mine.start });
     let mut sum = 0.0;
     for _ in mine.clone() {
-        loader.next_batch(&mut x, &mut y);
-        sum += model.forward(acts, &x, Some(&y))?.unwrap_or(f64::NAN);
+        loader.next_batch(&mut batch);
+        sum += model.loss(acts, &batch)?;
     }
     // Every batch has the same number of tokens, so the mean of the batch means is the token mean.
     let mut totals = [sum, mine.len() as f64];
     group.all_reduce_host(&mut totals, ReduceOp::Sum)?;
     let loss = totals[0] / totals[1];
-    Ok(EvalReport { loss, perplexity: loss.exp(), batches: n, tokens: n * span })
+    Ok(EvalReport { loss, perplexity: loss.exp(), batches: n, samples: n * batch.samples() })
 }
 
 /// `trainer eval`: the model in `weights` (its shape comes from the file) on the
 /// config's validation data.
 pub fn evaluate_weights(cfg: &Config, weights: &Path) -> Result<EvalReport> {
     let device = open_device(cfg)?;
-    let gpt = Gpt::config_from_weights(weights)?;
-    let mut model = Gpt::new(gpt, compute_dtype(cfg), &device)?;
-    model.load_weights(weights)?;
+    let model = trainer_models::from_weights(weights, compute_dtype(cfg), &device)?;
     let pattern =
         cfg.data.val.as_deref().ok_or_else(|| cfg.error("data.val is not set: evaluation needs validation shards"))?;
     let (b, t) = (cfg.training.micro_batch_size, cfg.training.seq_len);
-    let mut loader =
-        open_loader("data.val", pattern, model.config.vocab_size, (b, t), cfg.training.seed, false, (0, 1))?;
-    let mut acts = model.new_acts(b, t)?;
-    evaluate(&model, &mut acts, &mut loader, cfg.eval.batches)
+    let mut loader = open_loader("data.val", pattern, model.input(), (b, t), cfg.training.seed, false, (0, 1))?;
+    let mut acts = model.new_acts(&loader.new_batch())?;
+    evaluate(model.as_ref(), &mut acts, loader.as_mut(), cfg.eval.batches)
 }
 
 /// `trainer eval --checkpoint`: the model of a checkpoint directory, or of the

@@ -29,8 +29,8 @@ use trainer_core::io::Loaded;
 use trainer_core::ops::Span;
 use trainer_core::{Device, Tensor, ops};
 use trainer_data::LoaderPosition;
-use trainer_models::gpt::{Gpt, GptConfig};
-use trainer_nn::{AdamW, FlatLayout, Module};
+use trainer_models::{Model, ModelDesc};
+use trainer_nn::{AdamW, FlatLayout};
 
 use trainer_comm::ProcessGroup;
 
@@ -75,7 +75,7 @@ impl Place {
 pub(crate) fn save(
     store: &Store,
     step: u64,
-    model: &Gpt,
+    model: &dyn Model,
     opt: &AdamW,
     place: &Place,
     state: TrainerState,
@@ -89,11 +89,7 @@ pub(crate) fn save(
     let params = model.params();
     if rank == 0 {
         let named: Vec<(String, &Tensor)> = params.iter().map(|p| (p.name.clone(), &p.value)).collect();
-        let config = serde_json::to_string(&model.config).map_err(|e| Error::Checkpoint {
-            path: store.dir().display().to_string(),
-            msg: format!("model config: {e}"),
-        })?;
-        pending.write(MODEL_FILE, None, "parameters", &named, BTreeMap::from([("gpt_config".into(), config)]))?;
+        pending.write(MODEL_FILE, None, "parameters", &named, weights_metadata(&model.desc()))?;
     }
     if place.optim_rank() == rank {
         let named: Vec<(String, &Tensor)> = opt.state().into_iter().map(|(n, t)| (n.to_string(), t)).collect();
@@ -140,29 +136,43 @@ fn gather_entries(group: &ProcessGroup, mine: &[FileEntry], store: &Store) -> Re
     Ok(entries)
 }
 
+/// The metadata of a weights file: the model's description, under the key
+/// each kind's weights files have always used (`gpt_config` for GPT-2), so
+/// that `trainer eval` and `generate` read a checkpoint's model file too.
+fn weights_metadata(desc: &ModelDesc) -> BTreeMap<String, String> {
+    BTreeMap::from([(format!("{}_config", desc.kind), desc.config.to_string())])
+}
+
+/// `model.key = a there, b here` for every field in which the checkpoint's
+/// model (`theirs`) and this run's differ, its kind first.
+fn model_differences(theirs: &ModelDesc, ours: &ModelDesc) -> Vec<String> {
+    if theirs.kind != ours.kind {
+        return vec![format!("a {} model there, a {} model here", theirs.kind, ours.kind)];
+    }
+    let empty = serde_json::Map::new();
+    let (a, b) = (theirs.config.as_object().unwrap_or(&empty), ours.config.as_object().unwrap_or(&empty));
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let shown = |v: Option<&serde_json::Value>| v.map_or("none".to_string(), |v| v.to_string());
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| format!("model.{k} = {} there, {} here", shown(a.get(k)), shown(b.get(k))))
+        .collect()
+}
+
 /// Errors for a checkpoint this run cannot load (another model shape or
 /// dtype, or a layout other than data parallel); warnings for settings that
 /// make the continuation differ from an uninterrupted run.
 pub(crate) fn check_fit(
     manifest: &Manifest,
     manifest_path: &Path,
-    gpt: &GptConfig,
+    model: &ModelDesc,
     run: &RunShape,
     layout: &Layout,
 ) -> Result<Vec<String>> {
     let err = |msg: String| Error::Checkpoint { path: manifest_path.display().to_string(), msg };
-    let theirs = &manifest.state.model;
-    let diffs: Vec<String> = [
-        ("vocab_size", theirs.vocab_size, gpt.vocab_size),
-        ("block_size", theirs.block_size, gpt.block_size),
-        ("n_layer", theirs.n_layer, gpt.n_layer),
-        ("n_head", theirs.n_head, gpt.n_head),
-        ("n_embd", theirs.n_embd, gpt.n_embd),
-    ]
-    .iter()
-    .filter(|(_, a, b)| a != b)
-    .map(|(k, a, b)| format!("model.{k} = {a} there, {b} here"))
-    .collect();
+    let diffs = model_differences(&manifest.state.model, model);
     if !diffs.is_empty() {
         return Err(err(format!(
             "holds another model shape ({}): resuming needs the config's model to match",
@@ -365,7 +375,7 @@ fn stage_flat(loaded: &mut Loaded, path: &Path, name: &str, like: &Tensor, len: 
 /// This rank's optimizer state (the range `opt` covers of its layout),
 /// assembled from the checkpoint's optimizer files, whichever layout wrote
 /// them; every file it reads is checked (its range, every tensor) first.
-fn optimizer_state(opened: &mut Opened, model: &Gpt, opt: &AdamW) -> Result<Vec<Tensor>> {
+fn optimizer_state(opened: &mut Opened, model: &dyn Model, opt: &AdamW) -> Result<Vec<Tensor>> {
     let theirs = opened.manifest.layout.clone();
     let flat = FlatLayout::new(&model.params(), if theirs.zero_stage == 1 { theirs.data_parallel } else { 1 });
     let want = opt.range();
@@ -412,7 +422,7 @@ fn optimizer_state(opened: &mut Opened, model: &Gpt, opt: &AdamW) -> Result<Vec<
 /// Loads parameters and this rank's optimizer state from a checkpoint opened
 /// with its files (those of other ranks that it needs are read here); every
 /// tensor is checked before any is copied.
-pub(crate) fn restore(opened: &mut Opened, model: &mut Gpt, opt: &mut AdamW) -> Result<()> {
+pub(crate) fn restore(opened: &mut Opened, model: &mut dyn Model, opt: &mut AdamW) -> Result<()> {
     let (model_path, mut model_file) = opened.take_or_load(MODEL_FILE)?;
     let values = model
         .params()
@@ -439,15 +449,17 @@ mod tests {
     use super::*;
     use crate::checkpoint::{DataPosition, for_rank, open};
 
-    fn gpt(n_embd: usize) -> GptConfig {
-        GptConfig { vocab_size: 100, block_size: 8, n_layer: 1, n_head: 2, n_embd }
+    /// A one-layer model of the default kind, `n_embd` wide, as a config's `[model]` describes it.
+    fn desc(n_embd: usize) -> ModelDesc {
+        let section = format!("vocab_size = 100\nblock_size = 8\nn_layer = 1\nn_head = 2\nn_embd = {n_embd}");
+        toml::from_str::<trainer_models::ModelSection>(&section).unwrap().resolve().unwrap()
     }
 
-    fn model(cfg: GptConfig, dtype: DType, seed: u64) -> (Gpt, AdamW) {
+    fn model(desc: ModelDesc, dtype: DType, seed: u64) -> (Box<dyn Model>, AdamW) {
         // Initialization runs in f32 on the CPU; a bf16 model gets the values cast.
-        let mut f = Gpt::new(cfg.clone(), DType::F32, &Device::Cpu).unwrap();
+        let mut f = trainer_models::build(&desc, DType::F32, &Device::Cpu).unwrap();
         f.init(seed).unwrap();
-        let mut m = Gpt::new(cfg, dtype, &Device::Cpu).unwrap();
+        let mut m = trainer_models::build(&desc, dtype, &Device::Cpu).unwrap();
         for (p, q) in m.params_mut().into_iter().zip(f.params()) {
             p.value = q.value.to_dtype(dtype).unwrap();
         }
@@ -468,7 +480,7 @@ mod tests {
     fn trainer_state(
         optimizer_step: u64,
         schedule_step: u64,
-        model: GptConfig,
+        model: ModelDesc,
         data: Vec<DataPosition>,
     ) -> TrainerState {
         TrainerState {
@@ -484,12 +496,12 @@ mod tests {
         }
     }
 
-    fn save_one(store: &Store, step: u64, m: &Gpt, opt: &AdamW) -> PathBuf {
-        let state = trainer_state(opt.step, step, m.config.clone(), vec![DataPosition { rank: 0, epoch: 0, index: 3 }]);
+    fn save_one(store: &Store, step: u64, m: &dyn Model, opt: &AdamW) -> PathBuf {
+        let state = trainer_state(opt.step, step, m.desc(), vec![DataPosition { rank: 0, epoch: 0, index: 3 }]);
         save(store, step, m, opt, &place(), state, &Hooks::default(), &ProcessGroup::single("world")).unwrap().unwrap()
     }
 
-    fn values(m: &Gpt) -> Vec<Vec<f64>> {
+    fn values(m: &dyn Model) -> Vec<Vec<f64>> {
         m.params().iter().map(|p| p.value.to_vec_f64().unwrap()).collect()
     }
 
@@ -512,14 +524,14 @@ mod tests {
         for dtype in [DType::F32, DType::BF16] {
             let tmp = tempfile::tempdir().unwrap();
             let store = Store::new(tmp.path(), 2);
-            let (a, mut opt_a) = model(gpt(8), dtype, 1);
+            let (a, mut opt_a) = model(desc(8), dtype, 1);
             touch(&mut opt_a, 0.5);
-            let dir = save_one(&store, 5, &a, &opt_a);
-            let (mut b, mut opt_b) = model(gpt(8), dtype, 2);
-            assert_ne!(values(&a), values(&b));
+            let dir = save_one(&store, 5, a.as_ref(), &opt_a);
+            let (mut b, mut opt_b) = model(desc(8), dtype, 2);
+            assert_ne!(values(a.as_ref()), values(b.as_ref()));
             let mut opened = open(&dir, &for_rank(0)).unwrap();
-            restore(&mut opened, &mut b, &mut opt_b).unwrap();
-            assert_eq!(values(&a), values(&b), "{dtype}");
+            restore(&mut opened, b.as_mut(), &mut opt_b).unwrap();
+            assert_eq!(values(a.as_ref()), values(b.as_ref()), "{dtype}");
             assert_eq!(opt_b.step, 7);
             assert_eq!(state_values(&opt_a), state_values(&opt_b), "{dtype}");
             assert_eq!(opt_b.state().iter().any(|(n, _)| *n == "master"), dtype == DType::BF16);
@@ -530,26 +542,26 @@ mod tests {
     fn another_shape_is_refused_without_touching_the_model() {
         let tmp = tempfile::tempdir().unwrap();
         let store = Store::new(tmp.path(), 2);
-        let (a, opt_a) = model(gpt(8), DType::F32, 1);
-        let dir = save_one(&store, 5, &a, &opt_a);
+        let (a, opt_a) = model(desc(8), DType::F32, 1);
+        let dir = save_one(&store, 5, a.as_ref(), &opt_a);
         let manifest = dir.join("manifest.json");
         let opened = open(&dir, &for_rank(0)).unwrap();
 
         // The config-level check names the keys.
         let layout = place().layout;
-        let e = check_fit(&opened.manifest, &manifest, &gpt(16), &run_shape(), &layout).unwrap_err().to_string();
+        let e = check_fit(&opened.manifest, &manifest, &desc(16), &run_shape(), &layout).unwrap_err().to_string();
         assert!(e.contains("manifest.json") && e.contains("model.n_embd = 8 there, 16 here"), "{e}");
         let mut bf16 = run_shape();
         bf16.dtype = "bf16".into();
-        let e = check_fit(&opened.manifest, &manifest, &gpt(8), &bf16, &layout).unwrap_err().to_string();
+        let e = check_fit(&opened.manifest, &manifest, &desc(8), &bf16, &layout).unwrap_err().to_string();
         assert!(e.contains("training.dtype"), "{e}");
         let mut longer = run_shape();
         longer.seq_len = 4;
-        let w = check_fit(&opened.manifest, &manifest, &gpt(8), &longer, &layout).unwrap();
+        let w = check_fit(&opened.manifest, &manifest, &desc(8), &longer, &layout).unwrap();
         assert!(w.len() == 1 && w[0].contains("training.seq_len was 8"), "{w:?}");
         // Another data-parallel layout is fine; what it changes of the global batch is a warning.
         let two = Layout { world_size: 2, data_parallel: 2, zero_stage: 1 };
-        let w = check_fit(&opened.manifest, &manifest, &gpt(8), &run_shape(), &two).unwrap();
+        let w = check_fit(&opened.manifest, &manifest, &desc(8), &run_shape(), &two).unwrap();
         assert!(
             w.len() == 1
                 && w[0].contains("the global batch was 2 (micro_batch_size x grad_accum_steps x dp = 2 x 1 x 1)"),
@@ -557,21 +569,21 @@ mod tests {
         );
         let mut halved = run_shape();
         halved.micro_batch_size = 1;
-        let w = check_fit(&opened.manifest, &manifest, &gpt(8), &halved, &two).unwrap();
+        let w = check_fit(&opened.manifest, &manifest, &desc(8), &halved, &two).unwrap();
         assert!(w.len() == 1 && w[0].contains("training.micro_batch_size was 2"), "{w:?}");
         // A layout with ranks that are not data-parallel ranks is not understood.
         let mut tp = opened.manifest.clone();
         tp.layout = Layout { world_size: 4, data_parallel: 2, zero_stage: 1 };
-        let e = check_fit(&tp, &manifest, &gpt(8), &run_shape(), &two).unwrap_err().to_string();
+        let e = check_fit(&tp, &manifest, &desc(8), &run_shape(), &two).unwrap_err().to_string();
         assert!(e.contains("written by 4 ranks (data parallel 2, ZeRO stage 1)") && e.contains("same layout"), "{e}");
 
         // Past that check (a manifest that lies), the tensors are checked one by one.
-        let (mut c, mut opt_c) = model(gpt(16), DType::F32, 3);
-        let before = values(&c);
+        let (mut c, mut opt_c) = model(desc(16), DType::F32, 3);
+        let before = values(c.as_ref());
         let mut opened = open(&dir, &for_rank(0)).unwrap();
-        let e = restore(&mut opened, &mut c, &mut opt_c).unwrap_err().to_string();
+        let e = restore(&mut opened, c.as_mut(), &mut opt_c).unwrap_err().to_string();
         assert!(e.contains("model.safetensors") && e.contains("tensor transformer.wte.weight has shape"), "{e}");
-        assert_eq!(values(&c), before, "nothing loaded");
+        assert_eq!(values(c.as_ref()), before, "nothing loaded");
         assert_eq!(opt_c.step, 0);
 
         // A missing optimizer tensor is found before the parameters are touched.
@@ -582,12 +594,12 @@ mod tests {
         let partial: Vec<(String, &Tensor)> = opt_a.state()[..1].iter().map(|(n, t)| (n.to_string(), *t)).collect();
         pending.write(&optim_file(0), Some(0), "optimizer", &partial, range_metadata(&opt_a)).unwrap();
         let dir = pending.commit(place().layout, opened.manifest.state.clone()).unwrap();
-        let (mut d, mut opt_d) = model(gpt(8), DType::F32, 4);
-        let before = values(&d);
+        let (mut d, mut opt_d) = model(desc(8), DType::F32, 4);
+        let before = values(d.as_ref());
         let mut opened = open(&dir, &for_rank(0)).unwrap();
-        let e = restore(&mut opened, &mut d, &mut opt_d).unwrap_err().to_string();
+        let e = restore(&mut opened, d.as_mut(), &mut opt_d).unwrap_err().to_string();
         assert!(e.contains("optim_rank00000.safetensors") && e.contains("tensor exp_avg_sq is missing"), "{e}");
-        assert_eq!(values(&d), before, "nothing loaded");
+        assert_eq!(values(d.as_ref()), before, "nothing loaded");
     }
 
     /// A recognizable optimizer state over the flat layout: element i of
@@ -604,7 +616,7 @@ mod tests {
     }
 
     /// A checkpoint of `layout` (every rank's optimizer file) for model `m`.
-    fn save_layout(store: &Store, step: u64, m: &Gpt, layout: &Layout) -> PathBuf {
+    fn save_layout(store: &Store, step: u64, m: &dyn Model, layout: &Layout) -> PathBuf {
         let shards = if layout.zero_stage == 1 { layout.data_parallel } else { 1 };
         let flat = FlatLayout::new(&m.params(), shards);
         let mut pending = store.begin(step, 0).unwrap();
@@ -624,7 +636,7 @@ mod tests {
             pending.write(&optim_file(r), reader, "optimizer", &named, range_metadata(&opt)).unwrap();
         }
         let data = (0..layout.world_size).map(|rank| DataPosition { rank, epoch: 1, index: 8 }).collect();
-        pending.commit(layout.clone(), trainer_state(9, step, m.config.clone(), data)).unwrap()
+        pending.commit(layout.clone(), trainer_state(9, step, m.desc(), data)).unwrap()
     }
 
     fn layout(dp: usize, zero_stage: u32) -> Layout {
@@ -638,24 +650,24 @@ mod tests {
     #[test]
     fn optimizer_state_moves_between_layouts() {
         for dtype in [DType::F32, DType::BF16] {
-            let (m, _) = model(gpt(8), dtype, 1);
+            let (m, _) = model(desc(8), dtype, 1);
             let lens: Vec<usize> = (1..=4).map(|s| FlatLayout::new(&m.params(), s).len).collect();
             assert!(lens.iter().any(|&l| l != lens[0]), "the test needs layouts of other padding: {lens:?}");
             for old in [layout(1, 0), layout(2, 0), layout(2, 1), layout(3, 1), layout(4, 1)] {
                 let tmp = tempfile::tempdir().unwrap();
                 let store = Store::new(tmp.path(), 2);
-                let dir = save_layout(&store, 4, &m, &old);
+                let dir = save_layout(&store, 4, m.as_ref(), &old);
                 for new in [layout(1, 0), layout(2, 0), layout(2, 1), layout(3, 1), layout(4, 1)] {
                     let shards = if new.zero_stage == 1 { new.data_parallel } else { 1 };
                     let flat = FlatLayout::new(&m.params(), shards);
                     for rank in 0..new.data_parallel {
                         let range = flat.shard(if new.zero_stage == 1 { rank } else { 0 });
-                        let (mut b, _) = model(gpt(8), dtype, 2);
+                        let (mut b, _) = model(desc(8), dtype, 2);
                         let adamw = trainer_nn::AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
                         let mut opt = AdamW::for_range(adamw, &b.params(), flat.clone(), range.clone()).unwrap();
                         let mut opened = open(&dir, &for_rank(rank)).unwrap();
-                        restore(&mut opened, &mut b, &mut opt).unwrap();
-                        assert_eq!(values(&b), values(&m));
+                        restore(&mut opened, b.as_mut(), &mut opt).unwrap();
+                        assert_eq!(values(b.as_ref()), values(m.as_ref()));
                         assert_eq!(opt.step, 9);
                         let got = state_values(&opt);
                         assert_eq!(got.len(), if dtype == DType::BF16 { 3 } else { 2 });
@@ -691,35 +703,35 @@ mod tests {
     fn a_file_that_holds_another_range_than_its_layout_is_refused() {
         let tmp = tempfile::tempdir().unwrap();
         let store = Store::new(tmp.path(), 2);
-        let (m, _) = model(gpt(8), DType::F32, 1);
-        let dir = save_layout(&store, 4, &m, &layout(2, 1));
+        let (m, _) = model(desc(8), DType::F32, 1);
+        let dir = save_layout(&store, 4, m.as_ref(), &layout(2, 1));
         // The manifest claims 4 shards, the files hold 2.
         let path = dir.join("manifest.json");
         let mut manifest: Manifest = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         manifest.layout = layout(4, 1);
         std::fs::write(&path, serde_json::to_string(&manifest).unwrap()).unwrap();
-        let (mut b, mut opt) = model(gpt(8), DType::F32, 2);
-        let before = values(&b);
+        let (mut b, mut opt) = model(desc(8), DType::F32, 2);
+        let before = values(b.as_ref());
         let mut opened = open(&dir, &for_rank(0)).unwrap();
-        let e = restore(&mut opened, &mut b, &mut opt).unwrap_err().to_string();
+        let e = restore(&mut opened, b.as_mut(), &mut opt).unwrap_err().to_string();
         assert!(e.contains("optim_rank00000.safetensors") && e.contains("flat_range is 0.."), "{e}");
-        assert_eq!(values(&b), before, "nothing loaded");
+        assert_eq!(values(b.as_ref()), before, "nothing loaded");
         // A file of another rank that is needed now is checked against the manifest when it is read.
-        let dir = save_layout(&store, 5, &m, &layout(2, 1));
+        let dir = save_layout(&store, 5, m.as_ref(), &layout(2, 1));
         let f = dir.join(optim_file(1));
         let mut bytes = std::fs::read(&f).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
         std::fs::write(&f, bytes).unwrap();
         let mut opened = open(&dir, &for_rank(0)).unwrap();
-        let e = restore(&mut opened, &mut b, &mut opt).unwrap_err().to_string();
+        let e = restore(&mut opened, b.as_mut(), &mut opt).unwrap_err().to_string();
         assert!(e.contains("optim_rank00001.safetensors") && e.contains("corrupt"), "{e}");
-        assert_eq!(values(&b), before, "nothing loaded");
+        assert_eq!(values(b.as_ref()), before, "nothing loaded");
     }
 
     fn manifest_with(layout: Layout, positions: &[(u64, usize)]) -> Manifest {
         let data = positions.iter().enumerate().map(|(rank, &(epoch, index))| DataPosition { rank, epoch, index });
-        let state = trainer_state(3, 3, gpt(8), data.collect());
+        let state = trainer_state(3, 3, desc(8), data.collect());
         Manifest { format: "trainer-checkpoint".into(), version: 1, step: 3, layout, files: Vec::new(), state }
     }
 

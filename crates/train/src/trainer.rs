@@ -22,9 +22,9 @@ use std::time::Instant;
 
 use trainer_comm::{Mesh, ProcessGroup, ReduceOp, World};
 use trainer_core::{DType, Device};
-use trainer_data::{BatchLoader, LoaderPosition, Shard, find_files};
-use trainer_models::gpt::{Gpt, GptActs, GptConfig};
-use trainer_nn::{AdamW, AdamWConfig, Decay, FlatLayout, LrSchedule, Module, clip_coefficient, global_grad_norm};
+use trainer_data::{Batch, BatchLoader, Loader, LoaderPosition, Shard, find_files};
+use trainer_models::{Acts, InputSpec, Model, ModelDesc};
+use trainer_nn::{AdamW, AdamWConfig, Decay, FlatLayout, LrSchedule, clip_coefficient, global_grad_norm};
 
 use crate::checkpoint::{self, DataPosition, Layout, Opened, RunShape, Store, TrainerState};
 use crate::config::{BatchShape, Config, DecayKind, DeviceKind, LrScaling, Precision, Resume};
@@ -90,29 +90,35 @@ pub(crate) fn compute_dtype(cfg: &Config) -> DType {
     }
 }
 
-/// Opens every shard matching `pattern` (config key `key`), checks their ids
-/// against the vocabulary, and builds the loader of rank `part.0` of `part.1`.
+/// Opens every file matching `pattern` (config key `key`) as the data the
+/// model reads (`input`), checks it against the model (token ids against the
+/// vocabulary), and builds the loader of rank `part.0` of `part.1` for
+/// micro-batches of (b, t).
 pub(crate) fn open_loader(
     key: &str,
     pattern: &str,
-    vocab_size: usize,
+    input: InputSpec,
     (b, t): (usize, usize),
     seed: u64,
     shuffle: bool,
     part: (usize, usize),
-) -> Result<BatchLoader> {
+) -> Result<Box<dyn Loader>> {
     let ctx = |err| Error::Data { context: format!("{key} = \"{pattern}\""), err };
     let files = find_files(pattern).map_err(ctx)?;
-    let shards = files
-        .iter()
-        .map(|f| {
-            let s = Shard::open(f)?;
-            s.check_vocab(vocab_size)?;
-            Ok(s)
-        })
-        .collect::<trainer_data::Result<Vec<_>>>()
-        .map_err(ctx)?;
-    BatchLoader::new(shards, b, t, seed, shuffle, part.0, part.1).map_err(ctx)
+    match input {
+        InputSpec::Tokens { vocab_size, .. } => {
+            let shards = files
+                .iter()
+                .map(|f| {
+                    let s = Shard::open(f)?;
+                    s.check_vocab(vocab_size)?;
+                    Ok(s)
+                })
+                .collect::<trainer_data::Result<Vec<_>>>()
+                .map_err(ctx)?;
+            Ok(Box::new(BatchLoader::new(shards, b, t, seed, shuffle, part.0, part.1).map_err(ctx)?))
+        }
+    }
 }
 
 fn schedule(cfg: &Config, dp: usize) -> LrSchedule {
@@ -148,7 +154,7 @@ fn run_shape(cfg: &Config, batch: &BatchShape) -> RunShape {
 fn find_resume(
     cfg: &Config,
     store: &Store,
-    gpt: &GptConfig,
+    model: &ModelDesc,
     (place, batch): (&Place, &BatchShape),
     console: &Console,
     world: &ProcessGroup,
@@ -178,7 +184,7 @@ fn find_resume(
     }
     if let Some(o) = &opened {
         let manifest_path = o.dir.join("manifest.json");
-        for w in state::check_fit(&o.manifest, &manifest_path, gpt, &run_shape(cfg, batch), &place.layout)? {
+        for w in state::check_fit(&o.manifest, &manifest_path, model, &run_shape(cfg, batch), &place.layout)? {
             console.warn(&w);
         }
     }
@@ -242,10 +248,11 @@ fn decide_resume(
 /// counters that a checkpoint saves.
 struct Run<'a> {
     cfg: &'a Config,
-    gpt: GptConfig,
     device: Device,
-    model: Gpt,
-    acts: GptActs,
+    model: Box<dyn Model>,
+    acts: Acts,
+    /// The micro-batch the loader fills and the model reads, reused.
+    batch_buf: Batch,
     opt: AdamW,
     /// The ranks and their groups (a world of one in a plain run).
     mesh: Mesh,
@@ -253,8 +260,8 @@ struct Run<'a> {
     dp: Option<DataParallel>,
     batch: BatchShape,
     schedule: LrSchedule,
-    train_loader: BatchLoader,
-    val_loader: Option<BatchLoader>,
+    train_loader: Box<dyn Loader>,
+    val_loader: Option<Box<dyn Loader>>,
     metrics: Metrics,
     console: Console,
     store: Store,
@@ -274,7 +281,7 @@ impl<'a> Run<'a> {
     /// Builds everything, from a checkpoint when `checkpoint.resume` finds one.
     fn new(cfg: &'a Config, world: &World) -> Result<Self> {
         let hooks = Hooks::from_env()?;
-        let gpt = cfg.gpt().map_err(|msg| cfg.error(msg))?;
+        let desc = cfg.model_desc().map_err(|msg| cfg.error(msg))?;
         let device = open_rank_device(cfg, world)?;
         let mesh = Mesh::new(world, &cfg.mesh_spec(), &device).map_err(|e| match e {
             trainer_comm::Error::Config(msg) => cfg.error(msg),
@@ -289,12 +296,15 @@ impl<'a> Run<'a> {
         let t_cfg = &cfg.training;
         let bt = (t_cfg.micro_batch_size, t_cfg.seq_len);
 
+        // The model's parameters are allocated (zero) but not initialized:
+        // the data is checked against it before any work.
+        let mut model = trainer_models::build(&desc, compute_dtype(cfg), &device)?;
         // Data first: a missing or corrupt shard should fail before any model work.
-        let train_loader =
-            open_loader("data.train", &cfg.data.train, gpt.vocab_size, bt, t_cfg.seed, true, (dp_rank, dp))?;
+        let input = model.input();
+        let train_loader = open_loader("data.train", &cfg.data.train, input, bt, t_cfg.seed, true, (dp_rank, dp))?;
         // Every rank opens all validation batches; each evaluates its share (eval.rs).
         let val_loader = match cfg.data.val.as_deref().filter(|p| !p.is_empty()) {
-            Some(p) => Some(open_loader("data.val", p, gpt.vocab_size, bt, t_cfg.seed, false, (0, 1))?),
+            Some(p) => Some(open_loader("data.val", p, input, bt, t_cfg.seed, false, (0, 1))?),
             None => None,
         };
         let console = if rank == 0 { Console::plain() } else { Console::silent() };
@@ -303,20 +313,20 @@ impl<'a> Run<'a> {
         let store = Store::new(cfg.checkpoint_dir(), cfg.checkpoint.keep_last);
         let config_toml = toml::to_string(cfg).map_err(|e| cfg.error(format!("cannot write it as TOML: {e}")))?;
 
-        let mut resume_from = find_resume(cfg, &store, &gpt, (&place, &batch), &console, mesh.world())?;
+        let mut resume_from = find_resume(cfg, &store, &desc, (&place, &batch), &console, mesh.world())?;
         // Every rank draws the same initial weights from the seed.
-        let mut model = Gpt::new(gpt.clone(), compute_dtype(cfg), &device)?;
         if resume_from.is_none() {
             // A checkpoint, when there is one, supersedes model.init_from.
             match &cfg.model.init_from {
                 Some(dir) => {
-                    model.load_hf(std::path::Path::new(dir))?;
+                    model.load_pretrained(std::path::Path::new(dir))?;
                     console.line(&format!("init_from={dir}"));
                 }
                 None => model.init(t_cfg.seed)?,
             }
         }
-        let acts = model.new_acts(bt.0, bt.1)?;
+        let batch_buf = train_loader.new_batch();
+        let acts = model.new_acts(&batch_buf)?;
         let o = &cfg.optimizer;
         let adamw = AdamWConfig { beta1: o.beta1, beta2: o.beta2, eps: o.eps, weight_decay: o.weight_decay };
         let shards = if zero_stage == 1 { dp } else { 1 };
@@ -326,16 +336,16 @@ impl<'a> Run<'a> {
         let data_parallel = if dp > 1 {
             let bucket_bytes = (cfg.parallel.bucket_mb * (1 << 20) as f64) as usize;
             let buckets = (bucket_bytes, cfg.parallel.overlap);
-            Some(DataParallel::new(mesh.dp().clone(), zero_stage, buckets, layout, &model)?)
+            Some(DataParallel::new(mesh.dp().clone(), zero_stage, buckets, layout, model.as_ref())?)
         } else {
             None
         };
         let mut run = Run {
             cfg,
-            gpt,
             device,
             model,
             acts,
+            batch_buf,
             opt,
             mesh,
             dp: data_parallel,
@@ -371,10 +381,10 @@ impl<'a> Run<'a> {
             &from.manifest,
             &manifest_path,
             (self.mesh.dp().rank(), self.batch.dp),
-            self.train_loader.windows(),
+            self.train_loader.micro_batches(),
             remaining,
         )?;
-        state::restore(from, &mut self.model, &mut self.opt)?;
+        state::restore(from, self.model.as_mut(), &mut self.opt)?;
         if let Some(w) = warning {
             self.console.warn(&w);
         }
@@ -429,13 +439,11 @@ impl<'a> Run<'a> {
         let state = state_bytes(&self.opt);
         let unsharded = state / self.opt.range().len().max(1) * self.opt.layout().len;
         self.console.line(&format!(
-            "model=gpt params={} n_layer={} n_head={} n_embd={} vocab={} device={} dtype={} tokens_per_step={} \
-             train_batches_per_epoch={} metrics={} checkpoints={}",
+            "model={} params={} {} device={} dtype={} tokens_per_step={} train_batches_per_epoch={} metrics={} \
+             checkpoints={}",
+            self.model.desc().kind,
             self.model.num_params(),
-            self.gpt.n_layer,
-            self.gpt.n_head,
-            self.gpt.n_embd,
-            self.gpt.vocab_size,
+            self.model.summary(),
             self.model.device(),
             self.model.dtype(),
             b.global_batch_size * t.seq_len,
@@ -462,7 +470,8 @@ impl<'a> Run<'a> {
 
     fn evaluate(&mut self) -> Result<()> {
         let Some(loader) = self.val_loader.as_mut() else { return Ok(()) };
-        let r = evaluate_in(&self.model, &mut self.acts, loader, self.cfg.eval.batches, self.mesh.dp())?;
+        let r =
+            evaluate_in(self.model.as_ref(), &mut self.acts, loader.as_mut(), self.cfg.eval.batches, self.mesh.dp())?;
         self.metrics.log(&[
             ("step", Value::Int(self.step)),
             ("val_loss", Value::Fixed(r.loss, 4)),
@@ -484,14 +493,14 @@ impl<'a> Run<'a> {
             seed: c.training.seed,
             first_val_loss: self.first_val,
             last_train_loss: Some(self.last_loss).filter(|l| l.is_finite()),
-            model: self.gpt.clone(),
+            model: self.model.desc(),
             run: run_shape(c, &self.batch),
             config: self.config_toml.clone(),
         };
         let dir = state::save(
             &self.store,
             self.step,
-            &self.model,
+            self.model.as_ref(),
             &self.opt,
             &self.place,
             state,
@@ -543,23 +552,26 @@ impl<'a> Run<'a> {
     /// global batch, gradient norm, seconds spent after the backward pass
     /// waiting for the gradient all-reduce and the norm and loss averages: the
     /// data-parallel overhead the overlap did not hide; None with one rank).
-    fn forward_backward(&mut self, x: &mut [u32], y: &mut [u32]) -> Result<(f64, f64, Option<f64>)> {
+    fn forward_backward(&mut self) -> Result<(f64, f64, Option<f64>)> {
         let accum = self.batch.grad_accum_steps;
         self.model.zero_grad()?;
         let mut loss = 0.0;
         for micro in 0..accum {
-            self.train_loader.next_batch(x, y);
+            self.train_loader.next_batch(&mut self.batch_buf);
             let scale = 1.0 / accum as f64;
-            match self.dp.as_mut().filter(|dp| dp.overlaps() && micro + 1 == accum) {
+            let batch = &self.batch_buf;
+            let micro_loss = match self.dp.as_mut().filter(|dp| dp.overlaps() && micro + 1 == accum) {
                 // The last micro-step: buckets start as their gradients become final.
                 Some(dp) => {
                     dp.begin_step();
-                    let ready = &mut |m: &Gpt, params| dp.grads_ready(m, params);
-                    self.model.forward_backward_with(&mut self.acts, x, y, scale, ready)?;
+                    let ready = &mut |params: &[&trainer_nn::Param], ids: &[trainer_nn::ParamId]| {
+                        dp.grads_ready(params, ids).map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+                    };
+                    self.model.forward_backward(&mut self.acts, batch, scale, ready)?
                 }
-                None => self.model.forward_backward(&mut self.acts, x, y, scale)?,
-            }
-            loss += self.acts.mean_loss()? / accum as f64;
+                None => self.model.forward_backward(&mut self.acts, batch, scale, &mut trainer_models::ignore_ready)?,
+            };
+            loss += micro_loss / accum as f64;
         }
         match &mut self.dp {
             None => Ok((loss, global_grad_norm(&self.model.params())?, None)),
@@ -567,7 +579,7 @@ impl<'a> Run<'a> {
                 // The loss above was read back after the backward pass: from
                 // here on the GPU only waits for communication.
                 let started = Instant::now();
-                let norm = dp.reduce_gradients(&self.model)?;
+                let norm = dp.reduce_gradients(self.model.as_ref())?;
                 let mut mean = [loss];
                 dp.group().all_reduce_host(&mut mean, ReduceOp::Avg)?;
                 Ok((mean[0], norm, Some(started.elapsed().as_secs_f64())))
@@ -581,13 +593,12 @@ impl<'a> Run<'a> {
         // Of the whole job; each GPU computes 1/dp of it.
         let tokens_per_step = self.batch.global_batch_size * t_cfg.seq_len;
         // Model FLOPs utilization of one GPU against its bf16 peak, as the peer benchmark computes it.
-        let flops_per_step = self.gpt.flops_per_token(t_cfg.seq_len) * (tokens_per_step / self.batch.dp) as f64;
+        let samples_per_gpu = self.batch.global_batch_size / self.batch.dp;
+        let flops_per_step = self.model.flops_per_sample(&self.batch_buf) * samples_per_gpu as f64;
         let peak_flops = match &self.device {
             Device::Cuda(d) => d.bf16_peak_flops(),
             Device::Cpu => None,
         };
-        let span = t_cfg.micro_batch_size * t_cfg.seq_len;
-        let (mut x, mut y) = (vec![0u32; span], vec![0u32; span]);
         let (mut attempts, mut bad) = (0u64, 0u64);
         // Where the data stood after the last good step.
         let mut good_position = self.train_loader.position();
@@ -601,7 +612,7 @@ impl<'a> Run<'a> {
             let started = Instant::now();
             attempts += 1;
             self.hooks.maybe_fail(self.place.rank, attempts)?;
-            let (loss, norm, grad_sync) = self.forward_backward(&mut x, &mut y)?;
+            let (loss, norm, grad_sync) = self.forward_backward()?;
             let loss = self.hooks.loss(attempts, loss);
             let next = self.step + 1;
             if !(loss.is_finite() && norm.is_finite()) {
@@ -623,7 +634,7 @@ impl<'a> Run<'a> {
             let clip = clip_coefficient(norm, t_cfg.grad_clip);
             match &mut self.dp {
                 None => self.opt.update(self.model.params_mut(), lr, clip)?,
-                Some(dp) => dp.update(&mut self.opt, &mut self.model, lr, clip)?,
+                Some(dp) => dp.update(&mut self.opt, self.model.as_mut(), lr, clip)?,
             }
             self.step = next;
             self.last_loss = loss;

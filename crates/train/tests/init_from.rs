@@ -6,8 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use trainer_core::{DType, Device};
-use trainer_data::{BatchLoader, Shard, write_shard};
-use trainer_models::gpt::Gpt;
+use trainer_data::{BatchLoader, Loader, Shard, write_shard};
 use trainer_train::{Config, StopSignal, evaluate, train};
 
 fn hf_dir() -> PathBuf {
@@ -56,14 +55,14 @@ fn training_starts_from_the_imported_weights() {
     let dir = tempfile::tempdir().unwrap();
     shards(dir.path());
     let cfg = config(dir.path(), &init_from("")).unwrap();
-    assert_eq!(cfg.gpt().unwrap().vocab_size, 301);
+    assert_eq!(cfg.model_desc().unwrap().config["vocab_size"], 301);
 
     // The step-0 validation loss is the imported model's own.
-    let model = Gpt::from_path(&hf_dir(), DType::F32, &Device::Cpu).unwrap();
-    let mut acts = model.new_acts(2, 16).unwrap();
+    let model = trainer_models::from_weights(&hf_dir(), DType::F32, &Device::Cpu).unwrap();
     let shard = Shard::open(&dir.path().join("val_000000.bin")).unwrap();
     let mut loader = BatchLoader::new(vec![shard], 2, 16, cfg.training.seed, false, 0, 1).unwrap();
-    let want = evaluate(&model, &mut acts, &mut loader, 3).unwrap().loss;
+    let mut acts = model.new_acts(&loader.new_batch()).unwrap();
+    let want = evaluate(model.as_ref(), &mut acts, &mut loader, 3).unwrap().loss;
     let summary = train(&cfg, &StopSignal::new()).unwrap();
     let got = summary.first_val_loss.unwrap();
     assert!((got - want).abs() <= 1e-12, "first val loss {got} vs the imported model's {want}");

@@ -1,14 +1,18 @@
 use std::collections::BTreeMap;
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use trainer_core::ops::TokenIndex;
 use trainer_core::{DType, Device, Tensor, io, ops};
-use trainer_nn::{Block, BlockActs, BlockGrads, BlockScratch, LayerNorm, LayerNormStats, Module, Param, init};
+use trainer_data::Batch;
+use trainer_nn::{
+    Block, BlockActs, BlockGrads, BlockScratch, LayerNorm, LayerNormStats, Module, Param, ParamId, init, number_params,
+};
 
 use super::{GptConfig, hf};
+use crate::model::{Acts, GradsReady, InputSpec, Model, ModelDesc, ignore_ready};
+use crate::section::gpt_desc;
 use crate::{Error, Result};
 
 /// GPT-2. Parameter names follow nanoGPT (`transformer.h.0.attn.c_attn.weight`),
@@ -25,10 +29,6 @@ pub struct Gpt {
     dtype: DType,
     device: Device,
 }
-
-/// Told which parameters' gradients (indices into [`Module::params`]) are final
-/// during a backward pass; see [`Gpt::forward_backward_with`].
-pub type GradsReady<'a, E> = dyn FnMut(&Gpt, Range<usize>) -> std::result::Result<(), E> + 'a;
 
 /// Activations of one micro-batch of shape (B, T), allocated once and reused.
 #[derive(Debug)]
@@ -74,7 +74,7 @@ impl Gpt {
         let blocks = (0..config.n_layer)
             .map(|i| Block::new(&format!("transformer.h.{i}"), c, config.n_head, true, dtype, device))
             .collect::<trainer_core::Result<_>>()?;
-        Ok(Gpt {
+        let mut gpt = Gpt {
             wte: Param::zeros("transformer.wte.weight", &[vp, c], dtype, device)?,
             wpe: Param::zeros("transformer.wpe.weight", &[config.block_size, c], dtype, device)?,
             blocks,
@@ -82,7 +82,9 @@ impl Gpt {
             config,
             dtype,
             device: device.clone(),
-        })
+        };
+        number_params(gpt.params_mut());
+        Ok(gpt)
     }
 
     /// GPT-2 initialization: weights N(0, 0.02); the residual output projections
@@ -179,24 +181,23 @@ impl Gpt {
         targets: &[u32],
         loss_scale: f64,
     ) -> Result<()> {
-        self.forward_backward_with(acts, tokens, targets, loss_scale, &mut |_: &Gpt, _| Ok::<(), Error>(()))
+        self.forward_backward_with(acts, tokens, targets, loss_scale, &mut ignore_ready)
     }
 
-    /// [`Gpt::forward_backward`], calling `ready(self, params)` as soon as the
-    /// gradients of the parameters `params` (indices into [`Module::params`])
-    /// are final for this micro-batch, in the order the backward pass finishes
-    /// them: the final LayerNorm, the blocks from the last to the first, then
-    /// the embeddings (the tied `wte` last of all). Work that needs finished
-    /// gradients (sending them somewhere) can start while the rest of the
-    /// backward pass runs.
-    pub fn forward_backward_with<E: From<Error> + From<trainer_core::Error>>(
+    /// [`Gpt::forward_backward`], telling `ready` the ids of the parameters
+    /// whose gradients are final for this micro-batch as soon as they are, in
+    /// the order the backward pass finishes them: the final LayerNorm, the
+    /// blocks from the last to the first, then the embeddings (the tied `wte`
+    /// last of all). Work that needs finished gradients (sending them
+    /// somewhere) can start while the rest of the backward pass runs.
+    pub fn forward_backward_with(
         &mut self,
         acts: &mut GptActs,
         tokens: &[u32],
         targets: &[u32],
         loss_scale: f64,
-        ready: &mut GradsReady<'_, E>,
-    ) -> std::result::Result<(), E> {
+        ready: &mut GradsReady<'_>,
+    ) -> Result<()> {
         self.forward_to_logits(acts, tokens)?;
         acts.targets.copy_from_slice(targets)?;
         acts.token_index.update(tokens)?;
@@ -229,15 +230,9 @@ impl Gpt {
 
     /// Backward from dL/dlogits (in acts.logits) down to the embeddings,
     /// telling `ready` which parameters are done (see [`Gpt::forward_backward_with`]).
-    fn backward<E: From<Error> + From<trainer_core::Error>>(
-        &mut self,
-        acts: &mut GptActs,
-        ready: &mut GradsReady<'_, E>,
-    ) -> std::result::Result<(), E> {
-        // Parameter order: wte, wpe, each block's, ln_f's.
-        let per_block = self.blocks.first().map_or(0, |b| b.params().len());
-        let lnf_start = 2 + per_block * self.blocks.len();
-        let lnf_end = lnf_start + self.ln_f.params().len();
+    fn backward(&mut self, acts: &mut GptActs, ready: &mut GradsReady<'_>) -> Result<()> {
+        let ids = |params: Vec<&Param>| -> Vec<ParamId> { params.iter().map(|p| p.id).collect() };
+        let mut tell = |model: &Gpt, done: Vec<ParamId>| ready(&model.params(), &done).map_err(Error::Ready);
         let GptActs { tokens, encoded, blocks, lnf, lnf_stats, logits, dresid, dlnf, grads, token_index, .. } = acts;
         // LM head: dlnf = dlogits @ wte; dwte += dlogits^T @ lnf.
         ops::linear_backward(dlnf, &mut self.wte.grad, None, logits, lnf, &self.wte.value)?;
@@ -245,15 +240,15 @@ impl Gpt {
         ops::zero(dresid)?;
         let last = blocks.last().map_or(&*encoded, |a| &a.out);
         self.ln_f.backward(dresid, dlnf, last, lnf_stats)?;
-        ready(self, lnf_start..lnf_end)?;
+        tell(self, ids(self.ln_f.params()))?;
         for i in (0..self.blocks.len()).rev() {
             let (before, rest) = blocks.split_at_mut(i);
             let x = before.last().map_or(&*encoded, |prev| &prev.out);
             self.blocks[i].backward(dresid, x, &mut rest[0], grads)?;
-            ready(self, 2 + i * per_block..2 + (i + 1) * per_block)?;
+            tell(self, ids(self.blocks[i].params()))?;
         }
         ops::embedding_backward(&mut self.wte.grad, &mut self.wpe.grad, dresid, tokens, token_index)?;
-        ready(self, 0..2)
+        tell(self, vec![self.wte.id, self.wpe.id])
     }
 
     /// Writes every parameter (host copies) and the config (as metadata) to a
@@ -377,6 +372,77 @@ pub fn read_weights(path: &Path) -> Result<(GptConfig, BTreeMap<String, Tensor>,
     }
     let config = config_from_metadata(&loaded.metadata, path)?;
     Ok((config, loaded.tensors, path.to_path_buf()))
+}
+
+/// The token batch inside `batch`.
+fn tokens_of(batch: &Batch) -> (usize, usize, &[u32], &[u32]) {
+    match batch {
+        Batch::Tokens { b, t, inputs, targets } => (*b, *t, inputs, targets),
+    }
+}
+
+impl Model for Gpt {
+    fn desc(&self) -> ModelDesc {
+        gpt_desc(&self.config)
+    }
+
+    fn summary(&self) -> String {
+        let c = &self.config;
+        format!("n_layer={} n_head={} n_embd={} vocab={}", c.n_layer, c.n_head, c.n_embd, c.vocab_size)
+    }
+
+    fn input(&self) -> InputSpec {
+        InputSpec::Tokens { vocab_size: self.config.vocab_size, max_len: self.config.block_size }
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn init(&mut self, seed: u64) -> Result<()> {
+        Gpt::init(self, seed)
+    }
+
+    fn load_pretrained(&mut self, dir: &Path) -> Result<()> {
+        self.load_hf(dir)
+    }
+
+    fn new_acts(&self, batch: &Batch) -> Result<Acts> {
+        let (b, t, _, _) = tokens_of(batch);
+        Ok(Acts::new(Gpt::new_acts(self, b, t)?))
+    }
+
+    fn forward_backward(
+        &mut self,
+        acts: &mut Acts,
+        batch: &Batch,
+        loss_scale: f64,
+        ready: &mut GradsReady<'_>,
+    ) -> Result<f64> {
+        let acts = acts.get_mut::<GptActs>("gpt")?;
+        let (_, _, inputs, targets) = tokens_of(batch);
+        self.forward_backward_with(acts, inputs, targets, loss_scale, ready)?;
+        acts.mean_loss()
+    }
+
+    fn loss(&self, acts: &mut Acts, batch: &Batch) -> Result<f64> {
+        let acts = acts.get_mut::<GptActs>("gpt")?;
+        let (_, _, inputs, targets) = tokens_of(batch);
+        Ok(self.forward(acts, inputs, Some(targets))?.unwrap_or(f64::NAN))
+    }
+
+    fn flops_per_sample(&self, batch: &Batch) -> f64 {
+        let (_, t, _, _) = tokens_of(batch);
+        self.config.flops_per_token(t) * t as f64
+    }
+
+    fn save_weights(&self, path: &Path) -> Result<()> {
+        Gpt::save_weights(self, path)
+    }
 }
 
 impl Module for Gpt {
