@@ -191,21 +191,35 @@ timeout_secs = 120
     }
 
     /// The optimizer state of the run's checkpoint of `step`, whatever its
-    /// layout: every state tensor flat over the whole layout (the files'
-    /// ranges in rank order), padding included.
+    /// layout: per state tensor (`exp_avg`, ...), every parameter's whole
+    /// state in the order of their names, assembled from the slices that
+    /// the files hold (each file lists them in its metadata).
     fn optimizer_state(&self, run: &str, step: u64) -> BTreeMap<String, Vec<f32>> {
         let dir = self.path().join(run).join(format!("checkpoints/step_{step:08}"));
-        let mut files: Vec<_> = fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with("optim_rank"))
-            .collect();
-        files.sort();
-        let mut state: BTreeMap<String, Vec<f32>> = BTreeMap::new();
-        for f in files {
-            for (name, values) in read_f32(&f) {
-                state.entry(name).or_default().extend(values);
+        // (state, parameter) -> its elements.
+        let mut whole: BTreeMap<(String, String), Vec<f32>> = BTreeMap::new();
+        for e in fs::read_dir(&dir).unwrap() {
+            let f = e.unwrap().path();
+            if !f.file_name().unwrap().to_str().unwrap().starts_with("optim_rank") {
+                continue;
             }
+            let bytes = fs::read(&f).unwrap();
+            let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+            let slices: serde_json::Value =
+                serde_json::from_str(&header.metadata().as_ref().unwrap()["slices"]).unwrap();
+            for (name, values) in read_f32(&f) {
+                let (param, state) = name.rsplit_once('.').unwrap();
+                let slice = &slices[param];
+                let numel: u64 = slice["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap()).product();
+                let start = slice["start"].as_u64().unwrap() as usize;
+                let all =
+                    whole.entry((state.to_string(), param.to_string())).or_insert_with(|| vec![0.0; numel as usize]);
+                all[start..start + values.len()].copy_from_slice(&values);
+            }
+        }
+        let mut state: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+        for ((name, _), values) in whole {
+            state.entry(name).or_default().extend(values);
         }
         state
     }
@@ -412,6 +426,15 @@ fn resume_under_two_ranks_is_exact_zero0() {
 /// step 6 follow the uninterrupted run of the same global batch (16) within
 /// the tolerance of a changed reduction order.
 fn resumes_on_other_layouts(from: (Option<usize>, u32), to: &[(Option<usize>, u32)]) {
+    resumes_on_other_layouts_with(from, to, &[]);
+}
+
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// [`resumes_on_other_layouts`] with `extra` settings for every run.
+fn resumes_on_other_layouts_with(from: (Option<usize>, u32), to: &[(Option<usize>, u32)], extra: &[&str]) {
     if !mpi_available() {
         return;
     }
@@ -422,13 +445,16 @@ fn resumes_on_other_layouts(from: (Option<usize>, u32), to: &[(Option<usize>, u3
         // One rank never shards (the trainer sets ZeRO stage 0).
         format!("{n} ranks, data parallel {n}, ZeRO stage {}", if n > 1 { stage } else { 0 })
     };
-    ws.train(from.0, "full", &[&zero(from.1), "checkpoint.interval=3"]);
+    let sets = |stage: u32| -> Vec<String> {
+        [zero(stage), "checkpoint.interval=3".into()].into_iter().chain(extra.iter().map(|s| s.to_string())).collect()
+    };
+    ws.train(from.0, "full", &refs(&sets(from.1)));
     let full = ws.steps("full");
     assert_eq!(full.len(), 6, "{full:?}");
     for &(np, stage) in to {
         let run = format!("to_{}_zero{stage}", np.unwrap_or(1));
         ws.copy_checkpoint("full", 3, &run);
-        let out = ws.run(np, &run, &[&zero(stage), "checkpoint.interval=3"], &[]);
+        let out = ws.run(np, &run, &refs(&sets(stage)), &[]);
         let (stdout, stderr) = text(&out);
         assert!(out.status.success(), "{run}: {stderr}");
         let said = format!("at step 3 (written by {}; continuing on {})", layout(from), layout((np, stage)));
@@ -439,7 +465,7 @@ fn resumes_on_other_layouts(from: (Option<usize>, u32), to: &[(Option<usize>, u3
         assert_eq!(resumed.len(), 3, "{resumed:?}");
         assert_steps_match(&full[3..], &resumed, &run);
         assert_weights_match(&ws, "full", &run);
-        // The moments over the parameters (the shorter layout's length: past it is padding, zero in both).
+        // The moments over the parameters (of equal length: a checkpoint holds no padding).
         let (ma, mb) = (ws.optimizer_state("full", 6), ws.optimizer_state(&run, 6));
         assert_eq!(ma.keys().collect::<Vec<_>>(), vec!["exp_avg", "exp_avg_sq"]);
         assert_eq!(ma.keys().collect::<Vec<_>>(), mb.keys().collect::<Vec<_>>());
@@ -460,6 +486,19 @@ fn resumes_on_other_layouts(from: (Option<usize>, u32), to: &[(Option<usize>, u3
 #[test]
 fn a_zero1_checkpoint_of_two_ranks_resumes_in_one_process_and_on_four_ranks() {
     resumes_on_other_layouts((Some(2), 1), &[(None, 0), (Some(4), 0)]);
+}
+
+/// Three shards of uneven parameter cuts from two (a global batch of 24,
+/// which 2 and 3 ranks of micro-batches of 4 divide).
+#[test]
+fn a_zero1_checkpoint_of_two_ranks_resumes_on_three_zero1_ranks() {
+    resumes_on_other_layouts_with((Some(2), 1), &[(Some(3), 1)], &["training.global_batch_size=24"]);
+}
+
+/// Four shards assembled into one process's whole state.
+#[test]
+fn a_zero1_checkpoint_of_four_ranks_resumes_in_one_process() {
+    resumes_on_other_layouts((Some(4), 1), &[(None, 0)]);
 }
 
 /// Each new shard spans two old ones; the layouts pad differently.

@@ -7,6 +7,10 @@ pub enum Error {
     #[error("{op}: shape mismatch: {msg}")]
     Shape { op: &'static str, msg: String },
 
+    /// A layer asked for the gradient of a parameter that is not trained.
+    #[error("parameter {name} is frozen (it has no gradient), but {op} computes its gradient")]
+    Frozen { op: &'static str, name: String },
+
     #[error("{op}: expected dtype {expected}, got {got}")]
     DType { op: &'static str, expected: DType, got: DType },
 

@@ -71,16 +71,10 @@ impl LayerNorm {
 
     /// dinp accumulates (it is the residual stream's gradient).
     pub fn backward(&mut self, dinp: &mut Tensor, dout: &Tensor, inp: &Tensor, stats: &LayerNormStats) -> Result<()> {
-        ops::layernorm_backward(
-            dinp,
-            &mut self.weight.grad,
-            &mut self.bias.grad,
-            dout,
-            inp,
-            &self.weight.value,
-            &stats.mean,
-            &stats.rstd,
-        )
+        const OP: &str = "layernorm backward";
+        let dbias = self.bias.grad_mut(OP)?;
+        let (weight, dweight) = self.weight.value_and_grad(OP)?;
+        ops::layernorm_backward(dinp, dweight, dbias, dout, inp, weight, &stats.mean, &stats.rstd)
     }
 }
 

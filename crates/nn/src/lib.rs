@@ -28,5 +28,5 @@ pub use layernorm::{LayerNorm, LayerNormStats};
 pub use linear::Linear;
 pub use mlp::{Mlp, MlpActs};
 pub use optim::{AdamW, AdamWConfig, Placement, clip_coefficient, global_grad_norm};
-pub use param::{Module, Param, ParamId, number_params};
+pub use param::{Module, Param, ParamId, number_params, trainable, trainable_mut};
 pub use schedule::{Decay, LrSchedule};

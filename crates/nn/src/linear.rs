@@ -24,8 +24,10 @@ impl Linear {
 
     /// dinp (N, in) overwritten; dW and db accumulate.
     pub fn backward(&mut self, dinp: &mut Tensor, dout: &Tensor, inp: &Tensor) -> Result<()> {
-        let dbias = self.bias.as_mut().map(|b| &mut b.grad);
-        ops::linear_backward(dinp, &mut self.weight.grad, dbias, dout, inp, &self.weight.value)
+        const OP: &str = "linear backward";
+        let dbias = self.bias.as_mut().map(|b| b.grad_mut(OP)).transpose()?;
+        let (weight, dweight) = self.weight.value_and_grad(OP)?;
+        ops::linear_backward(dinp, dweight, dbias, dout, inp, weight)
     }
 }
 

@@ -57,18 +57,11 @@ impl Mlp {
         dgelu: &mut Tensor,
         dfc: &mut Tensor,
     ) -> Result<()> {
+        const OP: &str = "MLP projection backward";
         let proj = &mut self.c_proj;
-        let dbias = proj.bias.as_mut().map(|b| &mut b.grad);
-        ops::linear_backward_gelu(
-            dfc,
-            &mut proj.weight.grad,
-            dbias,
-            dout,
-            &acts.gelu,
-            &acts.fc,
-            &proj.weight.value,
-            dgelu,
-        )?;
+        let dbias = proj.bias.as_mut().map(|b| b.grad_mut(OP)).transpose()?;
+        let (weight, dweight) = proj.weight.value_and_grad(OP)?;
+        ops::linear_backward_gelu(dfc, dweight, dbias, dout, &acts.gelu, &acts.fc, weight, dgelu)?;
         self.c_fc.backward(dinp, dfc, inp)
     }
 }

@@ -95,6 +95,11 @@ impl AdamW {
         self.range.clone()
     }
 
+    /// The parts of parameters whose state this optimizer holds, in flat order.
+    pub fn pieces(&self) -> &[FlatPiece] {
+        &self.pieces
+    }
+
     /// The state tensors by name (PyTorch's: first and second moments, and the
     /// f32 master copy of half-precision parameters), for checkpoints: each is
     /// flat over [`AdamW::range`] of [`AdamW::layout`].
@@ -112,14 +117,15 @@ impl AdamW {
 
     /// One update of every parameter from its own gradient; gradients are
     /// multiplied by `grad_scale` first (the clipping coefficient).
+    /// `params` are the trainable parameters this optimizer was made for.
     pub fn update(&mut self, params: Vec<&mut Param>, lr: f64, grad_scale: f64) -> Result<()> {
-        let (mut values, grads): (Vec<&mut Tensor>, Vec<&Tensor>) = params
-            .into_iter()
-            .map(|p| {
-                let Param { value, grad, .. } = p;
-                (value, &*grad)
-            })
-            .unzip();
+        let mut values = Vec::with_capacity(params.len());
+        let mut grads = Vec::with_capacity(params.len());
+        for p in params {
+            let (value, grad) = p.value_mut_and_grad("AdamW")?;
+            values.push(value);
+            grads.push(grad);
+        }
         self.step(&mut values, Placement::PerParam, &grads, Placement::PerParam, lr, grad_scale)
     }
 
@@ -158,9 +164,10 @@ impl AdamW {
     }
 }
 
-/// The L2 norm of all gradients together (one host synchronization on a GPU).
+/// The L2 norm of all gradients together (one host synchronization on a
+/// GPU); frozen parameters have none.
 pub fn global_grad_norm(params: &[&Param]) -> Result<f64> {
-    let grads: Vec<&Tensor> = params.iter().map(|p| &p.grad).collect();
+    let grads: Vec<&Tensor> = params.iter().filter_map(|p| p.grad.as_ref()).collect();
     Ok(ops::sum_squares_all(&grads)?.sqrt())
 }
 

@@ -6,14 +6,18 @@ use trainer_core::{DType, Device, Result, Tensor, ops};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ParamId(pub usize);
 
-/// A trainable tensor and its gradient (same shape, dtype and device).
+/// A parameter and, while it is trained, its gradient (same shape, dtype
+/// and device). A frozen parameter ([`Param::freeze`]) has no gradient
+/// buffer, and so no optimizer state and no all-reduce: the optimizer and
+/// data parallelism see only [`trainable`] parameters.
 #[derive(Debug)]
 pub struct Param {
     /// Stable name, used in checkpoints and for matching other frameworks' weights.
     pub name: String,
     pub id: ParamId,
     pub value: Tensor,
-    pub grad: Tensor,
+    /// None when frozen.
+    pub grad: Option<Tensor>,
 }
 
 impl Param {
@@ -23,8 +27,46 @@ impl Param {
             name: name.into(),
             id: ParamId(0),
             value: Tensor::zeros(dims, dtype, device)?,
-            grad: Tensor::zeros(dims, dtype, device)?,
+            grad: Some(Tensor::zeros(dims, dtype, device)?),
         })
+    }
+
+    pub fn trainable(&self) -> bool {
+        self.grad.is_some()
+    }
+
+    /// Stops training this parameter: its gradient buffer is freed. Layers
+    /// whose backward cannot skip a parameter's gradient report
+    /// [`trainer_core::Error::Frozen`] when it is frozen.
+    pub fn freeze(&mut self) {
+        self.grad = None;
+    }
+
+    /// The gradient, which `op` (a layer's backward) accumulates into.
+    pub fn grad_mut(&mut self, op: &'static str) -> Result<&mut Tensor> {
+        let name = &self.name;
+        self.grad.as_mut().ok_or_else(|| trainer_core::Error::Frozen { op, name: name.clone() })
+    }
+
+    /// The value and the gradient together (a backward reads one and accumulates into the other).
+    pub fn value_and_grad(&mut self, op: &'static str) -> Result<(&Tensor, &mut Tensor)> {
+        let Param { name, value, grad, .. } = self;
+        let grad = grad.as_mut().ok_or_else(|| trainer_core::Error::Frozen { op, name: name.clone() })?;
+        Ok((value, grad))
+    }
+
+    /// The value to update and its gradient (an optimizer step).
+    pub fn value_mut_and_grad(&mut self, op: &'static str) -> Result<(&mut Tensor, &Tensor)> {
+        let Param { name, value, grad, .. } = self;
+        let grad = grad.as_ref().ok_or_else(|| trainer_core::Error::Frozen { op, name: name.clone() })?;
+        Ok((value, grad))
+    }
+
+    /// The gradient of a trainable parameter (the caller selected trainable ones).
+    pub fn grad(&self) -> Result<&Tensor> {
+        self.grad
+            .as_ref()
+            .ok_or_else(|| trainer_core::Error::Frozen { op: "reading gradients", name: self.name.clone() })
     }
 
     /// Decoupled weight decay applies to matrices (linear and embedding weights),
@@ -34,8 +76,19 @@ impl Param {
     }
 
     pub fn zero_grad(&mut self) -> Result<()> {
-        ops::zero(&mut self.grad)
+        self.grad.as_mut().map_or(Ok(()), ops::zero)
     }
+}
+
+/// The trainable ones of `params`, in order: what the optimizer updates and
+/// data parallelism reduces (indices into this list are their positions).
+pub fn trainable<'a>(params: &[&'a Param]) -> Vec<&'a Param> {
+    params.iter().copied().filter(|p| p.trainable()).collect()
+}
+
+/// [`trainable`] of mutable parameters.
+pub fn trainable_mut(params: Vec<&mut Param>) -> Vec<&mut Param> {
+    params.into_iter().filter(|p| p.trainable()).collect()
 }
 
 /// Gives `params` (a whole model's, in its order) the ids 0, 1, 2, ...
@@ -51,9 +104,9 @@ pub trait Module {
     fn params(&self) -> Vec<&Param>;
     fn params_mut(&mut self) -> Vec<&mut Param>;
 
-    /// One launch on a GPU, however many parameters.
+    /// One launch on a GPU, however many parameters (frozen ones have no gradient).
     fn zero_grad(&mut self) -> Result<()> {
-        let mut grads: Vec<&mut Tensor> = self.params_mut().into_iter().map(|p| &mut p.grad).collect();
+        let mut grads: Vec<&mut Tensor> = self.params_mut().into_iter().filter_map(|p| p.grad.as_mut()).collect();
         ops::fill_all(&mut grads, 0.0)
     }
 

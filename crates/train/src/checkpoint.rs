@@ -9,7 +9,8 @@
 //!   manifest.json                 format version, step, parallel layout, each file's
 //!                                 size and sha256, the trainer's counters and config
 //!   model.safetensors             (written by rank 0) parameters
-//!   optim_rank00000.safetensors   optimizer state: rank 0's, or one per rank under ZeRO-1
+//!   optim_rank00000.safetensors   optimizer state per parameter: rank 0's, or one per
+//!                                 rank under ZeRO-1 (each file lists the slices it holds)
 //! .step_00000200.partial/         a save in progress, or one that was killed: never read
 //! .step_00000050.deleting/        a checkpoint being pruned or replaced: never read
 //! ```
@@ -44,7 +45,10 @@ use crate::{Error, Result};
 
 /// Written into every manifest; a reader refuses other formats and newer versions.
 pub const FORMAT: &str = "trainer-checkpoint";
-pub const VERSION: u32 = 1;
+/// Version 2 stores every tensor under its parameter's name with the slice it
+/// holds (version 1 kept the optimizer state as one flat range over all
+/// parameters, readable only by the same model code; see `format.rs`).
+pub const VERSION: u32 = 2;
 const MANIFEST: &str = "manifest.json";
 
 fn err(path: &Path, msg: impl Into<String>) -> Error {
@@ -77,7 +81,45 @@ pub struct FileEntry {
     pub holds: String,
     pub bytes: u64,
     pub sha256: String,
+    /// Which slice of which parameter (by name) its tensors hold; the file's
+    /// metadata says the same.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub slices: BTreeMap<String, Slice>,
 }
+
+/// Which slice of a parameter a checkpoint's tensors hold: elements
+/// `start..end` of the parameter in its own row-major element order, and the
+/// parameter's global shape. A whole parameter is `0..numel`; a ZeRO shard's
+/// piece of one any contiguous range. The same slice means the same elements
+/// whichever layout wrote it, so any later layout reads the ones it needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Slice {
+    pub shape: Vec<usize>,
+    pub start: usize,
+    pub end: usize,
+}
+
+impl Slice {
+    /// All of a parameter of `shape`.
+    pub fn whole(shape: &[usize]) -> Slice {
+        Slice { shape: shape.to_vec(), start: 0, end: shape.iter().product() }
+    }
+
+    pub fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    pub fn is_whole(&self) -> bool {
+        self.start == 0 && self.end == self.shape.iter().product::<usize>()
+    }
+}
+
+/// The metadata key under which a file lists its [`Slice`]s (JSON: parameter name -> slice).
+pub const SLICES_KEY: &str = "slices";
 
 /// Where one rank's training data loader was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -296,19 +338,22 @@ impl PendingSave {
     }
 
     /// Writes one safetensors file of `tensors` (on any device) into the
-    /// checkpoint, fsyncs it and records its size and hash.
+    /// checkpoint, fsyncs it and records its size, hash and the parameter
+    /// slices it holds (also written into its metadata).
     pub fn write(
         &mut self,
         name: &str,
-        rank: Option<usize>,
-        holds: &str,
+        (rank, holds): (Option<usize>, &str),
         tensors: &[(String, &Tensor)],
-        metadata: BTreeMap<String, String>,
+        slices: BTreeMap<String, Slice>,
+        mut metadata: BTreeMap<String, String>,
     ) -> Result<()> {
         let path = self.tmp.join(name);
         if Path::new(name).file_name().is_none_or(|n| n != name) {
             return Err(err(&path, "a checkpoint file name must be a plain file name"));
         }
+        let listed = serde_json::to_string(&slices).map_err(|e| err(&path, format!("slices: {e}")))?;
+        metadata.insert(SLICES_KEY.into(), listed);
         let failed = RefCell::new(None);
         let views = tensors
             .iter()
@@ -326,7 +371,7 @@ impl PendingSave {
         }
         File::open(&path).and_then(|f| f.sync_all()).map_err(|e| io_err(&path, e))?;
         let (bytes, sha256) = hash_file(&path)?;
-        self.files.push(FileEntry { name: name.to_string(), rank, holds: holds.to_string(), bytes, sha256 });
+        self.files.push(FileEntry { name: name.to_string(), rank, holds: holds.to_string(), bytes, sha256, slices });
         Ok(())
     }
 
@@ -438,6 +483,14 @@ pub fn for_rank(rank: usize) -> impl Fn(&FileEntry) -> bool {
     move |f| f.rank.is_none_or(|r| r == rank)
 }
 
+/// A version 1 manifest in version 2's terms: its model was always GPT-2,
+/// described by the bare GPT-2 config. Its `version` stays 1: its optimizer
+/// files are read by `format.rs`'s version 1 path.
+fn upgrade_v1_manifest(json: &mut serde_json::Value) {
+    let model = json["state"]["model"].take();
+    json["state"]["model"] = serde_json::json!({ "kind": "gpt", "config": model });
+}
+
 /// Reads and checks a checkpoint directory: the manifest's format and version,
 /// every listed file's presence and size, and for the `wanted` files their
 /// SHA-256 and safetensors structure (those are loaded into host memory).
@@ -448,13 +501,21 @@ pub fn open(dir: &Path, wanted: &dyn Fn(&FileEntry) -> bool) -> Result<Opened> {
         std::io::ErrorKind::NotFound => err(dir, "no manifest.json: not a (complete) checkpoint directory"),
         _ => io_err(&path, e),
     })?;
-    let manifest: Manifest = serde_json::from_str(&text).map_err(|e| err(&path, format!("unreadable: {e}")))?;
-    if manifest.format != FORMAT {
-        return Err(err(&path, format!("format \"{}\" is not \"{FORMAT}\"", manifest.format)));
+    let mut json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| err(&path, format!("unreadable: {e}")))?;
+    let format = json["format"].as_str().unwrap_or("none");
+    if format != FORMAT {
+        return Err(err(&path, format!("format \"{format}\" is not \"{FORMAT}\"")));
     }
-    if manifest.version != VERSION {
-        return Err(err(&path, format!("format version {} (this trainer reads version {VERSION})", manifest.version)));
+    match json["version"].as_u64() {
+        Some(v) if v == u64::from(VERSION) => {}
+        Some(1) => upgrade_v1_manifest(&mut json),
+        v => {
+            let v = v.map_or("none".to_string(), |v| v.to_string());
+            return Err(err(&path, format!("format version {v} (this trainer reads versions 1 and {VERSION})")));
+        }
     }
+    let manifest: Manifest = serde_json::from_value(json).map_err(|e| err(&path, format!("unreadable: {e}")))?;
     for f in &manifest.files {
         if Path::new(&f.name).file_name().is_none_or(|n| n != f.name.as_str()) {
             return Err(err(&path, format!("file name {:?} is not a plain file name", f.name)));
@@ -522,7 +583,7 @@ mod tests {
     fn save(store: &Store, step: u64, value: f32) -> PathBuf {
         let a = Tensor::from_vec(vec![value; 6], [2, 3], &Device::Cpu).unwrap();
         let mut p = store.begin(step, 0).unwrap();
-        p.write("a.safetensors", None, "parameters", &[("a".into(), &a)], BTreeMap::new()).unwrap();
+        p.write("a.safetensors", (None, "parameters"), &[("a".into(), &a)], BTreeMap::new(), BTreeMap::new()).unwrap();
         p.commit(layout(), state()).unwrap()
     }
 
@@ -592,7 +653,7 @@ mod tests {
         let dir = save(&store, 1, 1.0);
         let m = dir.join(MANIFEST);
         let text = fs::read_to_string(&m).unwrap();
-        fs::write(&m, text.replace("\"version\": 1", "\"version\": 99")).unwrap();
+        fs::write(&m, text.replace("\"version\": 2", "\"version\": 99")).unwrap();
         let e = open(&dir, &all).unwrap_err().to_string();
         assert!(e.contains("manifest.json") && e.contains("version 99"), "{e}");
         fs::write(&m, "{").unwrap();

@@ -24,7 +24,7 @@ use trainer_comm::{ProcessGroup, ReduceOp, Work};
 use trainer_core::Tensor;
 use trainer_core::ops::{self, Span};
 use trainer_models::Model;
-use trainer_nn::{AdamW, FlatLayout, FlatPiece, Param, ParamId, Placement};
+use trainer_nn::{AdamW, FlatLayout, FlatPiece, Param, ParamId, Placement, trainable, trainable_mut};
 
 use crate::Result;
 
@@ -83,11 +83,12 @@ impl DataParallel {
         model: &dyn Model,
     ) -> Result<Self> {
         let (dtype, device) = (model.dtype(), model.device().clone());
-        let positions = model.params().iter().enumerate().map(|(i, p)| (p.id, i)).collect();
+        // Positions in the list of trainable parameters (frozen ones have no gradient to reduce).
+        let positions = trainable(&model.params()).iter().enumerate().map(|(i, p)| (p.id, i)).collect();
         let pieces = layout.pieces(0..layout.len);
         let own = if zero_stage == 1 { layout.pieces(layout.shard(group.rank())) } else { Vec::new() };
         let flat = Tensor::zeros([layout.len], dtype, &device)?;
-        let mut param_buckets = vec![Vec::new(); model.params().len()];
+        let mut param_buckets = vec![Vec::new(); trainable(&model.params()).len()];
         let buckets = buckets(layout.len, bucket_bytes / dtype.size_in_bytes())
             .into_iter()
             .enumerate()
@@ -138,28 +139,29 @@ impl DataParallel {
     /// buckets, and a bucket one or more parameters); after the backward
     /// pass's last gradients, everything left. `params` are the model's.
     pub(crate) fn grads_ready(&mut self, params: &[&Param], ids: &[ParamId]) -> Result<()> {
-        self.unfinished = self.unfinished.saturating_sub(ids.len());
+        let params = trainable(params);
+        let ours: Vec<usize> = ids.iter().filter_map(|id| self.positions.get(id).copied()).collect();
+        self.unfinished = self.unfinished.saturating_sub(ours.len());
         if self.unfinished == 0 {
-            return self.launch_rest(params);
+            return self.launch_rest(&params);
         }
-        for id in ids {
-            let Some(&p) = self.positions.get(id) else { continue };
+        for p in ours {
             for i in 0..self.param_buckets[p].len() {
                 let b = self.param_buckets[p][i];
                 self.buckets[b].waiting = self.buckets[b].waiting.saturating_sub(1);
                 if self.buckets[b].waiting == 0 && !self.buckets[b].launched {
-                    self.launch(params, b)?;
+                    self.launch(&params, b)?;
                 }
             }
         }
         Ok(())
     }
 
-    /// Copies bucket `b`'s gradients into the flat buffer and starts its
+    /// Copies bucket `b`'s gradients (`params`: the trainable ones) into the flat buffer and starts its
     /// all-reduce (after the copy, on the communication stream), with few
     /// thread blocks: it runs beside the rest of the backward pass.
     fn launch(&mut self, params: &[&Param], b: usize) -> Result<()> {
-        let grads: Vec<&Tensor> = params.iter().map(|p| &p.grad).collect();
+        let grads = params.iter().map(|p| p.grad()).collect::<trainer_core::Result<Vec<_>>>()?;
         let bucket = &mut self.buckets[b];
         ops::copy_spans(&mut [&mut self.flat], &grads, &bucket.pairs)?;
         let range = bucket.range.clone();
@@ -174,7 +176,7 @@ impl DataParallel {
     /// all-reduce moves data faster than several small ones: ~310 GB/s bus
     /// bandwidth at 64 MiB against ~260 at 16 MiB on 4 H200s).
     fn launch_rest(&mut self, params: &[&Param]) -> Result<()> {
-        let grads: Vec<&Tensor> = params.iter().map(|p| &p.grad).collect();
+        let grads = params.iter().map(|p| p.grad()).collect::<trainer_core::Result<Vec<_>>>()?;
         let rest: Vec<usize> = (0..self.buckets.len()).filter(|&b| !self.buckets[b].launched).collect();
         if rest.is_empty() {
             return Ok(());
@@ -200,8 +202,8 @@ impl DataParallel {
     /// gradient norm (of the averaged gradients, as one process would see it).
     pub(crate) fn reduce_gradients(&mut self, model: &dyn Model) -> Result<f64> {
         if self.zero_stage == 1 {
-            let params = model.params();
-            let grads: Vec<&Tensor> = params.iter().map(|p| &p.grad).collect();
+            let params = trainable(&model.params());
+            let grads = params.iter().map(|p| p.grad()).collect::<trainer_core::Result<Vec<_>>>()?;
             let pairs: Vec<(Span, Span)> = self.pieces.iter().map(|p| (p.in_flat(0), p.in_param())).collect();
             ops::copy_spans(&mut [&mut self.flat], &grads, &pairs)?;
             self.group.reduce_scatter_range(&mut self.flat, 0..self.layout.len, ReduceOp::Avg)?;
@@ -217,7 +219,7 @@ impl DataParallel {
         // Everything is queued before anything is waited for, so that the
         // all-reduces follow one another on the communication stream without
         // host round trips.
-        self.launch_rest(&model.params())?;
+        self.launch_rest(&trainable(&model.params()))?;
         for w in self.work.drain(..) {
             w.wait()?;
         }
@@ -228,7 +230,8 @@ impl DataParallel {
     /// rank holds the same parameters.
     pub(crate) fn update(&mut self, opt: &mut AdamW, model: &mut dyn Model, lr: f64, grad_scale: f64) -> Result<()> {
         {
-            let mut values: Vec<&mut Tensor> = model.params_mut().into_iter().map(|p| &mut p.value).collect();
+            let mut values: Vec<&mut Tensor> =
+                trainable_mut(model.params_mut()).into_iter().map(|p| &mut p.value).collect();
             // Under ZeRO-1 the optimizer covers only this rank's shard, so
             // only those parameter elements change here.
             opt.step(&mut values, Placement::PerParam, &[&self.flat], Placement::Flat, lr, grad_scale)?;
@@ -237,7 +240,8 @@ impl DataParallel {
             return Ok(());
         }
         // The gradient buffer is spent: it carries the updated shards to every rank.
-        let params = model.params();
+        let all = model.params();
+        let params = trainable(&all);
         let values: Vec<&Tensor> = params.iter().map(|p| &p.value).collect();
         let mine: Vec<(Span, Span)> = self.own.iter().map(|p| (p.in_flat(0), p.in_param())).collect();
         ops::copy_spans(&mut [&mut self.flat], &values, &mine)?;
@@ -245,7 +249,9 @@ impl DataParallel {
         drop(params);
         self.group.all_gather_range(&mut self.flat, 0..self.layout.len)?;
         let back: Vec<(Span, Span)> = self.pieces.iter().map(|p| (p.in_param(), p.in_flat(0))).collect();
-        let mut values: Vec<&mut Tensor> = model.params_mut().into_iter().map(|p| &mut p.value).collect();
+        drop(all);
+        let mut values: Vec<&mut Tensor> =
+            trainable_mut(model.params_mut()).into_iter().map(|p| &mut p.value).collect();
         ops::copy_spans(&mut values, &[&self.flat], &back)?;
         Ok(())
     }

@@ -8,7 +8,7 @@ use trainer_models::{Acts, Model};
 use crate::Result;
 use crate::checkpoint;
 use crate::config::Config;
-use crate::state::MODEL_FILE;
+use crate::format::MODEL_FILE;
 use crate::trainer::{compute_dtype, open_device, open_loader};
 
 #[derive(Debug, Clone, Copy)]

@@ -6,11 +6,12 @@ pub mod checkpoint;
 pub mod config;
 mod dp;
 mod eval;
+mod format;
 mod hooks;
 mod metrics;
 mod progress;
+mod resume;
 mod signals;
-mod state;
 mod trainer;
 
 pub use config::Config;
@@ -18,7 +19,7 @@ pub use eval::{EvalReport, evaluate, evaluate_checkpoint, evaluate_in, evaluate_
 pub use metrics::{Metrics, Value};
 pub use progress::Console;
 pub use signals::{StopSignal, signal_name};
-pub use trainer::{Outcome, TrainSummary, train, train_in};
+pub use trainer::{BuildModel, Outcome, TrainSummary, train, train_in, train_with};
 
 /// Errors of a training job, each a complete sentence naming the file or key.
 #[derive(Debug, thiserror::Error)]

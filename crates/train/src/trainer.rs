@@ -20,21 +20,24 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use trainer_comm::{Mesh, ProcessGroup, ReduceOp, World};
+use trainer_comm::{Mesh, ReduceOp, World};
 use trainer_core::{DType, Device};
 use trainer_data::{Batch, BatchLoader, Loader, LoaderPosition, Shard, find_files};
-use trainer_models::{Acts, InputSpec, Model, ModelDesc};
-use trainer_nn::{AdamW, AdamWConfig, Decay, FlatLayout, LrSchedule, clip_coefficient, global_grad_norm};
+use trainer_models::{Acts, InputSpec, Model};
+use trainer_nn::{
+    AdamW, AdamWConfig, Decay, FlatLayout, LrSchedule, clip_coefficient, global_grad_norm, trainable, trainable_mut,
+};
 
-use crate::checkpoint::{self, DataPosition, Layout, Opened, RunShape, Store, TrainerState};
-use crate::config::{BatchShape, Config, DecayKind, DeviceKind, LrScaling, Precision, Resume};
+use crate::checkpoint::{DataPosition, Layout, Opened, Store, TrainerState};
+use crate::config::{BatchShape, Config, DecayKind, DeviceKind, LrScaling, Precision};
 use crate::dp::{DataParallel, state_bytes};
 use crate::eval::evaluate_in;
+use crate::format::{self, Place};
 use crate::hooks::Hooks;
 use crate::metrics::{Metrics, Value};
 use crate::progress::Console;
+use crate::resume::{self, find_resume, run_shape};
 use crate::signals::{StopSignal, signal_name};
-use crate::state::{self, Place};
 use crate::{Error, Result};
 
 /// How a run ended, short of an error.
@@ -136,114 +139,6 @@ fn schedule(cfg: &Config, dp: usize) -> LrSchedule {
     }
 }
 
-fn run_shape(cfg: &Config, batch: &BatchShape) -> RunShape {
-    let t = &cfg.training;
-    RunShape {
-        dtype: compute_dtype(cfg).to_string(),
-        micro_batch_size: t.micro_batch_size,
-        seq_len: t.seq_len,
-        grad_accum_steps: batch.grad_accum_steps,
-        data_train: cfg.data.train.clone(),
-    }
-}
-
-/// The checkpoint to continue from, per `checkpoint.resume`, opened (this
-/// rank's files checked and loaded) and checked against this run. Rank 0
-/// decides (the others would race it removing leftovers, and could see
-/// another newest checkpoint) and tells the others which directory it chose.
-fn find_resume(
-    cfg: &Config,
-    store: &Store,
-    model: &ModelDesc,
-    (place, batch): (&Place, &BatchShape),
-    console: &Console,
-    world: &ProcessGroup,
-) -> Result<Option<Opened>> {
-    let wanted = checkpoint::for_rank(place.rank);
-    let mut opened = if place.rank == 0 { decide_resume(cfg, store, &wanted, console)? } else { None };
-    if world.size() > 1 {
-        use std::os::unix::ffi::{OsStrExt, OsStringExt};
-        let mut path = opened.as_ref().map(|o| o.dir.as_os_str().as_bytes().to_vec());
-        // 0: start afresh; else the length of the path + 1.
-        let mut len = [path.as_ref().map_or(0, |p| p.len() as u64 + 1)];
-        world.broadcast_host(&mut len, 0)?;
-        if len[0] > 0 {
-            let mut bytes = path.take().unwrap_or_else(|| vec![0; len[0] as usize - 1]);
-            world.broadcast_host(&mut bytes, 0)?;
-            if place.rank != 0 {
-                let dir = PathBuf::from(std::ffi::OsString::from_vec(bytes));
-                let o = checkpoint::open(&dir, &wanted).map_err(|e| {
-                    cfg.error(format!(
-                        "checkpoint.resume: rank 0 chose {} but this rank cannot use it: {e}",
-                        dir.display()
-                    ))
-                })?;
-                opened = Some(o);
-            }
-        }
-    }
-    if let Some(o) = &opened {
-        let manifest_path = o.dir.join("manifest.json");
-        for w in state::check_fit(&o.manifest, &manifest_path, model, &run_shape(cfg, batch), &place.layout)? {
-            console.warn(&w);
-        }
-    }
-    Ok(opened)
-}
-
-/// Rank 0's choice of checkpoint (see [`find_resume`]).
-fn decide_resume(
-    cfg: &Config,
-    store: &Store,
-    wanted: &dyn Fn(&checkpoint::FileEntry) -> bool,
-    console: &Console,
-) -> Result<Option<Opened>> {
-    for p in store.remove_leftovers()? {
-        console.warn(&format!("removed {}, left by an interrupted save", p.display()));
-    }
-    let existing = store.list()?;
-    let opened = match cfg.resume() {
-        Resume::Never => {
-            if let Some((_, newest)) = existing.first() {
-                return Err(cfg.error(format!(
-                    "checkpoint.resume = \"none\" but checkpoint.dir {} already holds checkpoints (newest {}): a \
-                     later resume would mix two runs; use another checkpoint.dir or remove them",
-                    store.dir().display(),
-                    newest.display()
-                )));
-            }
-            None
-        }
-        Resume::Auto => {
-            let found = store.latest(wanted, &|w| console.warn(w))?;
-            if found.is_none() && !existing.is_empty() {
-                return Err(cfg.error(format!(
-                    "checkpoint.resume = \"auto\": none of the {} checkpoints in {} checks out (see the warnings \
-                     above); to start afresh use another checkpoint.dir with checkpoint.resume = \"none\"",
-                    existing.len(),
-                    store.dir().display()
-                )));
-            }
-            found
-        }
-        Resume::From(path) => {
-            let o = checkpoint::resolve(&path, wanted, &|w| console.warn(w))
-                .map_err(|e| cfg.error(format!("checkpoint.resume = \"{}\": {e}", path.display())))?;
-            if let Some((step, newer)) = existing.first().filter(|(s, _)| *s > o.manifest.step) {
-                return Err(cfg.error(format!(
-                    "checkpoint.resume = \"{}\" is step {} but checkpoint.dir already holds the newer {} (step \
-                     {step}): a later resume would mix two runs; use another checkpoint.dir or remove it",
-                    path.display(),
-                    o.manifest.step,
-                    newer.display()
-                )));
-            }
-            Some(o)
-        }
-    };
-    Ok(opened)
-}
-
 /// A training run in progress: the model, its optimizer, the data and the
 /// counters that a checkpoint saves.
 struct Run<'a> {
@@ -279,9 +174,8 @@ struct Run<'a> {
 
 impl<'a> Run<'a> {
     /// Builds everything, from a checkpoint when `checkpoint.resume` finds one.
-    fn new(cfg: &'a Config, world: &World) -> Result<Self> {
+    fn new(cfg: &'a Config, world: &World, build: &BuildModel<'_>) -> Result<Self> {
         let hooks = Hooks::from_env()?;
-        let desc = cfg.model_desc().map_err(|msg| cfg.error(msg))?;
         let device = open_rank_device(cfg, world)?;
         let mesh = Mesh::new(world, &cfg.mesh_spec(), &device).map_err(|e| match e {
             trainer_comm::Error::Config(msg) => cfg.error(msg),
@@ -298,7 +192,8 @@ impl<'a> Run<'a> {
 
         // The model's parameters are allocated (zero) but not initialized:
         // the data is checked against it before any work.
-        let mut model = trainer_models::build(&desc, compute_dtype(cfg), &device)?;
+        let mut model = build(&device)?;
+        let desc = model.desc();
         // Data first: a missing or corrupt shard should fail before any model work.
         let input = model.input();
         let train_loader = open_loader("data.train", &cfg.data.train, input, bt, t_cfg.seed, true, (dp_rank, dp))?;
@@ -330,9 +225,10 @@ impl<'a> Run<'a> {
         let o = &cfg.optimizer;
         let adamw = AdamWConfig { beta1: o.beta1, beta2: o.beta2, eps: o.eps, weight_decay: o.weight_decay };
         let shards = if zero_stage == 1 { dp } else { 1 };
-        let layout = FlatLayout::new(&model.params(), shards);
+        // The optimizer and data parallelism see only trainable parameters.
+        let layout = FlatLayout::new(&trainable(&model.params()), shards);
         let range = layout.shard(if zero_stage == 1 { dp_rank } else { 0 });
-        let opt = AdamW::for_range(adamw, &model.params(), layout.clone(), range)?;
+        let opt = AdamW::for_range(adamw, &trainable(&model.params()), layout.clone(), range)?;
         let data_parallel = if dp > 1 {
             let bucket_bytes = (cfg.parallel.bucket_mb * (1 << 20) as f64) as usize;
             let buckets = (bucket_bytes, cfg.parallel.overlap);
@@ -377,14 +273,14 @@ impl<'a> Run<'a> {
         let remaining = self.cfg.training.max_steps.saturating_sub(from.manifest.step) as usize
             * self.batch.grad_accum_steps
             * self.batch.dp;
-        let (pos, warning) = state::data_position(
+        let (pos, warning) = resume::data_position(
             &from.manifest,
             &manifest_path,
             (self.mesh.dp().rank(), self.batch.dp),
             self.train_loader.micro_batches(),
             remaining,
         )?;
-        state::restore(from, self.model.as_mut(), &mut self.opt)?;
+        format::restore(from, self.model.as_mut(), &mut self.opt)?;
         if let Some(w) = warning {
             self.console.warn(&w);
         }
@@ -497,7 +393,7 @@ impl<'a> Run<'a> {
             run: run_shape(c, &self.batch),
             config: self.config_toml.clone(),
         };
-        let dir = state::save(
+        let dir = format::save(
             &self.store,
             self.step,
             self.model.as_ref(),
@@ -633,7 +529,7 @@ impl<'a> Run<'a> {
             let lr = self.schedule.lr(self.step);
             let clip = clip_coefficient(norm, t_cfg.grad_clip);
             match &mut self.dp {
-                None => self.opt.update(self.model.params_mut(), lr, clip)?,
+                None => self.opt.update(trainable_mut(self.model.params_mut()), lr, clip)?,
                 Some(dp) => dp.update(&mut self.opt, self.model.as_mut(), lr, clip)?,
             }
             self.step = next;
@@ -762,8 +658,21 @@ pub fn train(cfg: &Config, stop: &StopSignal) -> Result<TrainSummary> {
 /// the caller must end the job (`trainer_comm::abort_job`) instead of
 /// returning.
 pub fn train_in(cfg: &Config, stop: &StopSignal, world: &World) -> Result<TrainSummary> {
+    let desc = cfg.model_desc().map_err(|msg| cfg.error(msg))?;
+    let dtype = compute_dtype(cfg);
+    train_with(cfg, stop, world, &|device: &Device| Ok(trainer_models::build(&desc, dtype, device)?))
+}
+
+/// Makes the model to train on this rank's device, every parameter allocated
+/// (its values are set by initialization, `model.init_from` or a checkpoint).
+pub type BuildModel<'a> = dyn Fn(&Device) -> Result<Box<dyn Model>> + 'a;
+
+/// [`train_in`] with the model that `build` makes instead of the one the
+/// config's `[model]` section describes: for models that live outside the
+/// models crate (tests, experiments). Everything else comes from `cfg`.
+pub fn train_with(cfg: &Config, stop: &StopSignal, world: &World, build: &BuildModel<'_>) -> Result<TrainSummary> {
     let rank = world.rank();
-    let mut run = Run::new(cfg, world)?;
+    let mut run = Run::new(cfg, world, build)?;
     run.print_header();
     if run.step == 0 {
         run.evaluate()?;

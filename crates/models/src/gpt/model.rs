@@ -235,7 +235,8 @@ impl Gpt {
         let mut tell = |model: &Gpt, done: Vec<ParamId>| ready(&model.params(), &done).map_err(Error::Ready);
         let GptActs { tokens, encoded, blocks, lnf, lnf_stats, logits, dresid, dlnf, grads, token_index, .. } = acts;
         // LM head: dlnf = dlogits @ wte; dwte += dlogits^T @ lnf.
-        ops::linear_backward(dlnf, &mut self.wte.grad, None, logits, lnf, &self.wte.value)?;
+        let (wte, dwte) = self.wte.value_and_grad("LM head backward")?;
+        ops::linear_backward(dlnf, dwte, None, logits, lnf, wte)?;
         // The residual stream's gradient starts at zero and collects every branch.
         ops::zero(dresid)?;
         let last = blocks.last().map_or(&*encoded, |a| &a.out);
@@ -247,7 +248,9 @@ impl Gpt {
             self.blocks[i].backward(dresid, x, &mut rest[0], grads)?;
             tell(self, ids(self.blocks[i].params()))?;
         }
-        ops::embedding_backward(&mut self.wte.grad, &mut self.wpe.grad, dresid, tokens, token_index)?;
+        const OP: &str = "embedding backward";
+        let (dwte, dwpe) = (self.wte.grad_mut(OP)?, self.wpe.grad_mut(OP)?);
+        ops::embedding_backward(dwte, dwpe, dresid, tokens, token_index)?;
         tell(self, vec![self.wte.id, self.wpe.id])
     }
 
