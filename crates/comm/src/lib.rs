@@ -34,7 +34,8 @@ mod nccl;
 mod world;
 
 pub use error::{Error, Result};
-pub use group::{HostScalar, ProcessGroup, ReduceOp, Work, shard_len};
+pub use group::{HostScalar, P2p, ProcessGroup, Work, shard_len};
 pub use launch::LaunchEnv;
 pub use mesh::{Axis, Coords, Mesh, MeshShape, MeshSpec};
+pub use trainer_core::collective::{Collective, ReduceOp};
 pub use world::{CommOptions, World, abort_job, on_abort};
