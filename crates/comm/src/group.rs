@@ -567,7 +567,7 @@ impl ProcessGroup {
 
     /// [`ProcessGroup::start_all_reduce`] for communication that runs while
     /// the GPU computes: on NCCL it goes through the group's background
-    /// communicator, which uses at most [`CommOptions::background_ctas`]
+    /// communicator, which uses at most [`crate::CommOptions::background_ctas`]
     /// thread blocks, so that it takes few multiprocessors from the compute
     /// kernels it overlaps (without one, when that option is 0 or NCCL is
     /// older than 2.18, it is a plain all-reduce; on MPI always). In order
