@@ -200,13 +200,15 @@ pub(crate) fn exchange(
         let mut sends = Vec::new();
         // Receives first: a send that finds its receive posted needs no buffering.
         for (i, t) in transfers.into_iter().enumerate() {
-            reqs.push(None);
-            match t {
+            reqs.push(match t {
                 Transfer::Recv(buf, peer) => {
-                    reqs[i] = Some(c.comm.process_at_rank(peer as i32).immediate_receive_into(scope, buf))
+                    Some(c.comm.process_at_rank(peer as i32).immediate_receive_into(scope, buf))
                 }
-                Transfer::Send(buf, peer) => sends.push((i, buf, peer)),
-            }
+                Transfer::Send(buf, peer) => {
+                    sends.push((i, buf, peer));
+                    None
+                }
+            });
         }
         for (i, buf, peer) in sends {
             moved[i] = buf.len();

@@ -261,7 +261,7 @@ struct Checker {
 impl Checker {
     fn dtypes(&self) -> Vec<DType> {
         match self.device {
-            Device::Cpu => vec![DType::F32, DType::F64, DType::BF16],
+            Device::Cpu => vec![DType::F32, DType::F64, DType::BF16, DType::F16],
             Device::Cuda(_) => vec![DType::F32, DType::BF16],
         }
     }
