@@ -25,6 +25,10 @@ status() { if [ "$1" -eq 0 ]; then echo pass; else echo "FAIL($1)"; fi; }
 # Expected to fail: passes when the job ended non-zero with the expected line.
 expect_abort() { if [ "$1" -ne 0 ] && grep -q "$2" "$out/$3.log"; then echo pass; else echo "FAIL($1)"; fi; }
 
+# collectives: sum/avg/max/min, reduce-scatter, all-gather, broadcast, send/recv
+# and batched two-way exchanges on every mesh layout's groups and on groups of
+# odd rank lists ({0,n-1}, {1..n-1}, {n-1,0}), and a 1M-element ring exchange
+# both ways at once.
 run 2 nccl_2 collectives --device cuda; c2=$?
 run "$np" nccl_n collectives --device cuda; cn=$?
 # Background communicator (the trainer's overlapped buckets): collectives, and
@@ -34,6 +38,9 @@ run "$np" nccl_bg_fail fail --rank 1 --device cuda --background-ctas 2; fg=$?
 run "$np" mpi_n collectives --device cpu; cc=$?
 run "$np" nccl_fail fail --rank 1 --device cuda; f=$?
 MPI_TIMEOUT=60 run 2 nccl_timeout --timeout-ms 5000 timeout --rank 1 --device cuda; t=$?
+# The same with a max all-reduce, and with a batched exchange (--op).
+MPI_TIMEOUT=60 run 2 nccl_timeout_max --timeout-ms 5000 timeout --rank 1 --op max --device cuda; tm=$?
+MPI_TIMEOUT=60 run 2 nccl_timeout_exchange --timeout-ms 5000 timeout --rank 1 --op exchange --device cuda; te=$?
 run "$np" bench_f32 bench --device cuda --dtype f32 --max-mib 1024; b=$?
 run "$np" bench_bf16 bench --device cuda --dtype bf16 --max-mib 1024; bb=$?
 run "$np" bench_bf16_bg bench --device cuda --dtype bf16 --max-mib 256 --background-ctas 2; bg=$?
@@ -49,5 +56,7 @@ printf '%-30s %s\n' "nccl collectives 2 ranks" "$(status $c2)" "nccl collectives
   "nccl rank failure" "$(expect_abort $f 'rank 1 of [0-9]*: deliberate failure' nccl_fail)" \
   "nccl failure, background comm" "$(expect_abort $fg 'rank 1 of [0-9]*: deliberate failure' nccl_bg_fail)" \
   "nccl timeout" "$(expect_abort $t 'NCCL all_reduce (sum) of 4 f32 elements.*did not complete within 5 s' nccl_timeout)" \
+  "nccl timeout max" "$(expect_abort $tm 'NCCL all_reduce (max) of 4 f32 elements.*did not complete within 5 s' nccl_timeout_max)" \
+  "nccl timeout exchange" "$(expect_abort $te 'NCCL exchange (send of 4 f32 elements to rank 1; recv of 4 f32 elements from rank 1).*did not complete within 5 s' nccl_timeout_exchange)" \
   "bench f32" "$(status $b)" "bench bf16" "$(status $bb)" "bench bf16 background" "$(status $bg)"
 grep -h "busbw at 1 GiB" "$out"/bench_*.log

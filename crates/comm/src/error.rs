@@ -38,6 +38,18 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// For the [`trainer_core::collective::Collective`] methods: a tensor error
+/// stays one, any other keeps this error whole (its message names the
+/// operation and the group).
+impl From<Error> for trainer_core::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Core(e) => e,
+            e => trainer_core::Error::Collective(Box::new(e)),
+        }
+    }
+}
+
 pub(crate) fn cuda_err(context: impl Into<String>, e: impl std::fmt::Display) -> Error {
     Error::Cuda { context: context.into(), msg: e.to_string() }
 }

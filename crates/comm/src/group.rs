@@ -12,8 +12,14 @@
 //! its flat data, so that flat gradient buckets and ZeRO shards need no
 //! copies. Reduce-scatter and all-gather split the range into `size` equal
 //! shards (NCCL's layout): shard `i` belongs to group rank `i`; pad flat
-//! buffers with [`shard_len`].
+//! buffers with [`shard_len`]. Point-to-point transfers that must not wait
+//! for each other (a pipeline stage sending forward while receiving from
+//! behind) go together in one [`ProcessGroup::exchange`].
+//!
+//! The model crates see a group through [`trainer_core::collective::Collective`],
+//! which [`ProcessGroup`] implements.
 
+use std::cell::Cell;
 use std::fmt;
 use std::ops::Range;
 use std::rc::Rc;
@@ -24,33 +30,18 @@ use cudarc::driver::{CudaEvent, CudaStream};
 use cudarc::nccl::result as nccl;
 use cudarc::nccl::sys::ncclRedOp_t;
 use half::{bf16, f16};
+use mpi::collective::SystemOperation;
 use mpi::datatype::Equivalence;
 use mpi::topology::{Color, SimpleCommunicator};
 use mpi::traits::*;
+use trainer_core::collective::{Collective, ReduceOp};
 use trainer_core::{CudaDevice, DType, Device, Tensor};
 
 use crate::error::cuda_err;
-use crate::mpi_backend::{self, Deadline, MpiComm};
+use crate::mpi_backend::{self, Deadline, MpiComm, Transfer};
 use crate::nccl::{NcclComm, nccl_dtype};
 use crate::world::{World, guarded};
 use crate::{Error, Result};
-
-/// How values are combined across ranks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReduceOp {
-    Sum,
-    /// The sum divided by the group size (floats only).
-    Avg,
-}
-
-impl fmt::Display for ReduceOp {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ReduceOp::Sum => "sum",
-            ReduceOp::Avg => "avg",
-        })
-    }
-}
 
 /// The smallest length of at least `len` elements that splits into `size`
 /// equal shards (for padding flat buffers before reduce-scatter/all-gather).
@@ -145,6 +136,45 @@ macro_rules! host_scalar {
 }
 
 host_scalar!(float: f32, f64; int: u8, u32, u64, i32, i64);
+
+/// One transfer of a batched [`ProcessGroup::exchange`]: elements `range` of
+/// `tensor` sent to, or received from, group rank `peer`.
+#[derive(Debug)]
+pub enum P2p<'a> {
+    Send { tensor: &'a Tensor, range: Range<usize>, peer: usize },
+    Recv { tensor: &'a mut Tensor, range: Range<usize>, peer: usize },
+}
+
+impl<'a> P2p<'a> {
+    /// Sends the whole tensor to group rank `peer`.
+    pub fn send(tensor: &'a Tensor, peer: usize) -> Self {
+        let range = 0..tensor.numel();
+        P2p::Send { tensor, range, peer }
+    }
+
+    /// Receives the whole tensor from group rank `peer`.
+    pub fn recv(tensor: &'a mut Tensor, peer: usize) -> Self {
+        let range = 0..tensor.numel();
+        P2p::Recv { tensor, range, peer }
+    }
+
+    /// The tensor, range, peer and the peer's role (for messages).
+    fn parts(&self) -> (&Tensor, &Range<usize>, usize, &'static str) {
+        match self {
+            P2p::Send { tensor, range, peer } => (tensor, range, *peer, "destination"),
+            P2p::Recv { tensor, range, peer } => (tensor, range, *peer, "source"),
+        }
+    }
+}
+
+impl fmt::Display for P2p<'_> {
+    /// "send of 4 f32 elements to rank 1", "recv of ... from rank 3".
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (t, range, peer, _) = self.parts();
+        let (what, dir) = if matches!(self, P2p::Send { .. }) { ("send", "to") } else { ("recv", "from") };
+        write!(f, "{what} of {} {} elements {dir} rank {peer}", range.len(), t.dtype())
+    }
+}
 
 /// The same set of ranks, in the same order, on every member.
 struct Inner {
@@ -273,11 +303,37 @@ fn nccl_op(op: ReduceOp) -> ncclRedOp_t {
     match op {
         ReduceOp::Sum => ncclRedOp_t::ncclSum,
         ReduceOp::Avg => ncclRedOp_t::ncclAvg,
+        ReduceOp::Max => ncclRedOp_t::ncclMax,
+        ReduceOp::Min => ncclRedOp_t::ncclMin,
+    }
+}
+
+/// MPI's operation for `op`; an average is a sum divided on the way back
+/// from the wire type (`with_lanes!`, `all_reduce_host`).
+fn mpi_op(op: ReduceOp) -> SystemOperation {
+    match op {
+        ReduceOp::Sum | ReduceOp::Avg => SystemOperation::sum(),
+        ReduceOp::Max => SystemOperation::max(),
+        ReduceOp::Min => SystemOperation::min(),
     }
 }
 
 /// The most elements one MPI call can name (its counts are C ints).
 const MPI_MAX_COUNT: usize = i32::MAX as usize;
+
+/// Elements `range` of a host tensor as raw bytes (what MPI moves when it
+/// does not compute on the data).
+fn host_bytes_mut(t: &mut Tensor, range: Range<usize>) -> Result<&mut [u8]> {
+    Ok(with_words!(t, range, as_mut_slice, cast_slice_mut, |s| bytemuck::cast_slice_mut(s)))
+}
+
+/// The first few items, "; "-separated, then how many there are in all.
+fn list(items: &[&str]) -> String {
+    match items.len() {
+        0..=4 => items.join("; "),
+        n => format!("{}; ... ({n} in all)", items[..4].join("; ")),
+    }
+}
 
 impl ProcessGroup {
     /// A group of one process: every operation checks its arguments and does
@@ -293,36 +349,49 @@ impl ProcessGroup {
         }
     }
 
-    /// This rank's member of the group `members` (world ranks, in group
-    /// order), numbered `color` among the groups that partition the world.
-    /// Collective over the whole world: every rank calls it, each with its own
-    /// group, all groups of one call having the same size.
-    pub(crate) fn split(
+    /// This rank's group among `groups`: disjoint lists of world ranks, each
+    /// in group-rank order; None where this rank is in none of them.
+    /// Collective over the whole world: every rank calls it with the same
+    /// lists (one MPI_Comm_split, then an NCCL communicator among the members
+    /// of each group of several ranks when `device` is a GPU). The lists are
+    /// checked first, alike on every rank, so a bad one fails everywhere
+    /// before anything is communicated.
+    pub(crate) fn from_lists(
         world: &World,
         name: &str,
-        color: usize,
-        members: &[usize],
+        groups: &[Vec<usize>],
         device: &Device,
-    ) -> Result<ProcessGroup> {
-        let timeout = world.options().timeout;
+    ) -> Result<Option<ProcessGroup>> {
+        check_lists(name, groups, world.size())?;
+        let (me, timeout) = (world.rank(), world.options().timeout);
+        let mine = groups.iter().enumerate().find_map(|(color, members)| {
+            members.iter().position(|&r| r == me).map(|rank| (color, members.as_slice(), rank))
+        });
+        let local = || ProcessGroup::local(name, me, timeout);
         let Some(runtime) = world.mpi_runtime() else {
-            return Ok(ProcessGroup::local(name, world.rank(), timeout));
+            return Ok(mine.map(|_| local()));
         };
-        if members.len() <= 1 {
-            return Ok(ProcessGroup::local(name, world.rank(), timeout));
+        // Groups of one need no communicator; every rank sees that all are.
+        if groups.iter().all(|m| m.len() <= 1) {
+            return Ok(mine.map(|_| local()));
         }
-        let Some(rank) = members.iter().position(|&r| r == world.rank()) else {
-            return Err(Error::Launch(format!("group '{name}': rank {} is not among {members:?}", world.rank())));
-        };
+        let whole = matches!(groups, [only] if only.iter().copied().eq(0..world.size()));
         let world_comm = SimpleCommunicator::world();
-        let comm = guarded(&format!("creating the MPI communicator of process group '{name}'"), timeout, || {
-            if members.len() == world.size() {
-                Some(world_comm.duplicate())
-            } else {
-                world_comm.split_by_color_with_key(Color::with_value(color as i32), rank as i32)
-            }
-        })
-        .ok_or_else(|| Error::Launch(format!("group '{name}': MPI_Comm_split gave no communicator")))?;
+        let comm =
+            guarded(&format!("creating the MPI communicator of process group '{name}'"), timeout, || match mine {
+                _ if whole => Some(world_comm.duplicate()),
+                Some((color, members, rank)) if members.len() > 1 => {
+                    world_comm.split_by_color_with_key(Color::with_value(color as i32), rank as i32)
+                }
+                // Outside every group that communicates: takes part in the split
+                // (it is collective) and gets no communicator.
+                _ => world_comm.split_by_color(Color::undefined()),
+            });
+        let Some((_, members, rank)) = mine else { return Ok(None) };
+        if members.len() == 1 {
+            return Ok(Some(local()));
+        }
+        let comm = comm.ok_or_else(|| Error::Launch(format!("group '{name}': MPI_Comm_split gave no communicator")))?;
         if comm.size() as usize != members.len() || comm.rank() as usize != rank {
             return Err(Error::Launch(format!(
                 "group '{name}': MPI made a group of {} with this rank at {}, expected {} at {rank}",
@@ -337,7 +406,7 @@ impl ProcessGroup {
             Device::Cuda(d) => Some(NcclComm::new(d, &mpi, (rank, members.len()), &label, world.options())?),
             Device::Cpu => None,
         };
-        Ok(ProcessGroup {
+        Ok(Some(ProcessGroup {
             name: name.to_string(),
             inner: Rc::new(Inner {
                 rank,
@@ -347,7 +416,7 @@ impl ProcessGroup {
                 nccl,
                 mpi: Some(mpi),
             }),
-        })
+        }))
     }
 
     /// The same communicators under another name (a mesh axis that spans the
@@ -498,7 +567,7 @@ impl ProcessGroup {
 
     /// [`ProcessGroup::start_all_reduce`] for communication that runs while
     /// the GPU computes: on NCCL it goes through the group's background
-    /// communicator, which uses at most [`CommOptions::background_ctas`]
+    /// communicator, which uses at most [`crate::CommOptions::background_ctas`]
     /// thread blocks, so that it takes few multiprocessors from the compute
     /// kernels it overlaps (without one, when that option is 0 or NCCL is
     /// older than 2.18, it is a plain all-reduce; on MPI always). In order
@@ -521,7 +590,7 @@ impl ProcessGroup {
                 let what = || format!("MPI {what} on {}", self.label());
                 let dl = Deadline::new(self.inner.timeout, &what);
                 let div = if op == ReduceOp::Avg { self.inner.size as f64 } else { 1.0 };
-                with_lanes!(t, range, div, |s, to, from| mpi_backend::all_reduce(c, s, to, from, &dl));
+                with_lanes!(t, range, div, |s, to, from| mpi_backend::all_reduce(c, s, mpi_op(op), to, from, &dl));
                 Ok(Work::completed())
             }
             Backend::Nccl(n) => {
@@ -574,7 +643,9 @@ impl ProcessGroup {
                 let what = || format!("MPI {what} on {}", self.label());
                 let dl = Deadline::new(self.inner.timeout, &what);
                 let div = if op == ReduceOp::Avg { self.inner.size as f64 } else { 1.0 };
-                with_lanes!(t, range, div, |s, to, from| mpi_backend::reduce_scatter(c, s, mine, to, from, &dl));
+                with_lanes!(t, range, div, |s, to, from| {
+                    mpi_backend::reduce_scatter(c, s, mine, mpi_op(op), to, from, &dl)
+                });
                 Ok(Work::completed())
             }
             Backend::Nccl(n) => {
@@ -758,6 +829,121 @@ impl ProcessGroup {
         }
     }
 
+    // ---- batched point to point ----
+
+    /// [`ProcessGroup::start_exchange`], after which the compute stream
+    /// waits for it (the host does not block on a GPU).
+    pub fn exchange(&self, ops: &mut [P2p<'_>]) -> Result<()> {
+        self.start_exchange(ops)?.wait()
+    }
+
+    /// Starts every transfer of `ops` together, so that no order of sends and
+    /// receives among ranks that all post theirs can deadlock (a pipeline
+    /// stage sending forward while receiving from behind, both ways at
+    /// once). Each transfer needs its peer to list the opposite one with the
+    /// same length and dtype; transfers between the same two ranks match in
+    /// list order. Empty transfers are skipped (on both sides, as they have
+    /// the same length).
+    ///
+    /// NCCL: one group call (ncclGroupStart, ncclSend/ncclRecv, ncclGroupEnd)
+    /// on the communication stream, after the compute stream's work so far;
+    /// see [`Work`]. MPI: non-blocking sends and receives, polled until all
+    /// complete (done when this returns). Every transfer is checked before
+    /// any is posted; all tensors must be on the host, or all on the group's
+    /// GPU.
+    pub fn start_exchange(&self, ops: &mut [P2p<'_>]) -> Result<Work> {
+        const OP: &str = "exchange";
+        let mut backend = None;
+        for op in ops.iter() {
+            let (t, range, peer, role) = op.parts();
+            let b = self.backend(OP, t, range)?;
+            self.check_peer(OP, peer, role)?;
+            if let Some(first) = &backend
+                && std::mem::discriminant(first) != std::mem::discriminant(&b)
+            {
+                return Err(self.invalid(OP, "mixes host and GPU tensors; exchange each kind separately".into()));
+            }
+            backend = Some(b);
+        }
+        let mut live: Vec<&mut P2p<'_>> = ops.iter_mut().filter(|op| !op.parts().1.is_empty()).collect();
+        let texts: Vec<String> = live.iter().map(|op| op.to_string()).collect();
+        match backend {
+            _ if live.is_empty() => Ok(Work::completed()),
+            None | Some(Backend::Local) => Ok(Work::completed()),
+            Some(Backend::Mpi(c)) => {
+                let mut transfers = Vec::with_capacity(live.len());
+                for op in live.iter_mut() {
+                    let bytes = op.parts().0.dtype().size_in_bytes();
+                    if op.parts().1.len().saturating_mul(bytes) > MPI_MAX_COUNT {
+                        return Err(self.invalid(OP, format!("{op}: more bytes than one MPI call can move; split it")));
+                    }
+                    transfers.push(match op {
+                        P2p::Send { tensor, range, peer } => {
+                            Transfer::Send(&tensor.host_bytes()?[range.start * bytes..range.end * bytes], *peer)
+                        }
+                        P2p::Recv { tensor, range, peer } => {
+                            Transfer::Recv(host_bytes_mut(tensor, range.clone())?, *peer)
+                        }
+                    });
+                }
+                let pending: Vec<Cell<bool>> = texts.iter().map(|_| Cell::new(true)).collect();
+                let what = || {
+                    let left: Vec<&str> =
+                        texts.iter().zip(&pending).filter(|(_, p)| p.get()).map(|(t, _)| t.as_str()).collect();
+                    let (left_n, all) = (left.len(), texts.len());
+                    format!("MPI {OP} ({left_n} of {all} transfers left: {}) on {}", list(&left), self.label())
+                };
+                let moved = mpi_backend::exchange(c, transfers, &pending, &Deadline::new(self.inner.timeout, &what));
+                for (op, got) in live.iter().zip(moved) {
+                    if let P2p::Recv { tensor, range, .. } = op {
+                        let (dtype, bytes) = (tensor.dtype(), tensor.dtype().size_in_bytes());
+                        if got != range.len() * bytes {
+                            return Err(self.invalid(OP, format!("{op}: {} {dtype} elements arrived", got / bytes)));
+                        }
+                    }
+                }
+                Ok(Work::completed())
+            }
+            Some(Backend::Nccl(n)) => {
+                // (send?, device address, elements, dtype, peer) of each transfer.
+                let mut calls = Vec::with_capacity(live.len());
+                for op in live.iter_mut() {
+                    let dtype = self.nccl_type(OP, op.parts().0)?;
+                    calls.push(match op {
+                        P2p::Send { tensor, range, peer } => {
+                            (true, address(tensor, range.start), range.len(), dtype, *peer)
+                        }
+                        P2p::Recv { tensor, range, peer } => {
+                            (false, address_mut(tensor, range.start), range.len(), dtype, *peer)
+                        }
+                    });
+                }
+                let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                // SAFETY: each address and count lies inside its tensor's
+                // checked range; the caller keeps the tensors alive and
+                // leaves them alone until the work is waited for (`Work`).
+                // ncclGroupEnd runs even when a call inside the group failed,
+                // so the group is always closed.
+                let done = n.launch(format!("NCCL {OP} ({})", list(&refs)), false, |comm, stream| unsafe {
+                    nccl::group_start()?;
+                    let mut queued = Ok(nccl::NcclStatus::Success);
+                    for &(send, ptr, count, dtype, peer) in &calls {
+                        queued = match send {
+                            true => nccl::send(void(ptr), count, dtype, peer as i32, comm, stream),
+                            false => nccl::recv(void(ptr), count, dtype, peer as i32, comm, stream),
+                        };
+                        if queued.is_err() {
+                            break;
+                        }
+                    }
+                    let ended = nccl::group_end();
+                    queued.and(ended)
+                })?;
+                Ok(Work { pending: Some((done, n.device().clone())) })
+            }
+        }
+    }
+
     // ---- host-side ----
 
     /// Waits until every member has called it (a host barrier: it does not
@@ -785,7 +971,7 @@ impl ProcessGroup {
         let what = || format!("MPI {OP} ({op}) of {len} values on {}", self.label());
         let dl = Deadline::new(self.inner.timeout, &what);
         let from = |w: T| if op == ReduceOp::Avg { w.divide(n).unwrap_or(w) } else { w };
-        mpi_backend::all_reduce(c, buf, |x| x, from, &dl);
+        mpi_backend::all_reduce(c, buf, mpi_op(op), |x| x, from, &dl);
         Ok(())
     }
 
@@ -845,6 +1031,74 @@ impl ProcessGroup {
     }
 }
 
+/// The interface the model crates use; the inherent methods of the same names
+/// do the work (they take precedence inside this impl).
+impl Collective for ProcessGroup {
+    fn name(&self) -> &str {
+        ProcessGroup::name(self)
+    }
+
+    fn rank(&self) -> usize {
+        ProcessGroup::rank(self)
+    }
+
+    fn size(&self) -> usize {
+        ProcessGroup::size(self)
+    }
+
+    fn all_reduce(&self, t: &mut Tensor, op: ReduceOp) -> trainer_core::Result<()> {
+        Ok(ProcessGroup::all_reduce(self, t, op)?)
+    }
+
+    fn all_gather_range(&self, t: &mut Tensor, range: Range<usize>) -> trainer_core::Result<()> {
+        Ok(ProcessGroup::all_gather_range(self, t, range)?)
+    }
+
+    fn reduce_scatter_range(&self, t: &mut Tensor, range: Range<usize>, op: ReduceOp) -> trainer_core::Result<()> {
+        Ok(ProcessGroup::reduce_scatter_range(self, t, range, op)?)
+    }
+
+    fn shard(&self, range: Range<usize>) -> Range<usize> {
+        ProcessGroup::shard(self, range)
+    }
+}
+
+/// Checks the rank lists of [`ProcessGroup::from_lists`]: each non-empty,
+/// every rank one of the world's and in at most one list.
+fn check_lists(name: &str, groups: &[Vec<usize>], world_size: usize) -> Result<()> {
+    let mut owner: Vec<Option<usize>> = vec![None; world_size];
+    for (i, members) in groups.iter().enumerate() {
+        if members.is_empty() {
+            return Err(Error::Config(format!("process group '{name}': an empty list of ranks")));
+        }
+        for &r in members {
+            let Some(slot) = owner.get_mut(r) else {
+                return Err(Error::Config(format!(
+                    "process group '{name}': rank {r} in {members:?} is not a rank of this job of {world_size} \
+                     process(es) (0 to {})",
+                    world_size.saturating_sub(1)
+                )));
+            };
+            match slot.replace(i) {
+                None => {}
+                Some(j) if j == i => {
+                    return Err(Error::Config(format!(
+                        "process group '{name}': rank {r} appears twice in {members:?}"
+                    )));
+                }
+                Some(j) => {
+                    return Err(Error::Config(format!(
+                        "process group '{name}': rank {r} is in both {:?} and {members:?}; the groups made by one \
+                         call must not overlap",
+                        groups[j]
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// "ranks 0,1,2" (shortened for large groups).
 fn ranks_text(members: &[usize]) -> String {
     let shown: Vec<String> = members.iter().take(8).map(|r| r.to_string()).collect();
@@ -883,6 +1137,53 @@ mod tests {
         assert!(e.contains("average of u32"), "{e}");
         let e = g.all_reduce_host(&mut [1u64], ReduceOp::Avg).unwrap_err().to_string();
         assert!(e.contains("average of integers"), "{e}");
+    }
+
+    #[test]
+    fn single_group_exchange_is_checked() {
+        let g = ProcessGroup::single("pp");
+        g.exchange(&mut []).unwrap();
+        let t = Tensor::zeros([4], DType::F32, &Device::Cpu).unwrap();
+        let mut u = Tensor::zeros([4], DType::F32, &Device::Cpu).unwrap();
+        let e = g.exchange(&mut [P2p::send(&t, 0)]).unwrap_err().to_string();
+        assert!(e.contains("exchange on process group 'pp': destination 0 is this rank itself"), "{e}");
+        let bad = P2p::Recv { tensor: &mut u, range: 2..6, peer: 0 };
+        assert_eq!(bad.to_string(), "recv of 4 f32 elements from rank 0");
+        let e = g.exchange(&mut [bad]).unwrap_err().to_string();
+        assert!(e.contains("element range 2..6 is outside the tensor's 4 elements"), "{e}");
+    }
+
+    #[test]
+    fn rank_lists_are_checked() {
+        let e = |groups: &[Vec<usize>]| check_lists("tied", groups, 4).unwrap_err().to_string();
+        check_lists("tied", &[vec![0, 3], vec![2, 1]], 4).unwrap();
+        assert_eq!(e(&[vec![0], vec![]]), "process group 'tied': an empty list of ranks");
+        assert_eq!(
+            e(&[vec![0, 4]]),
+            "process group 'tied': rank 4 in [0, 4] is not a rank of this job of 4 process(es) (0 to 3)"
+        );
+        assert_eq!(e(&[vec![3, 0, 3]]), "process group 'tied': rank 3 appears twice in [3, 0, 3]");
+        assert!(e(&[vec![0, 3], vec![1, 3]]).contains("rank 3 is in both [0, 3] and [1, 3]"));
+
+        let world = World::single(Default::default());
+        let g = world.group_of("tied", &[0], &Device::Cpu).unwrap().unwrap();
+        assert_eq!((g.name(), g.rank(), g.size(), g.members()), ("tied", 0, 1, &[0usize][..]));
+        assert!(world.groups_of("none", &[], &Device::Cpu).unwrap().is_none());
+        let e = world.group_of("tied", &[0, 1], &Device::Cpu).unwrap_err();
+        assert!(matches!(e, Error::Config(_)) && e.to_string().contains("rank 1 in [0, 1]"), "{e}");
+    }
+
+    #[test]
+    fn collective_trait_reaches_the_group() {
+        let g = ProcessGroup::single("tp");
+        let c: &dyn Collective = &g;
+        assert_eq!((c.name(), c.rank(), c.size(), c.shard(0..6)), ("tp", 0, 1, 0..6));
+        let mut t = Tensor::from_vec(vec![1.0f32, 2.0], [2], &Device::Cpu).unwrap();
+        c.all_reduce(&mut t, ReduceOp::Max).unwrap();
+        // The group's own error, whole, behind the core error.
+        let e = c.all_gather_range(&mut t, 1..3).unwrap_err();
+        assert!(matches!(e, trainer_core::Error::Collective(_)), "{e:?}");
+        assert!(e.to_string().starts_with("all_gather on process group 'tp': element range 1..3"), "{e}");
     }
 
     #[test]

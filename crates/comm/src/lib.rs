@@ -1,9 +1,11 @@
 //! Communication for parallel training: who this process is ([`World`],
 //! read from the launcher's environment), how the ranks form a mesh
-//! ([`Mesh`]: tp innermost, then dp, then pp), and the collectives a group of
-//! ranks runs ([`ProcessGroup`]): MPI for tensors in host memory, NCCL for
-//! tensors on a GPU (bootstrapped through MPI), nothing at all for a group of
-//! one.
+//! ([`Mesh`]: tp innermost, then dp, then pp; groups of any other rank list
+//! from [`World::group_of`]), and the collectives and batched point-to-point
+//! transfers a group of ranks runs ([`ProcessGroup`]): MPI for tensors in
+//! host memory, NCCL for tensors on a GPU (bootstrapped through MPI), nothing
+//! at all for a group of one. The model crates reach a group through the
+//! [`Collective`] trait of `trainer-core`.
 //!
 //! A plain run, without `mpirun`, is a world of one that never initializes
 //! MPI. Under a launcher, MPI is initialized once in [`World::init`]; every
@@ -34,7 +36,8 @@ mod nccl;
 mod world;
 
 pub use error::{Error, Result};
-pub use group::{HostScalar, ProcessGroup, ReduceOp, Work, shard_len};
+pub use group::{HostScalar, P2p, ProcessGroup, Work, shard_len};
 pub use launch::LaunchEnv;
 pub use mesh::{Axis, Coords, Mesh, MeshShape, MeshSpec};
+pub use trainer_core::collective::{Collective, ReduceOp};
 pub use world::{CommOptions, World, abort_job, on_abort};

@@ -142,6 +142,17 @@ impl MeshShape {
             .collect()
     }
 
+    /// Every group of the axis, indexed by [`MeshShape::group_index`], each
+    /// in order along the axis (they partition the world).
+    pub fn groups(&self, axis: Axis) -> Vec<Vec<usize>> {
+        let mut groups = vec![Vec::new(); self.world_size() / self.size(axis)];
+        // Ranks grow with every coordinate, so ascending ranks are in axis order.
+        for r in 0..self.world_size() {
+            groups[self.group_index(axis, r)].push(r);
+        }
+        groups
+    }
+
     /// Which of the axis's groups `rank` is in (0 .. world / axis size).
     pub fn group_index(&self, axis: Axis, rank: usize) -> usize {
         let c = self.coords(rank);
@@ -155,7 +166,8 @@ impl MeshShape {
 
 /// The world, this rank's place on the mesh, and its group on each axis.
 /// Built once (collectively, by every rank) and passed to whoever needs a
-/// group.
+/// group. Groups of other rank lists (the tied embedding of the first and
+/// last stage) come from [`World::group_of`] and [`World::groups_of`].
 #[derive(Debug)]
 pub struct Mesh {
     shape: MeshShape,
@@ -179,8 +191,9 @@ impl Mesh {
             if shape.size(axis) == world.size() {
                 return Ok(world_group.renamed(axis.name()));
             }
-            let members = shape.group_members(axis, rank);
-            ProcessGroup::split(world, axis.name(), shape.group_index(axis, rank), &members, device)
+            world
+                .groups_of(axis.name(), &shape.groups(axis), device)?
+                .ok_or_else(|| Error::Launch(format!("rank {rank} is in no {} group of mesh {shape}", axis.name())))
         };
         let tp = axis_group(Axis::Tp)?;
         let dp = axis_group(Axis::Dp)?;
@@ -266,6 +279,10 @@ mod tests {
             }
             let groups: std::collections::HashSet<usize> = (0..12).map(|r| s.group_index(axis, r)).collect();
             assert_eq!(groups.len(), s.world_size() / s.size(axis));
+            let all = s.groups(axis);
+            for r in 0..s.world_size() {
+                assert_eq!(all[s.group_index(axis, r)], s.group_members(axis, r));
+            }
         }
     }
 

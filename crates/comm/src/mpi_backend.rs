@@ -7,13 +7,15 @@
 //! several ranks share a core, and a spinning rank would starve the one it is
 //! waiting for.
 //!
-//! MPI has no bf16 or f16 sum, so half-precision data is reduced as f32: each
-//! rank widens its values, MPI sums in f32, and the result is rounded once
-//! (an average divided before rounding). This is exact for the sums of a few
-//! bf16 values, deterministic, and the CPU path moves little data, so the
-//! doubled volume does not matter. Data that is only moved (broadcast,
-//! all-gather, send/recv) travels as raw 16-bit words.
+//! MPI has no bf16 or f16 arithmetic, so half-precision data is reduced as
+//! f32: each rank widens its values, MPI reduces in f32, and the result is
+//! rounded once (an average divided before rounding). This is exact for the
+//! sums of a few bf16 values and for max/min, deterministic, and the CPU path
+//! moves little data, so the doubled volume does not matter. Data that is
+//! only moved (broadcast, all-gather, send/recv) travels as raw 16-bit words;
+//! a batched exchange moves raw bytes.
 
+use std::cell::Cell;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -62,32 +64,43 @@ impl<'a> Deadline<'a> {
     }
 }
 
+/// Paces a polling loop: yields the core first, then sleeps in growing steps
+/// (up to 0.5 ms) so that a rank sharing its core lets the peer it waits for run.
+struct Backoff(u64);
+
+impl Backoff {
+    fn pause(&mut self) {
+        self.0 += 1;
+        if self.0 < 256 {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(Duration::from_micros((self.0 - 255).min(500)));
+        }
+    }
+}
+
 /// Polls `req` to completion, aborting the job at the deadline.
 fn complete<'a, D: ?Sized, S: Scope<'a>>(
     mut req: Request<'a, D, S>,
     deadline: &Deadline,
 ) -> mpi::point_to_point::Status {
-    let mut polls: u64 = 0;
+    let mut backoff = Backoff(0);
     loop {
         match req.test() {
             Ok(status) => return status,
             Err(pending) => req = pending,
         }
         deadline.check();
-        polls += 1;
-        if polls < 256 {
-            std::thread::yield_now();
-        } else {
-            std::thread::sleep(Duration::from_micros((polls - 255).min(500)));
-        }
+        backoff.pause();
     }
 }
 
-/// Sums (then divides by `divisor`, 1 for a plain sum) `data` across the
-/// group, widening each element to the wire type `W` and back.
+/// Reduces `data` across the group with `op`, converting each element to the
+/// wire type `W` and back (`from_wire` divides for an average).
 pub(crate) fn all_reduce<T: Copy, W: Equivalence + Copy + Default>(
     c: &MpiComm,
     data: &mut [T],
+    op: SystemOperation,
     to_wire: impl Fn(T) -> W,
     from_wire: impl Fn(W) -> T,
     deadline: &Deadline,
@@ -95,7 +108,7 @@ pub(crate) fn all_reduce<T: Copy, W: Equivalence + Copy + Default>(
     let send: Vec<W> = data.iter().map(|&x| to_wire(x)).collect();
     let mut recv = vec![W::default(); data.len()];
     mpi::request::scope(|scope| {
-        let req = c.comm.immediate_all_reduce_into(scope, &send[..], &mut recv[..], SystemOperation::sum());
+        let req = c.comm.immediate_all_reduce_into(scope, &send[..], &mut recv[..], op);
         complete(req, deadline);
     });
     for (d, r) in data.iter_mut().zip(recv) {
@@ -109,6 +122,7 @@ pub(crate) fn reduce_scatter<T: Copy, W: Equivalence + Copy + Default>(
     c: &MpiComm,
     data: &mut [T],
     mine: Range<usize>,
+    op: SystemOperation,
     to_wire: impl Fn(T) -> W,
     from_wire: impl Fn(W) -> T,
     deadline: &Deadline,
@@ -116,7 +130,7 @@ pub(crate) fn reduce_scatter<T: Copy, W: Equivalence + Copy + Default>(
     let send: Vec<W> = data.iter().map(|&x| to_wire(x)).collect();
     let mut recv = vec![W::default(); mine.len()];
     mpi::request::scope(|scope| {
-        let req = c.comm.immediate_reduce_scatter_block_into(scope, &send[..], &mut recv[..], SystemOperation::sum());
+        let req = c.comm.immediate_reduce_scatter_block_into(scope, &send[..], &mut recv[..], op);
         complete(req, deadline);
     });
     for (d, r) in data[mine].iter_mut().zip(recv) {
@@ -159,6 +173,71 @@ pub(crate) fn recv<T: Equivalence>(c: &MpiComm, data: &mut [T], src: usize, dead
         complete(req, deadline)
     });
     status.count(T::equivalent_datatype()).max(0) as usize
+}
+
+/// One side of a point-to-point transfer: raw bytes and the peer's rank.
+pub(crate) enum Transfer<'b> {
+    Send(&'b [u8], usize),
+    Recv(&'b mut [u8], usize),
+}
+
+/// Posts every transfer non-blocking and polls until all have completed, in
+/// whatever order their peers allow, aborting the job at the deadline; so no
+/// pattern of sends and receives between ranks that all post theirs can
+/// deadlock. Transfers between the same two ranks match in list order.
+/// `pending[i]` is cleared when transfer `i` completes (the deadline's
+/// message names those left). Returns the bytes each transfer moved.
+pub(crate) fn exchange(
+    c: &MpiComm,
+    transfers: Vec<Transfer<'_>>,
+    pending: &[Cell<bool>],
+    deadline: &Deadline,
+) -> Vec<usize> {
+    let mut moved = vec![0; transfers.len()];
+    let is_recv: Vec<bool> = transfers.iter().map(|t| matches!(t, Transfer::Recv(..))).collect();
+    mpi::request::scope(|scope| {
+        let mut reqs: Vec<Option<Request<'_, [u8], _>>> = Vec::with_capacity(transfers.len());
+        let mut sends = Vec::new();
+        // Receives first: a send that finds its receive posted needs no buffering.
+        for (i, t) in transfers.into_iter().enumerate() {
+            reqs.push(match t {
+                Transfer::Recv(buf, peer) => {
+                    Some(c.comm.process_at_rank(peer as i32).immediate_receive_into(scope, buf))
+                }
+                Transfer::Send(buf, peer) => {
+                    sends.push((i, buf, peer));
+                    None
+                }
+            });
+        }
+        for (i, buf, peer) in sends {
+            moved[i] = buf.len();
+            reqs[i] = Some(c.comm.process_at_rank(peer as i32).immediate_send(scope, buf));
+        }
+        let mut backoff = Backoff(0);
+        loop {
+            for (i, slot) in reqs.iter_mut().enumerate() {
+                let Some(req) = slot.take() else { continue };
+                match req.test() {
+                    Ok(status) => {
+                        if let Some(p) = pending.get(i) {
+                            p.set(false);
+                        }
+                        if is_recv[i] {
+                            moved[i] = status.count(u8::equivalent_datatype()).max(0) as usize;
+                        }
+                    }
+                    Err(req) => *slot = Some(req),
+                }
+            }
+            if reqs.iter().all(Option::is_none) {
+                return;
+            }
+            deadline.check();
+            backoff.pause();
+        }
+    });
+    moved
 }
 
 pub(crate) fn barrier(c: &MpiComm, deadline: &Deadline) {

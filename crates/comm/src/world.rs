@@ -195,7 +195,29 @@ impl World {
     /// a GPU. Every rank must call this (it is collective).
     pub fn group(&self, device: &Device) -> Result<ProcessGroup> {
         let members: Vec<usize> = (0..self.size).collect();
-        ProcessGroup::split(self, "world", 0, &members, device)
+        self.group_of("world", &members, device)?
+            .ok_or_else(|| Error::Launch(format!("rank {} is not in the world group", self.rank)))
+    }
+
+    /// The group of world ranks `ranks`, in that order (group rank `i` is
+    /// world rank `ranks[i]`), e.g. the first and last pipeline stage that
+    /// share the tied embedding. Collective over the whole world: every rank
+    /// calls it with the same list; the members get the group, every other
+    /// rank None (it has nothing to call, so nothing it could call by
+    /// mistake). The list must be non-empty, of ranks of this job, without
+    /// repeats: [`Error::Config`] otherwise, on every rank, before anything
+    /// is communicated. With a GPU `device`, the members also make an NCCL
+    /// communicator among themselves.
+    pub fn group_of(&self, name: &str, ranks: &[usize], device: &Device) -> Result<Option<ProcessGroup>> {
+        ProcessGroup::from_lists(self, name, &[ranks.to_vec()], device)
+    }
+
+    /// Several disjoint groups in one collective call (each like
+    /// [`World::group_of`]): every rank passes the same lists and gets the
+    /// group it is in, None if it is in none. One call instead of one per
+    /// group, e.g. the tied-embedding pair of every (tp, dp) position.
+    pub fn groups_of(&self, name: &str, groups: &[Vec<usize>], device: &Device) -> Result<Option<ProcessGroup>> {
+        ProcessGroup::from_lists(self, name, groups, device)
     }
 
     /// Prints `msg` as this rank's error and ends the whole job.

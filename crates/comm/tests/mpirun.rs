@@ -1,6 +1,7 @@
 //! Runs the comm_check program under `mpirun --oversubscribe` with 2, 3 and 4
-//! ranks: the collectives on every mesh layout, a failing rank, a panicking
-//! rank, a collective timeout and mesh errors. Skips with a message where
+//! ranks: the collectives (sum, avg, max, min, batched exchanges) on every
+//! mesh layout and on groups of odd rank lists, a failing rank, a panicking
+//! rank, timeouts of an all-reduce and an exchange, and mesh errors. Skips with a message where
 //! mpirun is missing, unless TRAINER_REQUIRE_MPI=1 (CI). The NCCL variants run
 //! only where at least two GPUs are visible.
 
@@ -134,6 +135,42 @@ fn collective_timeout_aborts_naming_the_operation() {
 }
 
 #[test]
+fn max_timeout_aborts_naming_the_operation() {
+    if !mpi_available() {
+        return;
+    }
+    let out = mpirun(2, &["--timeout-ms", "1500", "timeout", "--rank", "1", "--op", "max"]);
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(
+            "error: rank 0 of 2: MPI all_reduce (max) of 4 f32 elements on process group 'world' (ranks 0,1) \
+             did not complete within 1.5 s"
+        ),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn exchange_timeout_names_the_transfer_left() {
+    if !mpi_available() {
+        return;
+    }
+    // Rank 1 never posts its side; the others' receives from it stay open
+    // (their small sends may complete into MPI's buffers).
+    let out = mpirun(3, &["--timeout-ms", "1500", "timeout", "--rank", "1", "--op", "exchange"]);
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(stderr.contains("MPI exchange ("), "{stderr}");
+    assert!(
+        stderr.contains(
+            "recv of 4 f32 elements from rank 1) on process group 'world' (ranks 0,1,2) did not complete within 1.5 s"
+        ),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn communicator_creation_timeout_aborts() {
     if !mpi_available() {
         return;
@@ -211,5 +248,16 @@ fn nccl_timeout_aborts_naming_the_operation() {
     let (_, stderr) = text(&out);
     assert!(!out.status.success());
     assert!(stderr.contains("NCCL all_reduce (sum) of 4 f32 elements on process group 'world'"), "{stderr}");
+    assert!(stderr.contains("did not complete within 3 s"), "{stderr}");
+
+    let out = mpirun(2, &["--timeout-ms", "3000", "timeout", "--rank", "1", "--op", "exchange", "--device", "cuda"]);
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(
+            "NCCL exchange (send of 4 f32 elements to rank 1; recv of 4 f32 elements from rank 1) on process group 'world'"
+        ),
+        "{stderr}"
+    );
     assert!(stderr.contains("did not complete within 3 s"), "{stderr}");
 }

@@ -40,6 +40,12 @@ pub enum Error {
 
     #[error("{path}: {err}")]
     Io { path: String, err: std::io::Error },
+
+    /// A [`crate::collective::Collective`] operation failed; the
+    /// implementation's own error (`trainer_comm::Error`), which names the
+    /// operation and the group.
+    #[error(transparent)]
+    Collective(Box<dyn std::error::Error + Send + Sync>),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -6,7 +6,11 @@
 //! dtypes and devices, then dispatches on the storage: today to the plain CPU
 //! reference in `cpu`, later also to CUDA kernels. Model code calls `ops` only, so
 //! a new backend changes this crate and nothing above it.
+//!
+//! [`collective`] is the interface parallel layers use to talk to a group of
+//! ranks; the communication crate implements it.
 
+pub mod collective;
 mod cpu;
 pub mod cuda;
 mod device;

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use trainer_comm::{Axis, CommOptions, Mesh, MeshSpec, ProcessGroup, ReduceOp, World, abort_job, shard_len};
+use trainer_comm::{
+    Axis, Collective, CommOptions, Mesh, MeshSpec, P2p, ProcessGroup, ReduceOp, World, abort_job, shard_len,
+};
 use trainer_core::{DType, Device, Tensor};
 
 #[derive(Parser)]
@@ -34,9 +36,17 @@ enum DeviceKind {
     Cuda,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TimeoutOp {
+    Sum,
+    Max,
+    Exchange,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
-    /// Every collective on the world and on the groups of every mesh layout.
+    /// Every collective on the world, on the groups of every mesh layout and
+    /// on groups of odd rank lists; a large two-way exchange.
     Collectives {
         #[arg(long, value_enum, default_value = "cpu")]
         device: DeviceKind,
@@ -51,13 +61,18 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "cpu")]
         device: DeviceKind,
     },
-    /// Rank `rank` never joins an all-reduce (or, with --at-mesh, the
+    /// Rank `rank` never joins an operation (--op; or, with --at-mesh, the
     /// creation of the mesh's communicators); the others must time out.
     Timeout {
         #[arg(long)]
         rank: usize,
         #[arg(long)]
         at_mesh: bool,
+        /// What the others wait in: an all-reduce (sum or max) of 4 f32
+        /// elements, or an exchange (send 4 f32 elements to `rank` and
+        /// receive 4 from it).
+        #[arg(long, value_enum, default_value = "sum")]
+        op: TimeoutOp,
         #[arg(long, value_enum, default_value = "cpu")]
         device: DeviceKind,
     },
@@ -141,6 +156,8 @@ fn run(world: &World, cmd: Cmd) -> Result<()> {
                     c.group(g).with_context(|| format!("mesh {shape}, {} group", axis.name()))?;
                 }
             }
+            c.rank_lists(world, mesh.world())?;
+            c.large_exchange(mesh.world())?;
             mesh.world().barrier()?;
             if world.rank() == 0 {
                 println!(
@@ -167,7 +184,7 @@ fn run(world: &World, cmd: Cmd) -> Result<()> {
             device.synchronize()?;
             bail!("rank {} was not stopped after rank {rank} failed", world.rank())
         }
-        Cmd::Timeout { rank, at_mesh, device: kind } => {
+        Cmd::Timeout { rank, at_mesh, op, device: kind } => {
             let device = device(world, kind)?;
             if at_mesh && world.rank() == rank {
                 std::thread::sleep(Duration::from_secs(600));
@@ -180,9 +197,16 @@ fn run(world: &World, cmd: Cmd) -> Result<()> {
                 return Ok(());
             }
             let mut t = Tensor::zeros([4], DType::F32, &device)?;
-            mesh.world().all_reduce(&mut t, ReduceOp::Sum)?;
+            match op {
+                TimeoutOp::Sum => mesh.world().all_reduce(&mut t, ReduceOp::Sum)?,
+                TimeoutOp::Max => mesh.world().all_reduce(&mut t, ReduceOp::Max)?,
+                TimeoutOp::Exchange => {
+                    let out = Tensor::zeros([4], DType::F32, &device)?;
+                    mesh.world().exchange(&mut [P2p::send(&out, rank), P2p::recv(&mut t, rank)])?
+                }
+            }
             device.synchronize()?;
-            bail!("rank {}: the all-reduce completed without rank {rank}", world.rank())
+            bail!("rank {}: the operation completed without rank {rank}", world.rank())
         }
         Cmd::Mesh { dp, tp, pp } => {
             let mesh = Mesh::new(world, &MeshSpec { dp, tp, pp }, &Device::Cpu)?;
@@ -237,7 +261,7 @@ struct Checker {
 impl Checker {
     fn dtypes(&self) -> Vec<DType> {
         match self.device {
-            Device::Cpu => vec![DType::F32, DType::F64, DType::BF16],
+            Device::Cpu => vec![DType::F32, DType::F64, DType::BF16, DType::F16],
             Device::Cuda(_) => vec![DType::F32, DType::BF16],
         }
     }
@@ -272,6 +296,9 @@ impl Checker {
         let (size, gr) = (g.size(), g.rank());
         let members = g.members().to_vec();
         let sum = |i: usize| members.iter().map(|&r| value(r, i)).sum::<f64>();
+        // Which member holds the extreme differs from element to element.
+        let max = |i: usize| members.iter().map(|&r| value(r, i)).fold(f64::NEG_INFINITY, f64::max);
+        let min = |i: usize| members.iter().map(|&r| value(r, i)).fold(f64::INFINITY, f64::min);
         for dtype in self.dtypes() {
             for n in [0usize, 1, 5, 1000, 4099] {
                 let mine: Vec<f64> = (0..n).map(|i| value(me, i)).collect();
@@ -289,6 +316,12 @@ impl Checker {
                 let all = g.all_gather_host(&[bits])?;
                 if all.iter().any(|&b| b != bits) {
                     bail!("all_reduce avg n={n} ({dtype}): ranks got different bits: {all:x?}");
+                }
+                for (op, f) in [(ReduceOp::Max, &max as &dyn Fn(usize) -> f64), (ReduceOp::Min, &min)] {
+                    let mut t = self.tensor(&mine, dtype)?;
+                    g.all_reduce(&mut t, op)?;
+                    let want: Vec<Option<f64>> = (0..n).map(|i| Some(f(i))).collect();
+                    self.expect(&format!("all_reduce {op} n={n}"), &t, &want, true)?;
                 }
 
                 // all-reduce of a sub-range: the rest is untouched
@@ -322,6 +355,26 @@ impl Checker {
                     }
                     let want: Vec<Option<f64>> = (0..n).map(|i| Some(value(members[prev], i))).collect();
                     self.expect(&format!("send/recv ring n={n}"), &inb, &want, true)?;
+
+                    // Both ways around the ring in one batch (with blocking
+                    // sends, every rank would wait in its first one), the
+                    // backward way on ranges. In a group of two, next and
+                    // prev are one rank: its transfers match in list order.
+                    let back: Vec<f64> = (0..n + 3).map(|i| value(me, i) + 20.0).collect();
+                    let back = self.tensor(&back, dtype)?;
+                    let mut from_prev = self.tensor(&vec![-99.0; n], dtype)?;
+                    let mut from_next = self.tensor(&vec![-99.0; n + 3], dtype)?;
+                    g.exchange(&mut [
+                        P2p::send(&out, next),
+                        P2p::Send { tensor: &back, range: 3..n + 3, peer: prev },
+                        P2p::recv(&mut from_prev, prev),
+                        P2p::Recv { tensor: &mut from_next, range: 0..n, peer: next },
+                    ])?;
+                    self.expect(&format!("exchange forward n={n}"), &from_prev, &want, true)?;
+                    let want: Vec<Option<f64>> = (0..n + 3)
+                        .map(|i| Some(if i < n { value(members[next], i + 3) + 20.0 } else { -99.0 }))
+                        .collect();
+                    self.expect(&format!("exchange backward n={n}"), &from_next, &want, true)?;
                 }
             }
 
@@ -347,6 +400,17 @@ impl Checker {
                     })
                     .collect();
                 self.expect(&format!("reduce_scatter {per}/rank"), &t, &want, true)?;
+
+                let mut t = self.tensor(&base, dtype)?;
+                g.reduce_scatter_range(&mut t, range.clone(), ReduceOp::Max)?;
+                let want: Vec<Option<f64>> = (0..total)
+                    .map(|i| match (shard.contains(&i), range.contains(&i)) {
+                        (true, _) => Some(max(i)),
+                        (false, true) => None,
+                        (false, false) => Some(value(me, i)),
+                    })
+                    .collect();
+                self.expect(&format!("reduce_scatter max {per}/rank"), &t, &want, true)?;
 
                 let mut gathered: Vec<f64> = vec![-99.0; total];
                 for i in shard.clone() {
@@ -405,6 +469,17 @@ impl Checker {
                 (0..n).map(|i| Some(if (900..1500).contains(&i) { sum(i) / size as f64 } else { sum(i) })).collect();
             self.expect("background and main buckets in flight", &t, &want, false)?;
 
+            // Through the interface the model crates use: max, then the sum
+            // of the (now equal) maxima scattered and gathered back.
+            let col: &dyn Collective = g;
+            let n = 3 * size;
+            let mut t = self.tensor(&(0..n).map(|i| value(me, i)).collect::<Vec<_>>(), dtype)?;
+            col.all_reduce(&mut t, ReduceOp::Max)?;
+            col.reduce_scatter(&mut t, ReduceOp::Sum)?;
+            col.all_gather(&mut t)?;
+            let want: Vec<Option<f64>> = (0..n).map(|i| Some(size as f64 * max(i))).collect();
+            self.expect(&format!("Collective trait on '{}'", col.name()), &t, &want, true)?;
+
             // Shards that do not divide: refused on every rank, nothing sent.
             if size > 1 {
                 let mut t = self.tensor(&vec![1.0; size * 2 + 1], dtype)?;
@@ -427,6 +502,12 @@ impl Checker {
         let want: Vec<Option<f64>> =
             (0..n).map(|i| Some(members.iter().map(|&r| (r * 100 + i) as f64).sum())).collect();
         self.expect("all_reduce u32", &t, &want, true)?;
+        let mine: Vec<u32> = (0..n).map(|i| (me * 100 + i) as u32).collect();
+        let mut t = Tensor::from_vec(mine, [n], &Device::Cpu)?.to_device(&self.device)?;
+        g.all_reduce(&mut t, ReduceOp::Max)?;
+        let top = members.iter().max().copied().unwrap_or(0);
+        let want: Vec<Option<f64>> = (0..n).map(|i| Some((top * 100 + i) as f64)).collect();
+        self.expect("all_reduce u32 max", &t, &want, true)?;
 
         // host values
         let mut h = [me as f64, 1.0];
@@ -434,6 +515,16 @@ impl Checker {
         let mean = members.iter().sum::<usize>() as f64 / size as f64;
         if (h[0] - mean).abs() > 1e-12 || h[1] != 1.0 {
             bail!("all_reduce_host avg: got {h:?}, expected [{mean}, 1]");
+        }
+        let bottom = members.iter().min().copied().unwrap_or(0);
+        let mut h = [me as f64, -(me as f64)];
+        g.all_reduce_host(&mut h, ReduceOp::Max)?;
+        let mut f = [me as f32 * 0.5];
+        g.all_reduce_host(&mut f, ReduceOp::Min)?;
+        let mut u = [me as u64];
+        g.all_reduce_host(&mut u, ReduceOp::Max)?;
+        if h != [top as f64, -(bottom as f64)] || f != [bottom as f32 * 0.5] || u != [top as u64] {
+            bail!("all_reduce_host max/min: got {h:?} {f:?} {u:?} over ranks {members:?}");
         }
         let mut c = [me as u64 + 1];
         g.all_reduce_host(&mut c, ReduceOp::Sum)?;
@@ -453,6 +544,75 @@ impl Checker {
         g.barrier()?;
         self.checks += 5;
         Ok(())
+    }
+}
+
+impl Checker {
+    /// Groups of odd rank lists: their members run every check inside them,
+    /// the other ranks get no group and carry on; a world all-reduce after
+    /// each shows every rank still in step. A bad list fails on every rank.
+    fn rank_lists(&mut self, world: &World, whole: &ProcessGroup) -> Result<()> {
+        let (n, me) = (world.size(), world.rank());
+        let mut lists: Vec<Vec<Vec<usize>>> = Vec::new();
+        if n >= 2 {
+            lists.extend([
+                vec![vec![0, n - 1]],   // the first and last pipeline stage
+                vec![(1..n).collect()], // all but the first
+                vec![vec![n - 1, 0]],   // group order is list order
+            ]);
+        }
+        if n >= 3 {
+            lists.push(vec![vec![0, n - 1], (1..n - 1).collect()]); // two at once
+        }
+        for groups in &lists {
+            let g = world.groups_of("odd", groups, &self.device)?;
+            match (&g, groups.iter().find(|m| m.contains(&me))) {
+                (Some(g), Some(m)) if g.members() == m.as_slice() && m[g.rank()] == me => {
+                    self.group(g).with_context(|| format!("group of ranks {m:?}"))?
+                }
+                (None, None) => {}
+                _ => bail!("rank {me}: groups {groups:?} gave {:?}", g.as_ref().map(ProcessGroup::members)),
+            }
+            let mut t = self.tensor(&[me as f64], DType::F32)?;
+            whole.all_reduce(&mut t, ReduceOp::Sum)?;
+            let want = [Some((0..n).sum::<usize>() as f64)];
+            self.expect(&format!("world all_reduce after groups {groups:?}"), &t, &want, true)?;
+        }
+        match world.group_of("bad", &[0, n], &self.device) {
+            Err(e) if e.to_string().contains(&format!("rank {n} in [0, {n}] is not a rank of this job")) => {
+                self.checks += 1
+            }
+            other => bail!("group of ranks [0, {n}]: {other:?}"),
+        }
+        Ok(())
+    }
+
+    /// Both ways around the ring of `g` at once, 1M f32 elements (4 MiB)
+    /// each way: more than MPI sends eagerly, so every send waits for its
+    /// receive, which deadlocks unless they are posted together.
+    fn large_exchange(&mut self, g: &ProcessGroup) -> Result<()> {
+        let (size, gr, n) = (g.size(), g.rank(), 1usize << 20);
+        if size < 2 {
+            return Ok(());
+        }
+        let (next, prev) = ((gr + 1) % size, (gr + size - 1) % size);
+        let members = g.members();
+        // Distinct and exact in f32 (below 2^24).
+        let tag = |r: usize, i: usize| (r * n + i) as f64;
+        let fwd = self.tensor(&(0..n).map(|i| tag(members[gr], i)).collect::<Vec<_>>(), DType::F32)?;
+        let back = self.tensor(&(0..n).map(|i| -tag(members[gr], i)).collect::<Vec<_>>(), DType::F32)?;
+        let mut from_prev = Tensor::zeros([n], DType::F32, &self.device)?;
+        let mut from_next = Tensor::zeros([n], DType::F32, &self.device)?;
+        g.exchange(&mut [
+            P2p::send(&fwd, next),
+            P2p::send(&back, prev),
+            P2p::recv(&mut from_prev, prev),
+            P2p::recv(&mut from_next, next),
+        ])?;
+        let want: Vec<Option<f64>> = (0..n).map(|i| Some(tag(members[prev], i))).collect();
+        self.expect("large exchange forward", &from_prev, &want, true)?;
+        let want: Vec<Option<f64>> = (0..n).map(|i| Some(-tag(members[next], i))).collect();
+        self.expect("large exchange backward", &from_next, &want, true)
     }
 }
 
