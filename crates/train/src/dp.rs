@@ -257,11 +257,6 @@ impl DataParallel {
     }
 }
 
-/// Bytes of the optimizer state `opt` holds (its share under ZeRO-1).
-pub(crate) fn state_bytes(opt: &AdamW) -> usize {
-    opt.state().iter().map(|(_, t)| t.size_in_bytes()).sum()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,12 +3,14 @@
 //! device to use but nothing of how ops run there.
 
 pub mod checkpoint;
+mod checkpointer;
 pub mod config;
 mod dp;
 mod eval;
 mod format;
 mod hooks;
 mod metrics;
+mod optimizer;
 mod progress;
 mod resume;
 mod signals;

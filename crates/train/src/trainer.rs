@@ -17,26 +17,24 @@
 //! any number of data-parallel ranks and ZeRO stage (`state.rs`). A plain run
 //! is a world of one and takes the single-process path.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use trainer_comm::{Mesh, ReduceOp, World};
+use trainer_comm::{Mesh, World};
 use trainer_core::{DType, Device};
 use trainer_data::{Batch, BatchLoader, Loader, LoaderPosition, Shard, find_files};
 use trainer_models::{Acts, InputSpec, Model};
-use trainer_nn::{
-    AdamW, AdamWConfig, Decay, FlatLayout, LrSchedule, clip_coefficient, global_grad_norm, trainable, trainable_mut,
-};
 
-use crate::checkpoint::{DataPosition, Layout, Opened, Store, TrainerState};
-use crate::config::{BatchShape, Config, DecayKind, DeviceKind, LrScaling, Precision};
-use crate::dp::{DataParallel, state_bytes};
+use crate::checkpoint::{Layout, Opened};
+use crate::checkpointer::{Checkpointer, Counters};
+use crate::config::{BatchShape, Config, DeviceKind, LrScaling, Precision};
 use crate::eval::evaluate_in;
 use crate::format::{self, Place};
 use crate::hooks::Hooks;
 use crate::metrics::{Metrics, Value};
+use crate::optimizer::{Optimizer, Reduced};
 use crate::progress::Console;
-use crate::resume::{self, find_resume, run_shape};
+use crate::resume;
 use crate::signals::{StopSignal, signal_name};
 use crate::{Error, Result};
 
@@ -58,8 +56,10 @@ pub struct TrainSummary {
     pub first_val_loss: Option<f64>,
     pub final_val_loss: Option<f64>,
     /// Mean training throughput of the job (all data-parallel ranks together),
-    /// excluding the first step (warm-up), evaluation and checkpoints.
-    pub tokens_per_second: f64,
+    /// excluding the first step (warm-up) unless it was the only one,
+    /// evaluation and checkpoints; None when this run trained no step (a
+    /// finished run started again has nothing left to do).
+    pub tokens_per_second: Option<f64>,
     /// Peak bytes held by tensors on the GPU (None on the CPU).
     pub peak_memory: Option<usize>,
     /// The final weights (not written when stopped by a signal).
@@ -124,57 +124,34 @@ pub(crate) fn open_loader(
     }
 }
 
-fn schedule(cfg: &Config, dp: usize) -> LrSchedule {
-    let lr = cfg.peak_lr(dp);
-    LrSchedule {
-        base_lr: lr,
-        min_lr: lr * cfg.lr_schedule.min_lr_ratio,
-        warmup_steps: cfg.lr_schedule.warmup_steps,
-        total_steps: cfg.training.max_steps,
-        decay: match cfg.lr_schedule.kind {
-            DecayKind::Cosine => Decay::Cosine,
-            DecayKind::Linear => Decay::Linear,
-            DecayKind::Constant => Decay::Constant,
-        },
-    }
-}
-
-/// A training run in progress: the model, its optimizer, the data and the
-/// counters that a checkpoint saves.
+/// A training run in progress: the model and its activations, the data, the
+/// optimizer (with data parallelism), the checkpointer, metrics, and the
+/// counters a checkpoint saves.
 struct Run<'a> {
     cfg: &'a Config,
     device: Device,
+    /// The ranks and their groups (a world of one in a plain run).
+    mesh: Mesh,
+    batch: BatchShape,
     model: Box<dyn Model>,
     acts: Acts,
     /// The micro-batch the loader fills and the model reads, reused.
     batch_buf: Batch,
-    opt: AdamW,
-    /// The ranks and their groups (a world of one in a plain run).
-    mesh: Mesh,
-    /// Gradient averaging across data-parallel ranks; None with one rank.
-    dp: Option<DataParallel>,
-    batch: BatchShape,
-    schedule: LrSchedule,
     train_loader: Box<dyn Loader>,
     val_loader: Option<Box<dyn Loader>>,
+    opt: Optimizer,
+    checkpoints: Checkpointer,
     metrics: Metrics,
     console: Console,
-    store: Store,
-    place: Place,
     hooks: Hooks,
-    config_toml: String,
-    /// Optimizer updates applied.
-    step: u64,
-    first_val: Option<f64>,
-    last_val: Option<f64>,
-    last_loss: f64,
-    /// The newest checkpoint of this run: (step, directory).
-    saved: Option<(u64, PathBuf)>,
+    counters: Counters,
+    /// Told after every checkpoint what a restart would resume from.
+    stop: StopSignal,
 }
 
 impl<'a> Run<'a> {
     /// Builds everything, from a checkpoint when `checkpoint.resume` finds one.
-    fn new(cfg: &'a Config, world: &World, build: &BuildModel<'_>) -> Result<Self> {
+    fn new(cfg: &'a Config, world: &World, build: &BuildModel<'_>, stop: &StopSignal) -> Result<Self> {
         let hooks = Hooks::from_env()?;
         let device = open_rank_device(cfg, world)?;
         let mesh = Mesh::new(world, &cfg.mesh_spec(), &device).map_err(|e| match e {
@@ -193,7 +170,6 @@ impl<'a> Run<'a> {
         // The model's parameters are allocated (zero) but not initialized:
         // the data is checked against it before any work.
         let mut model = build(&device)?;
-        let desc = model.desc();
         // Data first: a missing or corrupt shard should fail before any model work.
         let input = model.input();
         let train_loader = open_loader("data.train", &cfg.data.train, input, bt, t_cfg.seed, true, (dp_rank, dp))?;
@@ -205,10 +181,9 @@ impl<'a> Run<'a> {
         let console = if rank == 0 { Console::plain() } else { Console::silent() };
         let metrics =
             if rank == 0 { Metrics::open(&PathBuf::from(&cfg.logging.run_dir))? } else { Metrics::disabled() };
-        let store = Store::new(cfg.checkpoint_dir(), cfg.checkpoint.keep_last);
-        let config_toml = toml::to_string(cfg).map_err(|e| cfg.error(format!("cannot write it as TOML: {e}")))?;
+        let checkpoints = Checkpointer::new(cfg, place)?;
 
-        let mut resume_from = find_resume(cfg, &store, &desc, (&place, &batch), &console, mesh.world())?;
+        let mut resume_from = checkpoints.find_resume(cfg, model.as_ref(), &batch, &console, mesh.world())?;
         // Every rank draws the same initial weights from the seed.
         if resume_from.is_none() {
             // A checkpoint, when there is one, supersedes model.init_from.
@@ -222,47 +197,34 @@ impl<'a> Run<'a> {
         }
         let batch_buf = train_loader.new_batch();
         let acts = model.new_acts(&batch_buf)?;
-        let o = &cfg.optimizer;
-        let adamw = AdamWConfig { beta1: o.beta1, beta2: o.beta2, eps: o.eps, weight_decay: o.weight_decay };
-        let shards = if zero_stage == 1 { dp } else { 1 };
-        // The optimizer and data parallelism see only trainable parameters.
-        let layout = FlatLayout::new(&trainable(&model.params()), shards);
-        let range = layout.shard(if zero_stage == 1 { dp_rank } else { 0 });
-        let opt = AdamW::for_range(adamw, &trainable(&model.params()), layout.clone(), range)?;
-        let data_parallel = if dp > 1 {
-            let bucket_bytes = (cfg.parallel.bucket_mb * (1 << 20) as f64) as usize;
-            let buckets = (bucket_bytes, cfg.parallel.overlap);
-            Some(DataParallel::new(mesh.dp().clone(), zero_stage, buckets, layout, model.as_ref())?)
-        } else {
-            None
-        };
+        let opt = Optimizer::new(cfg, model.as_ref(), &mesh, zero_stage)?;
         let mut run = Run {
             cfg,
             device,
+            mesh,
+            batch,
             model,
             acts,
             batch_buf,
-            opt,
-            mesh,
-            dp: data_parallel,
-            batch,
-            schedule: schedule(cfg, dp),
             train_loader,
             val_loader,
+            opt,
+            checkpoints,
             metrics,
             console,
-            store,
-            place,
             hooks,
-            config_toml,
-            step: 0,
-            first_val: None,
-            last_val: None,
-            last_loss: f64::NAN,
-            saved: None,
+            counters: Counters { step: 0, first_val: None, last_val: None, last_loss: f64::NAN },
+            stop: stop.clone(),
         };
-        if let Some(from) = resume_from.as_mut() {
-            run.restore(from)?;
+        match resume_from.as_mut() {
+            Some(from) => {
+                run.restore(from)?;
+                run.stop.set_restart_point(format!("a restart resumes from checkpoint {}", from.dir.display()));
+            }
+            None => run.stop.set_restart_point(format!(
+                "a restart starts from the beginning (no checkpoint in {} yet)",
+                run.checkpoints.dir().display()
+            )),
         }
         Ok(run)
     }
@@ -280,16 +242,16 @@ impl<'a> Run<'a> {
             self.train_loader.micro_batches(),
             remaining,
         )?;
-        format::restore(from, self.model.as_mut(), &mut self.opt)?;
+        format::restore(from, self.model.as_mut(), self.opt.adamw_mut())?;
         if let Some(w) = warning {
             self.console.warn(&w);
         }
-        let (old, new) = (&from.manifest.layout, &self.place.layout);
+        let (old, new) = (&from.manifest.layout, &self.checkpoints.place().layout.clone());
         if self.cfg.optimizer.lr_scaling == LrScaling::Linear && old.data_parallel != new.data_parallel {
             self.console.warn(&format!(
                 "optimizer.lr_scaling = \"linear\": the peak learning rate is {:e} with data parallel {}, the \
                  checkpoint's run had {:e} with data parallel {}",
-                self.schedule.base_lr,
+                self.opt.base_lr(),
                 new.data_parallel,
                 self.cfg.peak_lr(old.data_parallel),
                 old.data_parallel
@@ -297,15 +259,10 @@ impl<'a> Run<'a> {
         }
         let s = &from.manifest.state;
         self.train_loader.seek(pos);
-        self.step = from.manifest.step;
-        self.first_val = s.first_val_loss;
-        self.last_loss = s.last_train_loss.unwrap_or(f64::NAN);
-        // A checkpoint elsewhere (another run's) does not count as saved here:
-        // a stop before the next step must still leave one in checkpoint.dir.
-        let ours = |p: &std::path::Path| std::fs::canonicalize(p).ok();
-        if from.dir.parent().and_then(ours).is_some_and(|d| Some(d) == ours(self.store.dir())) {
-            self.saved = Some((self.step, from.dir.clone()));
-        }
+        self.counters.step = from.manifest.step;
+        self.counters.first_val = s.first_val_loss;
+        self.counters.last_loss = s.last_train_loss.unwrap_or(f64::NAN);
+        self.checkpoints.resumed_from(from);
         let relaid = if old == new {
             String::new()
         } else {
@@ -315,7 +272,7 @@ impl<'a> Run<'a> {
                 old.world_size, old.data_parallel, old.zero_stage, new.world_size, new.data_parallel, new.zero_stage
             )
         };
-        self.console.line(&format!("resumed from {} at step {}{relaid}", from.dir.display(), self.step));
+        self.console.line(&format!("resumed from {} at step {}{relaid}", from.dir.display(), self.counters.step));
         Ok(())
     }
 
@@ -323,17 +280,19 @@ impl<'a> Run<'a> {
         let t = &self.cfg.training;
         let b = &self.batch;
         let lr = match self.cfg.optimizer.lr_scaling {
-            LrScaling::None => format!("{:e}", self.schedule.base_lr),
+            LrScaling::None => format!("{:e}", self.opt.base_lr()),
             LrScaling::Linear => {
                 format!(
                     "{:e} (optimizer.lr {:e} x dp {}, lr_scaling=linear)",
-                    self.schedule.base_lr, self.cfg.optimizer.lr, b.dp
+                    self.opt.base_lr(),
+                    self.cfg.optimizer.lr,
+                    b.dp
                 )
             }
         };
         // The optimizer state of one rank; under ZeRO-1 against what it would be unsharded.
-        let state = state_bytes(&self.opt);
-        let unsharded = state / self.opt.range().len().max(1) * self.opt.layout().len;
+        let (state, unsharded) = self.opt.state_bytes();
+        let zero_stage = self.checkpoints.place().layout.zero_stage;
         self.console.line(&format!(
             "model={} params={} {} device={} dtype={} tokens_per_step={} train_batches_per_epoch={} metrics={} \
              checkpoints={}",
@@ -345,18 +304,18 @@ impl<'a> Run<'a> {
             b.global_batch_size * t.seq_len,
             self.train_loader.batches_per_epoch(),
             self.metrics.path().display(),
-            self.store.dir().display()
+            self.checkpoints.dir().display()
         ));
         self.console.line(&format!(
             "parallel {} zero_stage={} global_batch={} (micro_batch {} x grad_accum {} x dp {}) lr={lr} \
              optimizer_state_bytes_per_rank={state}{}",
             self.mesh.shape(),
-            self.place.layout.zero_stage,
+            zero_stage,
             b.global_batch_size,
             b.micro_batch_size,
             b.grad_accum_steps,
             b.dp,
-            if self.place.layout.zero_stage == 1 {
+            if zero_stage == 1 {
                 format!(" (unsharded {unsharded}, saved {} per rank)", unsharded - state)
             } else {
                 String::new()
@@ -369,59 +328,35 @@ impl<'a> Run<'a> {
         let r =
             evaluate_in(self.model.as_ref(), &mut self.acts, loader.as_mut(), self.cfg.eval.batches, self.mesh.dp())?;
         self.metrics.log(&[
-            ("step", Value::Int(self.step)),
+            ("step", Value::Int(self.counters.step)),
             ("val_loss", Value::Fixed(r.loss, 4)),
             ("val_ppl", Value::Fixed(r.perplexity, 2)),
         ])?;
-        self.first_val.get_or_insert(r.loss);
-        self.last_val = Some(r.loss);
+        self.counters.first_val.get_or_insert(r.loss);
+        self.counters.last_val = Some(r.loss);
         Ok(())
     }
 
     /// Writes the checkpoint of the current step with the data at `position`.
     fn save(&mut self, position: LoaderPosition) -> Result<PathBuf> {
         let started = Instant::now();
-        let c = self.cfg;
-        let state = TrainerState {
-            optimizer_step: self.opt.step,
-            schedule_step: self.step,
-            data: self.gather_positions(position)?,
-            seed: c.training.seed,
-            first_val_loss: self.first_val,
-            last_train_loss: Some(self.last_loss).filter(|l| l.is_finite()),
-            model: self.model.desc(),
-            run: run_shape(c, &self.batch),
-            config: self.config_toml.clone(),
-        };
-        let dir = format::save(
-            &self.store,
-            self.step,
+        let dir = self.checkpoints.save(
+            (self.cfg, &self.batch),
+            &self.counters,
             self.model.as_ref(),
-            &self.opt,
-            &self.place,
-            state,
+            self.opt.adamw(),
+            position,
             &self.hooks,
             self.mesh.world(),
         )?;
-        let dir = dir.unwrap_or_else(|| self.store.step_dir(self.step));
         self.console.line(&format!(
             "checkpoint step={} dir={} secs={:.2}",
-            self.step,
+            self.counters.step,
             dir.display(),
             started.elapsed().as_secs_f64()
         ));
-        self.saved = Some((self.step, dir.clone()));
+        self.stop.set_restart_point(format!("a restart resumes from checkpoint {}", dir.display()));
         Ok(dir)
-    }
-
-    /// Every rank's data position (`mine` is this rank's).
-    fn gather_positions(&self, mine: LoaderPosition) -> Result<Vec<DataPosition>> {
-        let all = self.mesh.world().all_gather_host(&[mine.epoch, mine.index as u64])?;
-        Ok(all
-            .chunks_exact(2)
-            .enumerate()
-            .map(|(rank, p)| DataPosition { rank, epoch: p[0], index: p[1] as usize })
-            .collect())
     }
 
     /// The stop signal, agreed by every rank: one that reached only some
@@ -437,50 +372,30 @@ impl<'a> Run<'a> {
 
     /// The checkpoint of the current state: the one already written, or a new one.
     fn checkpoint_now(&mut self, position: LoaderPosition) -> Result<PathBuf> {
-        match &self.saved {
-            Some((step, dir)) if *step == self.step => Ok(dir.clone()),
-            _ => self.save(position),
+        match self.checkpoints.saved_at(self.counters.step) {
+            Some(dir) => Ok(dir.to_path_buf()),
+            None => self.save(position),
         }
     }
 
     /// One step's forward and backward over its micro-batches, with the
-    /// gradients averaged over the data-parallel ranks: (mean loss over the
-    /// global batch, gradient norm, seconds spent after the backward pass
-    /// waiting for the gradient all-reduce and the norm and loss averages: the
-    /// data-parallel overhead the overlap did not hide; None with one rank).
-    fn forward_backward(&mut self) -> Result<(f64, f64, Option<f64>)> {
+    /// gradients reduced over the data-parallel ranks.
+    fn forward_backward(&mut self) -> Result<Reduced> {
         let accum = self.batch.grad_accum_steps;
         self.model.zero_grad()?;
         let mut loss = 0.0;
         for micro in 0..accum {
             self.train_loader.next_batch(&mut self.batch_buf);
             let scale = 1.0 / accum as f64;
-            let batch = &self.batch_buf;
-            let micro_loss = match self.dp.as_mut().filter(|dp| dp.overlaps() && micro + 1 == accum) {
-                // The last micro-step: buckets start as their gradients become final.
-                Some(dp) => {
-                    dp.begin_step();
-                    let ready = &mut |params: &[&trainer_nn::Param], ids: &[trainer_nn::ParamId]| {
-                        dp.grads_ready(params, ids).map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
-                    };
-                    self.model.forward_backward(&mut self.acts, batch, scale, ready)?
-                }
-                None => self.model.forward_backward(&mut self.acts, batch, scale, &mut trainer_models::ignore_ready)?,
+            let (model, acts, batch) = (&mut self.model, &mut self.acts, &self.batch_buf);
+            // The last micro-step's buckets start as their gradients become final.
+            let micro_loss = match self.opt.overlap(micro, accum) {
+                Some(mut ready) => model.forward_backward(acts, batch, scale, &mut ready)?,
+                None => model.forward_backward(acts, batch, scale, &mut trainer_models::ignore_ready)?,
             };
             loss += micro_loss / accum as f64;
         }
-        match &mut self.dp {
-            None => Ok((loss, global_grad_norm(&self.model.params())?, None)),
-            Some(dp) => {
-                // The loss above was read back after the backward pass: from
-                // here on the GPU only waits for communication.
-                let started = Instant::now();
-                let norm = dp.reduce_gradients(self.model.as_ref())?;
-                let mut mean = [loss];
-                dp.group().all_reduce_host(&mut mean, ReduceOp::Avg)?;
-                Ok((mean[0], norm, Some(started.elapsed().as_secs_f64())))
-            }
-        }
+        self.opt.reduce(self.model.as_ref(), loss)
     }
 
     /// Steps until `training.max_steps`, a stop signal or too many bad steps.
@@ -502,15 +417,15 @@ impl<'a> Run<'a> {
             if let Some(signal) = self.stop_requested(stop)? {
                 return self.stop_for(signal, good_position);
             }
-            if self.step >= t_cfg.max_steps {
+            if self.counters.step >= t_cfg.max_steps {
                 return Ok(Outcome::Finished);
             }
             let started = Instant::now();
             attempts += 1;
-            self.hooks.maybe_fail(self.place.rank, attempts)?;
-            let (loss, norm, grad_sync) = self.forward_backward()?;
+            self.hooks.maybe_fail(self.checkpoints.place().rank, attempts)?;
+            let Reduced { loss, norm, sync_secs: grad_sync } = self.forward_backward()?;
             let loss = self.hooks.loss(attempts, loss);
-            let next = self.step + 1;
+            let next = self.counters.step + 1;
             if !(loss.is_finite() && norm.is_finite()) {
                 bad += 1;
                 self.metrics.log(&[
@@ -526,20 +441,16 @@ impl<'a> Run<'a> {
                 continue;
             }
             bad = 0;
-            let lr = self.schedule.lr(self.step);
-            let clip = clip_coefficient(norm, t_cfg.grad_clip);
-            match &mut self.dp {
-                None => self.opt.update(trainable_mut(self.model.params_mut()), lr, clip)?,
-                Some(dp) => dp.update(&mut self.opt, self.model.as_mut(), lr, clip)?,
-            }
-            self.step = next;
-            self.last_loss = loss;
+            let lr = self.opt.apply(self.model.as_mut(), self.counters.step, norm)?;
+            self.counters.step = next;
+            self.counters.last_loss = loss;
             good_position = self.train_loader.position();
             let secs = started.elapsed().as_secs_f64();
             timing.add(&self.device, secs, tokens_per_step);
-            if self.step.is_multiple_of(self.cfg.logging.interval) || self.step == t_cfg.max_steps {
+            let step = self.counters.step;
+            if step.is_multiple_of(self.cfg.logging.interval) || step == t_cfg.max_steps {
                 let mut record = vec![
-                    ("step", Value::Int(self.step)),
+                    ("step", Value::Int(step)),
                     ("train_loss", Value::Fixed(loss, 4)),
                     ("lr", Value::Sci(lr)),
                     ("grad_norm", Value::Fixed(norm, 4)),
@@ -556,11 +467,10 @@ impl<'a> Run<'a> {
                 }
                 self.metrics.log(&record)?;
             }
-            self.console.progress(self.step, format!("loss {loss:.4}"));
+            self.console.progress(step, format!("loss {loss:.4}"));
             if self.stop_requested(stop)?.is_some() {
                 continue; // checkpoint and stop before anything else
             }
-            let step = self.step;
             let due = |interval: u64| interval > 0 && step.is_multiple_of(interval);
             let last = step == t_cfg.max_steps;
             if due(self.cfg.eval.interval) || last {
@@ -575,10 +485,10 @@ impl<'a> Run<'a> {
     /// Saves the state after the last good step (with its data position) and stops.
     fn stop_for(&mut self, signal: i32, good_position: LoaderPosition) -> Result<Outcome> {
         let name = signal_name(signal);
-        if self.step == 0 {
+        if self.counters.step == 0 {
             self.console.line(&format!("stopped by {name} before the first step: nothing to save"));
         } else {
-            self.console.line(&format!("stopped by {name} after step {}: writing a checkpoint", self.step));
+            self.console.line(&format!("stopped by {name} after step {}: writing a checkpoint", self.counters.step));
             self.checkpoint_now(good_position)?;
         }
         Ok(Outcome::Stopped { signal })
@@ -587,9 +497,10 @@ impl<'a> Run<'a> {
     /// Saves the last good state (the data position after its step, so that a
     /// resume sees the skipped batches again) and says what happened.
     fn diverged(&mut self, bad: u64, good_position: LoaderPosition) -> Error {
+        let step = self.counters.step;
         let saved = match self.checkpoint_now(good_position) {
-            Ok(dir) => format!("the last good state (step {}) is in checkpoint {}", self.step, dir.display()),
-            Err(e) => format!("saving the last good state (step {}) failed: {e}", self.step),
+            Ok(dir) => format!("the last good state (step {step}) is in checkpoint {}", dir.display()),
+            Err(e) => format!("saving the last good state (step {step}) failed: {e}"),
         };
         Error::Diverged(format!(
             "training diverged: {bad} steps in a row had a non-finite loss or gradient norm \
@@ -620,10 +531,13 @@ impl<'a> Run<'a> {
     }
 }
 
-/// Training throughput of this process, without its first step.
+/// Training throughput of this process, without its first step (which pays
+/// one-time costs) unless it is the only one.
 #[derive(Debug, Default)]
 struct Timing {
     steps: u64,
+    /// The first step's (seconds, tokens).
+    first: (f64, usize),
     secs: f64,
     tokens: usize,
 }
@@ -636,14 +550,16 @@ impl Timing {
             if let Device::Cuda(d) = device {
                 d.reset_kernel_profile();
             }
+            self.first = (secs, tokens);
             return;
         }
         self.secs += secs;
         self.tokens += tokens;
     }
 
-    fn tokens_per_second(&self) -> f64 {
-        if self.secs > 0.0 { self.tokens as f64 / self.secs } else { f64::NAN }
+    fn tokens_per_second(&self) -> Option<f64> {
+        let (secs, tokens) = if self.steps > 1 { (self.secs, self.tokens) } else { self.first };
+        (self.steps > 0 && secs > 0.0).then(|| tokens as f64 / secs)
     }
 }
 
@@ -672,15 +588,15 @@ pub type BuildModel<'a> = dyn Fn(&Device) -> Result<Box<dyn Model>> + 'a;
 /// models crate (tests, experiments). Everything else comes from `cfg`.
 pub fn train_with(cfg: &Config, stop: &StopSignal, world: &World, build: &BuildModel<'_>) -> Result<TrainSummary> {
     let rank = world.rank();
-    let mut run = Run::new(cfg, world, build)?;
+    let mut run = Run::new(cfg, world, build, stop)?;
     run.print_header();
-    if run.step == 0 {
+    if run.counters.step == 0 {
         run.evaluate()?;
     }
     // Under a launcher stdout is a pseudo-terminal that mpirun relays line by
     // line: a bar would come out as a stream of escape codes.
     if !world.is_distributed() {
-        run.console.start_progress(run.step, cfg.training.max_steps);
+        run.console.start_progress(run.counters.step, cfg.training.max_steps);
     }
     run.metrics.set_console(run.console.clone());
     let mut timing = Timing::default();
@@ -697,17 +613,17 @@ pub fn train_with(cfg: &Config, stop: &StopSignal, world: &World, build: &BuildM
     };
     Ok(TrainSummary {
         outcome,
-        steps: run.step,
-        final_train_loss: run.last_loss,
-        first_val_loss: run.first_val,
-        final_val_loss: run.last_val,
+        steps: run.counters.step,
+        final_train_loss: run.counters.last_loss,
+        first_val_loss: run.counters.first_val,
+        final_val_loss: run.counters.last_val,
         tokens_per_second: timing.tokens_per_second(),
         peak_memory: match &run.device {
             Device::Cuda(d) => Some(d.memory_stats().1),
             Device::Cpu => None,
         },
         weights,
-        checkpoint: run.saved.map(|s| s.1),
+        checkpoint: run.checkpoints.newest().map(Path::to_path_buf),
         rank,
     })
 }
