@@ -670,6 +670,25 @@ fn resume_from_a_checkpoint_is_exact() {
     assert!(again.status.success(), "{}", stderr(&again));
     assert!(stdout(&again).contains("resumed from run/checkpoints/step_00000030 at step 30"), "{}", stdout(&again));
     assert!(!stdout(&again).contains("train_loss=") || stdout(&again).lines().all(|l| !l.starts_with("step=")));
+    // It says so, and reports no throughput (it measured none), never a NaN.
+    let out = stdout(&again);
+    assert!(out.contains("nothing left to do: the run is at step 30 = training.max_steps"), "{out}");
+    let done = out.lines().find(|l| l.starts_with("done steps=30")).expect("a done line");
+    assert!(!done.contains("avg_tok_per_s") && !done.contains("NaN"), "{done}");
+}
+
+/// A run of one step reports that step's throughput (the warm-up step is
+/// left out of the mean only when there are others).
+#[test]
+fn a_one_step_run_reports_its_throughput() {
+    let ws = Workspace::new();
+    let o = ws.run(&["--config", "job.toml", "--set", "training.max_steps=1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let done = out.lines().find(|l| l.starts_with("done steps=1")).expect("a done line");
+    let tps = metric(done, "avg_tok_per_s").unwrap_or_else(|| panic!("{done}"));
+    assert!(tps.is_finite() && tps > 0.0, "{done}");
+    assert!(!out.contains("nothing left to do"), "{out}");
 }
 
 #[test]
@@ -707,14 +726,39 @@ fn sigterm_writes_a_checkpoint_and_the_run_resumes() {
 fn a_second_signal_exits_at_once() {
     let ws = Workspace::new();
     let args = ["--config", "job.toml", "--set", "checkpoint.interval=2"];
-    let run = Running::start(&ws, &args, &[("TRAINER_TEST_STALL_SAVE", "2")]);
-    run.wait_for(|l| l.contains("checkpoint save of step 2 stalled"));
+    let run = Running::start(&ws, &args, &[("TRAINER_TEST_STALL_SAVE", "4")]);
+    run.wait_for(|l| l.contains("checkpoint save of step 4 stalled"));
     // The first signal asks for a stop after the save, which never ends; the second ends the process.
     run.signal("INT");
     run.wait_delivered();
     run.signal("INT");
-    let (code, _) = run.finish();
+    let (code, lines) = run.finish();
     assert_eq!(code, Some(130), "128 + SIGINT");
+    // One line tells a log reader what happened and where a restart continues.
+    let said: Vec<&String> = lines.iter().filter(|l| l.starts_with("stopped at once by a second SIGINT")).collect();
+    assert_eq!(said.len(), 1, "{lines:#?}");
+    assert!(
+        said[0].contains("without a checkpoint")
+            && said[0].contains("resumes from checkpoint run/checkpoints/step_00000002"),
+        "{}",
+        said[0]
+    );
+}
+
+/// Before the first checkpoint a second signal says a restart starts afresh.
+#[test]
+fn a_second_signal_before_any_checkpoint_says_a_restart_starts_afresh() {
+    let ws = Workspace::new();
+    let args = ["--config", "job.toml", "--set", "checkpoint.interval=2"];
+    let run = Running::start(&ws, &args, &[("TRAINER_TEST_STALL_SAVE", "2")]);
+    run.wait_for(|l| l.contains("checkpoint save of step 2 stalled"));
+    run.signal("TERM");
+    run.wait_delivered();
+    run.signal("TERM");
+    let (code, lines) = run.finish();
+    assert_eq!(code, Some(143), "128 + SIGTERM");
+    let said = lines.iter().find(|l| l.starts_with("stopped at once by a second SIGTERM")).expect("the line");
+    assert!(said.contains("a restart starts from the beginning (no checkpoint in run/checkpoints yet)"), "{said}");
 }
 
 #[test]

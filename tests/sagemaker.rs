@@ -353,14 +353,21 @@ fn metric_lines_match_the_readme_regexes() {
     // What a GPU run adds (MFU needs a GPU's peak FLOPs), formatted as trainer.rs logs it.
     lines.push("step=10 train_loss=3.2134 lr=6.000e-4 grad_norm=0.8312 tok_per_s=512345 mfu=0.472".into());
 
+    // The log has lines other than step records that carry the same keys: the
+    // start-up line's learning rate and the summary's final loss.
+    assert!(lines.iter().any(|l| l.starts_with("parallel ") && l.contains(" lr=")), "{out}");
+    assert!(lines.iter().any(|l| l.starts_with("done ") && l.contains(" train_loss=")), "{out}");
     for (name, re) in &defs {
         let mut matched = 0;
         for line in &lines {
-            // The value SageMaker should record: the `name=` field's, when it is a number.
+            // The value SageMaker should record: the `name=` field's of a step
+            // record (a line with `step=N`), when it is a number; nothing elsewhere.
+            let step_record =
+                line.split_whitespace().any(|kv| kv.strip_prefix("step=").is_some_and(|n| n.parse::<u64>().is_ok()));
             let want = line
                 .split_whitespace()
                 .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
-                .filter(|v| v.parse::<f64>().is_ok_and(f64::is_finite));
+                .filter(|v| step_record && v.parse::<f64>().is_ok_and(f64::is_finite));
             for prefix in ["", "[1,0]<stdout>:"] {
                 let text = format!("{prefix}{line}");
                 let got = re.captures(&text).map(|c| c[1].to_string());

@@ -165,13 +165,21 @@ fn train_and_report(cfg: &Config) -> Result<TrainSummary> {
         return Ok(s);
     }
     let val = |v: Option<f64>| v.map_or("none".to_string(), |v| format!("{v:.4}"));
+    if s.tokens_per_second.is_none() {
+        println!(
+            "nothing left to do: the run is at step {} = training.max_steps (raise it to train further, or use \
+             another logging.run_dir to start afresh)",
+            s.steps
+        );
+    }
     println!(
-        "done steps={} train_loss={:.4} first_val_loss={} val_loss={} avg_tok_per_s={:.0}{} weights={} checkpoint={}",
+        "done steps={} train_loss={} first_val_loss={} val_loss={}{}{} weights={} checkpoint={}",
         s.steps,
-        s.final_train_loss,
+        // The documented form of a value that is not a number.
+        if s.final_train_loss.is_finite() { format!("{:.4}", s.final_train_loss) } else { "nan".into() },
         val(s.first_val_loss),
         val(s.final_val_loss),
-        s.tokens_per_second,
+        s.tokens_per_second.map_or(String::new(), |t| format!(" avg_tok_per_s={t:.0}")),
         s.peak_memory.map_or(String::new(), |b| format!(" peak_mem_gb={:.2}", b as f64 / 1e9)),
         s.weights.as_ref().map_or("none".to_string(), |p| p.display().to_string()),
         checkpoint

@@ -41,19 +41,68 @@ pub(crate) fn io_err(path: &Path, err: std::io::Error) -> Error {
     Error::Io { path: path.display().to_string(), err }
 }
 
-/// The files matching a glob pattern, sorted; an error if there are none.
+/// The files matching a glob pattern, sorted; an error if there are none,
+/// and an error naming a match that is not a readable file (a directory, a
+/// dangling symbolic link, a file without read permission): training on the
+/// rest without a word would silently drop data.
 pub fn find_files(pattern: &str) -> Result<Vec<PathBuf>> {
     let paths = glob::glob(pattern).map_err(|e| Error::Invalid(format!("bad file pattern '{pattern}': {e}")))?;
     let mut files = Vec::new();
     for p in paths {
         let p = p.map_err(|e| Error::Invalid(format!("pattern '{pattern}': {e}")))?;
-        if p.is_file() {
-            files.push(p);
+        match std::fs::metadata(&p) {
+            Ok(m) if m.is_file() => {}
+            Ok(m) if m.is_dir() => {
+                return Err(Error::Invalid(format!(
+                    "'{pattern}' matches the directory {}: the pattern must match only data files",
+                    p.display()
+                )));
+            }
+            Ok(_) => {
+                return Err(Error::Invalid(format!(
+                    "'{pattern}' matches {}, which is not a regular file",
+                    p.display()
+                )));
+            }
+            Err(e) => {
+                let what = if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+                    "a symbolic link whose target cannot be opened"
+                } else {
+                    "a file that cannot be opened"
+                };
+                return Err(Error::Invalid(format!("'{pattern}' matches {}, {what}: {e}", p.display())));
+            }
         }
+        files.push(p);
     }
     if files.is_empty() {
         return Err(Error::Invalid(format!("no files match '{pattern}'")));
     }
     files.sort();
     Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A match that cannot be read is an error naming it, never silently left out.
+    #[test]
+    fn a_match_that_is_not_a_readable_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write_shard(&d.join("a.bin"), &[1, 2, 3]).unwrap();
+        let pattern = format!("{}/*.bin", d.display());
+        assert_eq!(find_files(&pattern).unwrap(), vec![d.join("a.bin")]);
+        std::os::unix::fs::symlink("/nonexistent/x.bin", d.join("zz.bin")).unwrap();
+        let e = find_files(&pattern).unwrap_err().to_string();
+        assert!(e.contains("zz.bin") && e.contains("symbolic link") && !e.contains("no files match"), "{e}");
+        // Alone it is named too (not "no files match").
+        let e = find_files(&format!("{}/zz.bin", d.display())).unwrap_err().to_string();
+        assert!(e.contains("zz.bin") && e.contains("symbolic link"), "{e}");
+        std::fs::remove_file(d.join("zz.bin")).unwrap();
+        std::fs::create_dir(d.join("sub.bin")).unwrap();
+        let e = find_files(&pattern).unwrap_err().to_string();
+        assert!(e.contains("sub.bin") && e.contains("directory"), "{e}");
+    }
 }

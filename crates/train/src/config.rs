@@ -288,6 +288,32 @@ fn apply_override(table: &mut toml::Table, spec: &str, file: &str) -> Result<()>
     Ok(())
 }
 
+/// The key (`section.key`) or section (`[section]`) written on the line of
+/// byte offset `offset` in `src`, for errors the TOML parser reports only by
+/// position (a duplicate key or section, a number out of range).
+fn key_at(src: &str, offset: usize) -> Option<String> {
+    let (line, _) = line_col(src, offset);
+    let mut section = String::new();
+    for (i, text) in src.lines().enumerate() {
+        let text = text.trim();
+        let header = text.strip_prefix('[').and_then(|t| t.split(']').next()).map(|t| t.trim_matches('[').trim());
+        if i + 1 == line {
+            if let Some(h) = header {
+                return Some(format!("[{h}]"));
+            }
+            let key = text.split('=').next()?.trim().trim_matches('"');
+            if key.is_empty() || key.starts_with('#') {
+                return None;
+            }
+            return Some(if section.is_empty() { key.to_string() } else { format!("{section}.{key}") });
+        }
+        if let Some(h) = header {
+            section = h.to_string();
+        }
+    }
+    None
+}
+
 /// "line L, column C" of a byte offset in `src`.
 fn line_col(src: &str, offset: usize) -> (usize, usize) {
     let before = &src[..offset.min(src.len())];
@@ -309,10 +335,13 @@ impl Config {
     pub fn from_toml(src: &str, file: &str, overrides: &[String]) -> Result<Config> {
         let err = |msg: String| Error::Config { file: file.to_string(), msg };
         let mut table: toml::Table = toml::from_str(src).map_err(|e| {
-            let at = e.span().map(|s| line_col(src, s.start));
             let msg = e.message().trim().replace('\n', " ");
-            match at {
-                Some((l, c)) => err(format!("invalid TOML at line {l}, column {c}: {msg}")),
+            match e.span().map(|s| s.start) {
+                Some(offset) => {
+                    let (l, c) = line_col(src, offset);
+                    let key = key_at(src, offset).map_or(String::new(), |k| format!("{k}: "));
+                    err(format!("{key}invalid TOML at line {l}, column {c}: {msg}"))
+                }
                 None => err(format!("invalid TOML: {msg}")),
             }
         })?;
@@ -581,6 +610,11 @@ train = "x/train_*.bin"
             ("", &["checkpoint.every=5"], &["checkpoint.every", "interval"]),
             ("", &["training.max_bad_steps=0"], &["training.max_bad_steps = 0", "at least 1"]),
             ("[training\n", &[], &["line", "column"]),
+            // Errors the TOML parser reports by position alone name the key too.
+            ("[training]\nmax_steps = 5\nmax_steps = 6\n", &[], &["t.toml", "training.max_steps", "line"]),
+            ("[training]\nmax_steps = 18446744073709551616\n", &[], &["t.toml", "training.max_steps:", "line"]),
+            ("[training]\nseed = 1\n[training]\nseed = 2\n", &[], &["t.toml", "[training]", "line"]),
+            ("[eval]\n\"batches\" = 1\n\"batches\" = 2\n", &[], &["eval.batches", "line"]),
         ];
         for (extra, overrides, needles) in cases {
             let e = load(extra, overrides).unwrap_err();
