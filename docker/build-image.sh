@@ -6,7 +6,7 @@
 # configs/, finished by docker/setup-image.sh; then an OCI image (umoci) with
 # the ENV, LABEL, WORKDIR and ENTRYPOINT of docker/Dockerfile's last stage.
 #
-#   docker/build-image.sh [--trainer PATH] [--no-cublas-nccl] [--mirror URL] OUT_DIR
+#   docker/build-image.sh [--trainer PATH] [--mirror URL] OUT_DIR
 #
 # Runs as root on a Debian or Ubuntu machine with network access to the Debian
 # archive and PyPI; installs mmdebstrap, umoci and pip with apt-get when they
@@ -18,24 +18,19 @@
 #   --trainer PATH    the trainer binary (default: target/release/trainer of this
 #                     repository; build it with cargo build --release -p trainer-cli
 #                     on Debian 12 or a system with an older glibc)
-#   --no-cublas-nccl  leave cuBLAS and NCCL out (CI's smaller image: everything
-#                     else is the same; such an image cannot train on a GPU and
-#                     carries the label trainer.variant=no-cublas-nccl)
 #   --mirror URL      a Debian mirror instead of deb.debian.org (apt proxies too)
 set -euo pipefail
 
 die() { echo "error: $*" >&2; exit 1; }
-usage="usage: $0 [--trainer PATH] [--no-cublas-nccl] [--mirror URL] OUT_DIR"
+usage="usage: $0 [--trainer PATH] [--mirror URL] OUT_DIR"
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 trainer="$repo/target/release/trainer"
-without_large=0
 mirror=()
 out=""
 while (($#)); do
   case $1 in
     --trainer) [ "$#" -ge 2 ] || die "--trainer needs a path; $usage"; trainer=$2; shift 2 ;;
-    --no-cublas-nccl) without_large=1; shift ;;
     --mirror) [ "$#" -ge 2 ] || die "--mirror needs a URL; $usage"; mirror=("$2"); shift 2 ;;
     -h | --help) echo "$usage"; exit 0 ;;
     -*) die "unknown option $1; $usage" ;;
@@ -72,18 +67,11 @@ start=$SECONDS
 # 1. The CUDA wheels (pinned in docker/cuda-wheels.txt), downloaded once.
 wheels="$work/wheels"
 mkdir -p "$wheels"
-mapfile -t reqs < <(grep -v -e '^#' -e '^[[:space:]]*$' "$repo/docker/cuda-wheels.txt")
-picked=()
-for r in "${reqs[@]}"; do
-  case $r in
-    nvidia-cublas==* | nvidia-nccl-cu13==*) ((without_large)) && continue ;;
-  esac
-  picked+=("$r")
-done
-echo "build-image: CUDA wheels ${picked[*]}"
+mapfile -t wheel_pins < <(grep -v -e '^#' -e '^[[:space:]]*$' "$repo/docker/cuda-wheels.txt")
+echo "build-image: CUDA wheels ${wheel_pins[*]}"
 python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
-  -d "$out/wheels" "${picked[@]}"
-for r in "${picked[@]}"; do
+  -d "$out/wheels" "${wheel_pins[@]}"
+for r in "${wheel_pins[@]}"; do
   name=${r%%==*} version=${r#*==}
   f=$(find "$out/wheels" -maxdepth 1 -name "${name//-/_}-${version}-*.whl" | head -n 1)
   [ -n "$f" ] || die "pip download left no wheel for $r in $out/wheels"
@@ -157,7 +145,6 @@ for line in "${last_stage[@]}"; do
       die "docker/Dockerfile: build-image.sh does not carry '${line%% *}' over; add it to build-image.sh" ;;
   esac
 done
-((without_large)) && config+=(--config.label trainer.variant=no-cublas-nccl)
 
 image="$out/oci:latest"
 umoci init --layout "$out/oci"

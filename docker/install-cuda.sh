@@ -9,9 +9,9 @@
 #
 #   docker/install-cuda.sh WHEEL_DIR ROOT
 #
-# WHEEL_DIR holds the downloaded .whl files; NVRTC and the runtime headers are
-# required, cuBLAS and NCCL are taken when their wheels are there. Needs python3
-# (to unpack the wheels: zip files); writes nothing outside ROOT.
+# WHEEL_DIR holds the downloaded .whl files (all of cuda-wheels.txt: a
+# library missing from them is an error). Needs python3 (to unpack the wheels:
+# zip files); writes nothing outside ROOT.
 set -euo pipefail
 
 die() { echo "error: $*" >&2; exit 1; }
@@ -31,8 +31,11 @@ done
 ((${#found[@]})) || die "no .whl files in $wheels"
 
 cu="$tmp/nvidia/cu13"
-[ -f "$cu/lib/libnvrtc.so.13" ] || die "no NVRTC (nvidia/cu13/lib/libnvrtc.so.13) in the wheels of $wheels"
-[ -f "$cu/include/cuda_bf16.h" ] || die "no CUDA headers (nvidia/cu13/include/cuda_bf16.h) in the wheels of $wheels"
+nccl="$tmp/nvidia/nccl"
+for f in "$cu/lib/libnvrtc.so.13" "$cu/lib/libnvrtc-builtins.so.13.0" "$cu/lib/libcublas.so.13" \
+  "$cu/lib/libcublasLt.so.13" "$nccl/lib/libnccl.so.2" "$cu/include/cuda_bf16.h"; do
+  [ -f "$f" ] || die "no ${f#"$tmp"/} in the wheels of $wheels (docker/cuda-wheels.txt)"
+done
 
 lib="$root/usr/local/cuda/lib64"
 inc="$root/usr/local/cuda/include"
@@ -41,15 +44,12 @@ mkdir -p "$lib" "$inc"
 # (the trainer drives the GPU through the driver API, which cuBLAS and NCCL
 # also need no runtime library for).
 for f in libnvrtc.so.13 libnvrtc-builtins.so.13.0 libcublas.so.13 libcublasLt.so.13; do
-  [ ! -f "$cu/lib/$f" ] || install -m 0644 "$cu/lib/$f" "$lib/$f"
+  install -m 0644 "$cu/lib/$f" "$lib/$f"
 done
-if [ -f "$tmp/nvidia/nccl/lib/libnccl.so.2" ]; then
-  install -m 0644 "$tmp/nvidia/nccl/lib/libnccl.so.2" "$lib/libnccl.so.2"
-  # cudarc looks for libnccl.so (and numbered names other than .2).
-  ln -sf libnccl.so.2 "$lib/libnccl.so"
-  cp -R "$tmp/nvidia/nccl/include/." "$inc/"
-fi
-cp -R "$cu/include/." "$inc/"
+install -m 0644 "$nccl/lib/libnccl.so.2" "$lib/libnccl.so.2"
+# cudarc looks for libnccl.so (and numbered names other than .2).
+ln -sf libnccl.so.2 "$lib/libnccl.so"
+cp -R "$cu/include/." "$nccl/include/." "$inc/"
 find "$inc" -type f -exec chmod 0644 {} +
 
 mkdir -p "$root/etc/ld.so.conf.d"

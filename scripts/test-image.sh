@@ -15,8 +15,9 @@
 # Needs root, namespaces and the Debian archive and PyPI; installs mmdebstrap,
 # umoci, skopeo, runc and jq with apt-get. Where it cannot run it says why and
 # skips, except with CI=true or TRAINER_REQUIRE_IMAGE=1, where that is a
-# failure. TRAINER_SKIP_IMAGE=1 skips it (outside CI). Leaves the image in
-# target/image/oci (tag latest).
+# failure. TRAINER_SKIP_IMAGE=1 skips it (outside CI); TRAINER_IMAGE_REUSE=1
+# tests the image an earlier run left in target/image/oci (tag latest) instead
+# of building it again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -68,8 +69,12 @@ kernels_compile=$(grep '/kernels_compile-' <<< "$probes") || fail "no kernels_co
 cuda_libraries=$(grep '/cuda_libraries-' <<< "$probes") || fail "no cuda_libraries test program"
 lap "cargo test --no-run (probes)"
 
-echo "--- docker/build-image.sh $out"
-bash docker/build-image.sh "$out"
+if [ "${TRAINER_IMAGE_REUSE:-}" = 1 ] && [ -d "$out/oci" ]; then
+  echo "--- TRAINER_IMAGE_REUSE=1: testing the image already in $out/oci"
+else
+  echo "--- docker/build-image.sh $out"
+  bash docker/build-image.sh "$out"
+fi
 lap "docker/build-image.sh"
 
 echo "--- the OCI image"
@@ -83,8 +88,10 @@ pass "skopeo and umoci read the OCI image"
 # What `docker load` and `podman load` take.
 rm -f "$out/trainer.tar"
 skopeo copy --quiet "oci:$image" "docker-archive:$out/trainer.tar:trainer:latest"
-skopeo inspect "docker-archive:$out/trainer.tar" | jq -e '.RepoTags == ["trainer:latest"]' > /dev/null \
-  || fail "the docker-archive copy does not carry trainer:latest"
+skopeo inspect "docker-archive:$out/trainer.tar" > /dev/null || fail "skopeo cannot read the docker-archive copy"
+tar -xOf "$out/trainer.tar" manifest.json \
+  | jq -e '.[0].RepoTags == ["docker.io/library/trainer:latest"] and (.[0].Layers | length) == 1' > /dev/null \
+  || fail "the docker-archive copy is not trainer:latest with one layer"
 echo "image: $(du -m "$out/trainer.tar" | cut -f1) MB as a docker-archive tar"
 rm -f "$out/trainer.tar"
 pass "skopeo copies it into a docker-archive (docker load, podman load)"
@@ -106,7 +113,7 @@ jq -r '.config
     (if .Cmd then "CMD " + (.Cmd | tojson) else empty end)' "$out/config.json" | normalize > "$out/config.image"
 awk '/^FROM /{n = 0} /^(ENV|LABEL|WORKDIR|ENTRYPOINT) /{line[n++] = $0} END{for (i = 0; i < n; i++) print line[i]}' \
   docker/Dockerfile | normalize > "$out/config.dockerfile"
-awk '/<!-- image config -->/{on = 1; next} on && /^```$/{if (++fence == 2) exit; next} on && fence == 1' docker/README.md \
+awk '/<!-- image config -->/{on = 1; next} on && /^```/{if (++fence == 2) exit; next} on && fence == 1' docker/README.md \
   | normalize > "$out/config.readme"
 diff -u "$out/config.dockerfile" "$out/config.image" || fail "the image's configuration differs from docker/Dockerfile's"
 diff -u "$out/config.readme" "$out/config.image" || fail "the image's configuration differs from docker/README.md's"
@@ -132,7 +139,7 @@ lap "OCI checks and unpack"
 # --entrypoint PATH, -d (in the background; its output in $runs/ID.log).
 mkdir -p "$runs"
 printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\talgo-1\n' > "$runs/hosts"
-json_array() { if (($#)); then printf '%s\n' "$@" | jq -R . | jq -sc .; else echo '[]'; fi; }
+json_array() { python3 -c 'import json, sys; print(json.dumps(sys.argv[1:]))' "$@"; } # any strings
 container() {
   local set=() unset=() binds=() entry="" background=0
   while (($#)); do
@@ -196,7 +203,9 @@ container --entrypoint /bin/sh libs "$runs/empty-ml" -c '
     ldconfig -p | grep -q "^[[:space:]]$l (" || { echo "$l is not in the loader cache"; exit 1; }
   done
   test -f "$TRAINER_CUDA_INCLUDE/cuda_bf16.h"
-  ls /usr/local/cuda/lib64' > "$runs/libs.log" 2>&1 || { cat "$runs/libs.log"; fail "the CUDA libraries do not resolve"; }
+  ls /usr/local/cuda/lib64
+  echo libraries-resolve' > "$runs/libs.log" 2>&1 || { cat "$runs/libs.log"; fail "the CUDA libraries do not resolve"; }
+[ "$(tail -n 1 "$runs/libs.log")" = libraries-resolve ] || { cat "$runs/libs.log"; fail "the library check did not run to its end"; }
 pass "ldd: the trainer and every CUDA library resolve; NVRTC, cuBLAS, cuBLASLt, NCCL in the loader cache"
 container -v "$cuda_libraries:/probe/cuda_libraries" --entrypoint /probe/cuda_libraries \
   -e TRAINER_REQUIRE_CUDA_LIBS=nvrtc,cublas,cublaslt,nccl culibs "$runs/empty-ml" --nocapture > "$runs/culibs.log" 2>&1 \
