@@ -90,7 +90,9 @@ find "$stage/opt" -type f -exec chmod 0644 {} +
 # 3. The root filesystem: Debian 12 minbase (the package set of
 # debian:bookworm-slim, with its documentation excludes) and the packages of
 # docker/packages.txt, without recommendations; apt's lists and caches are
-# removed by mmdebstrap. /run is kept: sshd needs /run/sshd.
+# removed by mmdebstrap. /run is kept: sshd needs /run/sshd. The build
+# machine's resolv.conf and hostname, which mmdebstrap copies in, are emptied
+# (a container runtime mounts its own).
 packages=$(grep -v -e '^#' -e '^[[:space:]]*$' "$repo/docker/packages.txt" | paste -sd, -)
 echo "build-image: mmdebstrap bookworm with $packages"
 # shellcheck disable=SC2016 # "$1" is the chroot, expanded by mmdebstrap's hooks
@@ -110,6 +112,7 @@ mmdebstrap --mode=root --variant=minbase --format=tar \
   --customize-hook="upload '$repo/docker/setup-image.sh' /setup-image.sh" \
   --customize-hook='chroot "$1" bash /setup-image.sh' \
   --customize-hook='rm -f "$1/setup-image.sh"' \
+  --customize-hook='for f in resolv.conf hostname; do : > "$1/etc/$f"; chmod 0644 "$1/etc/$f"; done' \
   bookworm - "${mirror[@]}" \
   | mmtarfilter --path-exclude='/dev/*' > "$work/rootfs.tar"
 
@@ -153,7 +156,6 @@ umoci raw add-layer --image "$image" "$work/rootfs.tar"
 umoci config --image "$image" --author "docker/build-image.sh" "${config[@]}"
 umoci gc --layout "$out/oci"
 
-layer_bytes=$(stat -c %s "$work/rootfs.tar")
-image_bytes=$(du -sb "$out/oci" | cut -f1)
-echo "build-image: $image in $((SECONDS - start)) s:" \
-  "$((image_bytes / 1000000)) MB compressed (the OCI layout), $((layer_bytes / 1000000)) MB unpacked"
+layer_mib=$(($(stat -c %s "$work/rootfs.tar") / 1048576))
+echo "build-image: $image in $((SECONDS - start)) s: $(du -sm "$out/oci" | cut -f1) MiB compressed (the OCI layout)," \
+  "$layer_mib MiB unpacked"

@@ -92,7 +92,7 @@ skopeo inspect "docker-archive:$out/trainer.tar" > /dev/null || fail "skopeo can
 tar -xOf "$out/trainer.tar" manifest.json \
   | jq -e '.[0].RepoTags == ["docker.io/library/trainer:latest"] and (.[0].Layers | length) == 1' > /dev/null \
   || fail "the docker-archive copy is not trainer:latest with one layer"
-echo "image: $(du -m "$out/trainer.tar" | cut -f1) MB as a docker-archive tar"
+echo "image: $(du -m "$out/trainer.tar" | cut -f1) MiB as a docker-archive tar"
 rm -f "$out/trainer.tar"
 pass "skopeo copies it into a docker-archive (docker load, podman load)"
 
@@ -129,7 +129,7 @@ for absent in usr/bin/gcc usr/bin/cc usr/bin/ld usr/bin/rustc usr/bin/cargo root
 done
 [ -z "$(find "$rootfs/var/lib/apt/lists" "$rootfs/var/cache/apt" -type f ! -name lock 2>/dev/null)" ] \
   || fail "the image holds apt lists or caches"
-echo "image: $(du -sm "$out/oci" | cut -f1) MB compressed (OCI layout), $(du -sm "$rootfs" | cut -f1) MB unpacked"
+echo "image: $(du -sm "$out/oci" | cut -f1) MiB compressed (OCI layout), $(du -sm "$rootfs" | cut -f1) MiB unpacked"
 pass "no compiler, Rust, Python, pip or apt lists in the image"
 lap "OCI checks and unpack"
 
