@@ -61,9 +61,11 @@ lap() { timing+=("$(printf '%-34s %5d s' "$1" "$((SECONDS - t0))")"); t0=$SECOND
 echo "--- the release trainer"
 cargo build --release --locked -p trainer-cli
 lap "cargo build --release"
-# Two test programs run inside the image as probes (built by cargo test too):
-# the kernel compiler's own header search and cudarc's own library loading.
-probes=$(cargo test --workspace --locked --no-run --message-format=json --test kernels_compile --test cuda_libraries \
+# Two test programs run inside the image as probes: the kernel compiler's own
+# header search and cudarc's own library loading. The whole workspace's tests,
+# as scripts/test.sh's `cargo test --workspace` built them (naming only these
+# two would build them again with other features).
+probes=$(cargo test --workspace --locked --no-run --message-format=json \
   | jq -r 'select(.reason == "compiler-artifact" and .executable != null) | .executable')
 kernels_compile=$(grep '/kernels_compile-' <<< "$probes") || fail "no kernels_compile test program"
 cuda_libraries=$(grep '/cuda_libraries-' <<< "$probes") || fail "no cuda_libraries test program"
