@@ -4,9 +4,10 @@
 # (no Docker daemon, no base image pulled) from the release trainer it builds
 # first; then the OCI image is checked (skopeo, umoci; its configuration
 # against docker/Dockerfile and docker/README.md) and unpacked, and runc (the
-# runtime under Docker) runs it as SageMaker would: the image's entrypoint,
-# env and working directory, tini as PID 1, a fake /opt/ml mounted in,
-# host name algo-1, its own network namespace, Docker's default capabilities.
+# runtime under Docker) runs it the way `docker run` does, with what SageMaker
+# adds: the image's entrypoint, env and working directory, tini as PID 1,
+# Docker's default capabilities, its own network namespace, host name algo-1,
+# a fake /opt/ml mounted in, `train` as the argument.
 # Inside: trainer --version, the CUDA libraries and headers where the trainer
 # looks for them, mpirun and sshd, then SageMaker jobs on the CPU (one process
 # and processes_per_host=2 under mpirun): model, metrics, failure file, and
