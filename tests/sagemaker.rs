@@ -33,32 +33,9 @@ impl Shards {
     }
 }
 
-/// The image's default config in these tests: a tiny model, a few steps.
-const IMAGE_CONFIG: &str = r#"
-[model]
-preset = "test"
-block_size = 64
-
-[data]
-train = "/nonexistent/train_*.bin"
-
-[training]
-micro_batch_size = 4
-seq_len = 32
-max_steps = 30
-seed = 7
-
-[optimizer]
-lr = 1e-2
-
-[logging]
-interval = 1
-run_dir = "runs/not-in-sagemaker"
-
-[eval]
-interval = 0
-batches = 4
-"#;
+/// The image's default config in these tests: a tiny model, a few steps
+/// (scripts/test-image.sh runs the same job inside the image).
+const IMAGE_CONFIG: &str = include_str!("fixtures/sagemaker-job.toml");
 
 /// A fake SageMaker job: `ml/` is /opt/ml, `image/` the image's files,
 /// `work/` the container's working directory.
@@ -584,22 +561,43 @@ fn resumes_from_a_prefilled_checkpoints_directory() {
 }
 
 /// What can be checked of the image without building it: the points of the
-/// contract that live in docker/Dockerfile (hadolint, run by scripts/test.sh,
-/// checks the rest of its form).
+/// contract that live in docker/Dockerfile and the files it shares with
+/// docker/build-image.sh (hadolint, run by scripts/test.sh, checks the rest of
+/// the Dockerfile's form; scripts/test-image.sh builds the image and runs it).
 #[test]
 fn the_dockerfile_keeps_the_contract() {
-    let text = fs::read_to_string(repo_root().join("docker/Dockerfile")).unwrap();
+    let docker = repo_root().join("docker");
+    let text = fs::read_to_string(docker.join("Dockerfile")).unwrap();
     let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.starts_with('#')).collect();
     let froms: Vec<&str> = lines.iter().copied().filter(|l| l.starts_with("FROM ")).collect();
-    assert_eq!(froms.len(), 2, "a build stage and the runtime stage: {froms:?}");
-    assert!(froms[0].ends_with(" AS build"), "{froms:?}");
-    assert!(froms[1].starts_with("FROM nvidia/cuda:${CUDA_VERSION}-runtime-"), "{froms:?}");
-    assert!(text.contains("ARG CUDA_VERSION=13."), "a CUDA 13 base");
-    let entry: Vec<&str> = lines.iter().copied().filter(|l| l.starts_with("ENTRYPOINT")).collect();
+    assert_eq!(
+        froms,
+        ["FROM debian:bookworm AS build", "FROM debian:bookworm-slim AS cuda", "FROM debian:bookworm-slim"],
+        "the trainer and the CUDA libraries built apart, the runtime on the Debian docker/build-image.sh uses"
+    );
+    let runtime = &lines[lines.iter().rposition(|l| l.starts_with("FROM ")).unwrap()..];
+    let entry: Vec<&str> = runtime.iter().copied().filter(|l| l.starts_with("ENTRYPOINT")).collect();
     assert_eq!(entry, [r#"ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/trainer"]"#], "exec form");
-    assert!(!lines.iter().any(|l| l.starts_with("CMD")), "no CMD: SageMaker passes `train`");
-    for needed in ["openmpi-bin", "openssh-server", "libnccl2", "cuda-nvrtc-dev-", "cuda-cudart-dev-", "tini"] {
-        assert!(text.contains(needed), "installs {needed}");
+    assert!(!runtime.iter().any(|l| l.starts_with("CMD")), "no CMD: SageMaker passes `train`");
+    // The files both builds share, used by each.
+    let script = fs::read_to_string(docker.join("build-image.sh")).unwrap();
+    for shared in ["packages.txt", "cuda-wheels.txt", "install-cuda.sh", "setup-image.sh"] {
+        assert!(text.contains(&format!("docker/{shared}")), "the Dockerfile uses docker/{shared}");
+        assert!(script.contains(&format!("docker/{shared}")), "build-image.sh uses docker/{shared}");
+    }
+    let packages = fs::read_to_string(docker.join("packages.txt")).unwrap();
+    let packages: Vec<&str> = packages.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).collect();
+    for needed in ["openmpi-bin", "openssh-client", "openssh-server", "tini", "ca-certificates"] {
+        assert!(packages.contains(&needed), "docker/packages.txt installs {needed}: {packages:?}");
+    }
+    // The image's NVRTC and headers are the ones CI compiles every kernel with.
+    let wheels = fs::read_to_string(docker.join("cuda-wheels.txt")).unwrap();
+    let test_sh = fs::read_to_string(repo_root().join("scripts/test.sh")).unwrap();
+    for pin in ["nvidia-cuda-nvrtc==13.0.", "nvidia-cuda-runtime==13.0.", "nvidia-cublas==13.", "nvidia-nccl-cu13=="] {
+        let line = wheels.lines().find(|l| l.starts_with(pin)).unwrap_or_else(|| panic!("{pin}* in cuda-wheels.txt"));
+        if pin.contains("cuda-") {
+            assert!(test_sh.contains(line), "scripts/test.sh installs {line} too");
+        }
     }
     assert!(
         lines.iter().filter(|l| l.starts_with("COPY") || l.starts_with("ADD")).all(|l| !l.contains("/opt/ml")),
@@ -608,7 +606,7 @@ fn the_dockerfile_keeps_the_contract() {
     assert!(text.contains("COPY --from=build /usr/local/bin/trainer /usr/local/bin/trainer"));
     // The default config the image names exists and is the one the trainer falls back to.
     let default = "/opt/trainer/configs/sagemaker-gpt2-124m.toml";
-    assert!(text.contains(&format!("TRAINER_SAGEMAKER_CONFIG={default}")));
+    assert!(runtime.contains(&format!("ENV TRAINER_SAGEMAKER_CONFIG={default}").as_str()));
     assert_eq!(trainer_sagemaker::job::DEFAULT_CONFIG, default);
     assert!(repo_root().join("configs/sagemaker-gpt2-124m.toml").is_file());
 }
