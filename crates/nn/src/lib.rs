@@ -20,6 +20,7 @@ mod mlp;
 mod optim;
 mod param;
 mod schedule;
+pub mod tensor_parallel;
 
 pub use attention::{AttentionActs, SelfAttention};
 pub use block::{Block, BlockActs, BlockGrads, BlockScratch};
