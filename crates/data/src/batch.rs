@@ -13,6 +13,10 @@ pub enum Batch {
     /// A language model's window: `inputs` (B*T token ids, row-major (B, T))
     /// and `targets`, the same tokens shifted by one.
     Tokens { b: usize, t: usize, inputs: Vec<u32>, targets: Vec<u32> },
+    /// Labelled images: `pixels` (B, H, W, C) uint8 as stored, after the
+    /// loader's crop and flip (normalization is the model's, on its device),
+    /// and `labels` (B) class ids.
+    Images { b: usize, height: usize, width: usize, channels: usize, pixels: Vec<u8>, labels: Vec<u32> },
 }
 
 impl Batch {
@@ -21,10 +25,18 @@ impl Batch {
         Batch::Tokens { b, t, inputs: vec![0; b * t], targets: vec![0; b * t] }
     }
 
-    /// Samples in the batch (sequences).
+    /// Samples in the batch (sequences or images).
     pub fn samples(&self) -> usize {
         match self {
-            Batch::Tokens { b, .. } => *b,
+            Batch::Tokens { b, .. } | Batch::Images { b, .. } => *b,
+        }
+    }
+
+    /// What the batch holds, for errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Batch::Tokens { .. } => "token windows",
+            Batch::Images { .. } => "images",
         }
     }
 }

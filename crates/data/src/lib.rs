@@ -3,6 +3,7 @@
 //! which turns text into shards.
 
 mod batch;
+mod images;
 mod loader;
 mod prepare;
 mod shard;
@@ -11,6 +12,7 @@ mod tokenizer;
 use std::path::{Path, PathBuf};
 
 pub use batch::{Batch, Loader};
+pub use images::{ImageLoader, ImageShape, ImageShard, Transform, prepare_idx, read_idx, write_image_shard};
 pub use loader::{BatchLoader, LoaderPosition};
 pub use prepare::{PrepareOptions, PrepareReport, prepare};
 pub use shard::{HEADER_BYTES, MAGIC, Shard, write_shard};

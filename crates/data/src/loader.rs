@@ -142,6 +142,7 @@ impl Loader for BatchLoader {
     fn next_batch(&mut self, batch: &mut Batch) {
         match batch {
             Batch::Tokens { inputs, targets, .. } => BatchLoader::next_batch(self, inputs, targets),
+            Batch::Images { .. } => unreachable!("a token loader fills the batches it makes"),
         }
     }
 

@@ -51,7 +51,7 @@ impl Bigram {
 
     /// Per position: (loss, dL/dlogits row) for targets of the batch.
     fn rows(&self, batch: &Batch) -> Vec<(f64, Vec<f32>, u32)> {
-        let Batch::Tokens { inputs, targets, .. } = batch;
+        let Batch::Tokens { inputs, targets, .. } = batch else { panic!("the bigram model reads tokens") };
         let (table, bias) = (self.table.value.to_vec::<f32>().unwrap(), self.bias());
         inputs
             .iter()
@@ -157,8 +157,7 @@ impl Model for Bigram {
     }
 
     fn flops_per_sample(&self, batch: &Batch) -> f64 {
-        let Batch::Tokens { t, .. } = batch;
-        (6 * VOCAB * *t) as f64
+        (6 * VOCAB * batch.samples()) as f64
     }
 
     fn save_weights(&self, path: &Path) -> trainer_models::Result<()> {

@@ -377,10 +377,14 @@ pub fn read_weights(path: &Path) -> Result<(GptConfig, BTreeMap<String, Tensor>,
     Ok((config, loaded.tensors, path.to_path_buf()))
 }
 
-/// The token batch inside `batch`.
-fn tokens_of(batch: &Batch) -> (usize, usize, &[u32], &[u32]) {
+/// The token batch inside `batch`, or an error: GPT-2 reads token windows.
+fn tokens_of(batch: &Batch) -> Result<(usize, usize, &[u32], &[u32])> {
     match batch {
-        Batch::Tokens { b, t, inputs, targets } => (*b, *t, inputs, targets),
+        Batch::Tokens { b, t, inputs, targets } => Ok((*b, *t, inputs, targets)),
+        other => Err(Error::Config(format!(
+            "a gpt model reads token windows, but the data gives {} (is data.train a token shard pattern?)",
+            other.kind()
+        ))),
     }
 }
 
@@ -415,7 +419,7 @@ impl Model for Gpt {
     }
 
     fn new_acts(&self, batch: &Batch) -> Result<Acts> {
-        let (b, t, _, _) = tokens_of(batch);
+        let (b, t, _, _) = tokens_of(batch)?;
         Ok(Acts::new(Gpt::new_acts(self, b, t)?))
     }
 
@@ -427,20 +431,23 @@ impl Model for Gpt {
         ready: &mut GradsReady<'_>,
     ) -> Result<f64> {
         let acts = acts.get_mut::<GptActs>("gpt")?;
-        let (_, _, inputs, targets) = tokens_of(batch);
+        let (_, _, inputs, targets) = tokens_of(batch)?;
         self.forward_backward_with(acts, inputs, targets, loss_scale, ready)?;
         acts.mean_loss()
     }
 
     fn loss(&self, acts: &mut Acts, batch: &Batch) -> Result<f64> {
         let acts = acts.get_mut::<GptActs>("gpt")?;
-        let (_, _, inputs, targets) = tokens_of(batch);
+        let (_, _, inputs, targets) = tokens_of(batch)?;
         Ok(self.forward(acts, inputs, Some(targets))?.unwrap_or(f64::NAN))
     }
 
     fn flops_per_sample(&self, batch: &Batch) -> f64 {
-        let (_, t, _, _) = tokens_of(batch);
-        self.config.flops_per_token(t) * t as f64
+        match batch {
+            Batch::Tokens { t, .. } => self.config.flops_per_token(*t) * *t as f64,
+            // new_acts has refused any other batch before a step could run.
+            _ => 0.0,
+        }
     }
 
     fn save_weights(&self, path: &Path) -> Result<()> {
