@@ -254,6 +254,50 @@ fn prepare_bad_input() {
     );
 }
 
+/// An IDX file of unsigned bytes (big-endian dimensions, as MNIST's).
+fn write_idx(path: &Path, dims: &[u32], data: &[u8]) {
+    let mut bytes = vec![0, 0, 0x08, dims.len() as u8];
+    for d in dims {
+        bytes.extend_from_slice(&d.to_be_bytes());
+    }
+    bytes.extend_from_slice(data);
+    fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn prepare_turns_an_idx_data_set_into_image_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_idx(&d.join("train-images"), &[4, 3, 3], &[5; 36]);
+    write_idx(&d.join("train-labels"), &[4], &[0, 1, 2, 1]);
+    write_idx(&d.join("val-images"), &[2, 3, 3], &[6; 18]);
+    write_idx(&d.join("val-labels"), &[2], &[2, 0]);
+    fs::write(d.join("names.txt"), "a\nb\nc\n").unwrap();
+    let args = |extra: &[&'static str]| -> Vec<&'static str> {
+        let mut a = vec!["prepare", "--idx-train", "train-images", "train-labels", "--output", "img"];
+        a.extend_from_slice(extra);
+        a
+    };
+    let o = trainer(&args(&["--idx-val", "val-images", "val-labels", "--class-names", "names.txt"]), d);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("prepared train_images=4 val_images=2 classes=3 output=img"), "{}", stdout(&o));
+    assert_eq!(fs::read_to_string(d.join("img/classes.txt")).unwrap(), "a\nb\nc\n");
+    assert!(d.join("img/train_000000.img").is_file() && d.join("img/val_000000.img").is_file());
+    // Bad input: no class names, too few of them, labels that do not match the images.
+    assert!(!trainer(&args(&[]), d).status.success());
+    fs::write(d.join("two.txt"), "a\nb\n").unwrap();
+    assert_one_line_error(
+        &trainer(&args(&["--class-names", "two.txt", "--overwrite"]), d),
+        &["train-labels", "label 2 of image 2", "2 classes"],
+    );
+    write_idx(&d.join("short-labels"), &[3], &[0, 1, 2]);
+    let o = trainer(
+        &["prepare", "--idx-train", "train-images", "short-labels", "--class-names", "names.txt", "--output", "x"],
+        d,
+    );
+    assert_one_line_error(&o, &["short-labels", "one label per image"]);
+}
+
 #[test]
 fn eval_with_wrong_weights() {
     let ws = Workspace::new();

@@ -30,7 +30,7 @@ struct Cli {
 enum Command {
     /// Train a model from a config file.
     Train(JobArgs),
-    /// Tokenize .txt and .jsonl files into train and validation shards.
+    /// Tokenize .txt and .jsonl files into train and validation shards, or turn an IDX image data set into image shards.
     Prepare(PrepareArgs),
     /// Validation loss and perplexity of saved weights or a checkpoint.
     Eval(EvalArgs),
@@ -84,9 +84,21 @@ struct ReportArgs {
 #[derive(Args, Debug)]
 struct PrepareArgs {
     /// .txt files (one document each), .jsonl files (a "text" field per line), or directories of them.
-    #[arg(long, short, required = true, num_args = 1..)]
+    #[arg(long, short, required_unless_present = "idx_train", conflicts_with = "idx_train", num_args = 1..)]
     input: Vec<PathBuf>,
-    /// Directory for train_NNNNNN.bin and val_NNNNNN.bin.
+    /// Images instead of text: an IDX images file and its IDX labels file
+    /// (gzipped or not; MNIST, Fashion-MNIST), the training split.
+    #[arg(long, num_args = 2, value_names = ["IMAGES", "LABELS"], requires = "class_names")]
+    idx_train: Option<Vec<PathBuf>>,
+    /// The validation split of --idx-train's data set.
+    #[arg(long, num_args = 2, value_names = ["IMAGES", "LABELS"], requires = "idx_train")]
+    idx_val: Option<Vec<PathBuf>>,
+    /// With --idx-train: the class names, one per line (IDX files hold none);
+    /// copied beside the shards as classes.txt.
+    #[arg(long)]
+    class_names: Option<PathBuf>,
+    /// Directory for train_NNNNNN.bin and val_NNNNNN.bin (text), or
+    /// train_000000.img, val_000000.img and classes.txt (images).
     #[arg(long, short)]
     output: PathBuf,
     /// "gpt2" (built in, offline) or the path of a Hugging Face tokenizer.json.
@@ -206,6 +218,26 @@ fn run_eval(args: &EvalArgs) -> Result<()> {
 }
 
 fn run_prepare(args: &PrepareArgs) -> Result<()> {
+    if let (Some(train), Some(names)) = (&args.idx_train, &args.class_names) {
+        let pair = |p: &[PathBuf]| (p[0].clone(), p[1].clone());
+        let (train, val) = (pair(train), args.idx_val.as_deref().map(pair));
+        let r = trainer_data::prepare_idx_dataset(
+            (&train.0, &train.1),
+            val.as_ref().map(|(i, l)| (i.as_path(), l.as_path())),
+            names,
+            &args.output,
+            args.overwrite,
+        )
+        .with_context(|| format!("prepare into {}", args.output.display()))?;
+        println!(
+            "prepared train_images={} val_images={} classes={} output={}",
+            r.train_images,
+            r.val_images,
+            r.classes,
+            args.output.display()
+        );
+        return Ok(());
+    }
     let tokenizer = Tokenizer::load(&args.tokenizer)?;
     let opts = PrepareOptions {
         inputs: args.input.clone(),

@@ -88,6 +88,12 @@ pub fn write_image_shard(path: &Path, shape: ImageShape, classes: usize, pixels:
         let narrow: Vec<u16> = labels.iter().map(|&l| l as u16).collect();
         f.write_all(bytemuck::cast_slice(&narrow)).map_err(|e| io_err(path, e))?;
     }
+    // The temporary file is private (0600); a shard is as readable as any output.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(fs::Permissions::from_mode(0o644)).map_err(|e| io_err(path, e))?;
+    }
     f.sync_all().map_err(|e| io_err(path, e))?;
     tmp.persist(path).map_err(|e| io_err(path, e.error))?;
     Ok(())
@@ -247,6 +253,64 @@ pub fn prepare_idx(images: &Path, labels: &Path, output: &Path, classes: usize) 
     }
     write_image_shard(output, shape, classes, &pixels, &ids)?;
     Ok(ids.len())
+}
+
+/// The file beside a data set's image shards that names its classes, one per line.
+pub const CLASS_NAMES_FILE: &str = "classes.txt";
+
+/// The class names of a data set: one non-empty name per line of `path`.
+pub fn read_class_names(path: &Path) -> Result<Vec<String>> {
+    let text = fs::read_to_string(path).map_err(|e| io_err(path, e))?;
+    // Trailing blank lines are no classes.
+    let names: Vec<String> = text.trim_end().lines().map(|l| l.trim().to_string()).collect();
+    if let Some(i) = names.iter().position(String::is_empty) {
+        return Err(Error::Input {
+            path: path.display().to_string(),
+            line: Some(i + 1),
+            msg: "an empty class name".into(),
+        });
+    }
+    if names.is_empty() {
+        return Err(Error::Input { path: path.display().to_string(), line: None, msg: "no class names".into() });
+    }
+    Ok(names)
+}
+
+/// What [`prepare_idx_dataset`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdxReport {
+    pub train_images: usize,
+    pub val_images: usize,
+    pub classes: usize,
+    pub files: Vec<PathBuf>,
+}
+
+/// An IDX data set (MNIST, Fashion-MNIST) as image shards in `output_dir`:
+/// `train_000000.img` from the `train` (images, labels) pair, `val_000000.img`
+/// from `val`, and the class names (IDX holds none) copied into
+/// [`CLASS_NAMES_FILE`]. Shards a previous prepare left there are replaced
+/// only with `overwrite`.
+pub fn prepare_idx_dataset(
+    train: (&Path, &Path),
+    val: Option<(&Path, &Path)>,
+    class_names: &Path,
+    output_dir: &Path,
+    overwrite: bool,
+) -> Result<IdxReport> {
+    let names = read_class_names(class_names)?;
+    crate::prepare::clear_or_refuse(output_dir, overwrite)?;
+    let mut files = Vec::new();
+    let mut counts = [0usize; 2];
+    for (k, (split, pair)) in [("train", Some(train)), ("val", val)].into_iter().enumerate() {
+        let Some((images, labels)) = pair else { continue };
+        let out = output_dir.join(format!("{split}_000000.img"));
+        counts[k] = prepare_idx(images, labels, &out, names.len())?;
+        files.push(out);
+    }
+    let names_out = output_dir.join(CLASS_NAMES_FILE);
+    fs::write(&names_out, names.join("\n") + "\n").map_err(|e| io_err(&names_out, e))?;
+    files.push(names_out);
+    Ok(IdxReport { train_images: counts[0], val_images: counts[1], classes: names.len(), files })
 }
 
 /// How a loader turns a stored image into a training or validation input.
@@ -563,6 +627,37 @@ mod tests {
         fs::write(d.join("text"), "hello").unwrap();
         let e = read_idx(&d.join("text")).unwrap_err().to_string();
         assert!(e.contains("text") && e.contains("not an IDX file"), "{e}");
+    }
+
+    #[test]
+    fn an_idx_data_set_becomes_train_and_val_shards_with_its_class_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        idx(&d.join("tr-images.gz"), &[3, 2, 2], &[7; 12], true);
+        idx(&d.join("tr-labels.gz"), &[3], &[0, 2, 1], true);
+        idx(&d.join("va-images"), &[1, 2, 2], &[9; 4], false);
+        idx(&d.join("va-labels"), &[1], &[1], false);
+        fs::write(d.join("names.txt"), "cat\ndog\nbird\n").unwrap();
+        let out = d.join("out");
+        let train = (d.join("tr-images.gz"), d.join("tr-labels.gz"));
+        let val = (d.join("va-images"), d.join("va-labels"));
+        let run = |overwrite| {
+            prepare_idx_dataset((&train.0, &train.1), Some((&val.0, &val.1)), &d.join("names.txt"), &out, overwrite)
+        };
+        let r = run(false).unwrap();
+        assert_eq!((r.train_images, r.val_images, r.classes), (3, 1, 3));
+        assert_eq!(read_class_names(&out.join(CLASS_NAMES_FILE)).unwrap(), ["cat", "dog", "bird"]);
+        assert_eq!(ImageShard::open(&out.join("val_000000.img")).unwrap().label(0), 1);
+        let e = run(false).unwrap_err().to_string();
+        assert!(e.contains("--overwrite"), "{e}");
+        run(true).unwrap();
+        // Two names for labels up to 2: the label is out of range, naming the file.
+        fs::write(d.join("names.txt"), "cat\ndog\n").unwrap();
+        let e = run(true).unwrap_err().to_string();
+        assert!(e.contains("tr-labels.gz") && e.contains("label 2 of image 1"), "{e}");
+        fs::write(d.join("names.txt"), "cat\n\ndog\n").unwrap();
+        let e = run(true).unwrap_err().to_string();
+        assert!(e.contains("names.txt:2") && e.contains("empty class name"), "{e}");
     }
 
     fn loader(dir: &Path, rank: usize, world: usize, transform: Transform) -> ImageLoader {

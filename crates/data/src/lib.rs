@@ -12,7 +12,10 @@ mod tokenizer;
 use std::path::{Path, PathBuf};
 
 pub use batch::{Batch, Loader};
-pub use images::{ImageLoader, ImageShape, ImageShard, Transform, prepare_idx, read_idx, write_image_shard};
+pub use images::{
+    CLASS_NAMES_FILE, IdxReport, ImageLoader, ImageShape, ImageShard, Transform, prepare_idx, prepare_idx_dataset,
+    read_class_names, read_idx, write_image_shard,
+};
 pub use loader::{BatchLoader, LoaderPosition};
 pub use prepare::{PrepareOptions, PrepareReport, prepare};
 pub use shard::{HEADER_BYTES, MAGIC, Shard, write_shard};

@@ -43,7 +43,6 @@ pub fn prepare(opts: &PrepareOptions<'_>) -> Result<PrepareReport> {
         return Err(Error::Invalid("--shard-tokens and --val-tokens must be at least 1".into()));
     }
     let files = input_files(&opts.inputs)?;
-    fs::create_dir_all(&opts.output_dir).map_err(|e| io_err(&opts.output_dir, e))?;
     clear_or_refuse(&opts.output_dir, opts.overwrite)?;
 
     let total_bytes: u64 = files.iter().map(|f| fs::metadata(f).map(|m| m.len()).unwrap_or(0)).sum();
@@ -123,10 +122,13 @@ fn input_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
 }
 
 fn is_our_shard(name: &str) -> bool {
-    (name.starts_with("train_") || name.starts_with("val_")) && name.ends_with(".bin")
+    (name.starts_with("train_") || name.starts_with("val_")) && (name.ends_with(".bin") || name.ends_with(".img"))
 }
 
-fn clear_or_refuse(dir: &Path, overwrite: bool) -> Result<()> {
+/// Creates `dir` if needed; removes the shards a previous prepare left
+/// there with `overwrite`, else refuses to mix two data sets.
+pub(crate) fn clear_or_refuse(dir: &Path, overwrite: bool) -> Result<()> {
+    fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
     for entry in fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
         let path = entry.map_err(|e| io_err(dir, e))?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
