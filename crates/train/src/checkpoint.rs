@@ -1,6 +1,7 @@
 //! Checkpoint directories on disk: the manifest, atomic saves, verification,
 //! pruning, and choosing the one to resume from. What the trainer puts into a
-//! checkpoint is `state.rs`'s business; this file knows files and directories.
+//! checkpoint is `format.rs`'s business and which one to resume `resume.rs`'s;
+//! this file knows files and directories.
 //!
 //! `<checkpoint.dir>` holds:
 //!
@@ -25,7 +26,7 @@
 //! With several ranks the caller puts a barrier between [`Store::begin`] on rank
 //! 0 and the other ranks' writes, and gathers every rank's [`FileEntry`]s to rank
 //! 0 (see [`PendingSave::add_entries`]) before it commits (the trainer's
-//! `state::save` does both).
+//! `format::save` does both).
 
 use std::borrow::Cow;
 use std::cell::RefCell;

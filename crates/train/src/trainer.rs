@@ -14,7 +14,7 @@
 //! every rank applies the same update; each rank evaluates its share of the
 //! validation batches. Only rank 0 prints, records metrics and writes the
 //! model; a checkpoint is written by all ranks together, and resumes under
-//! any number of data-parallel ranks and ZeRO stage (`state.rs`). A plain run
+//! any number of data-parallel ranks and ZeRO stage (`format.rs`, `resume.rs`). A plain run
 //! is a world of one and takes the single-process path.
 
 use std::path::{Path, PathBuf};
