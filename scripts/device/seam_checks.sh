@@ -45,9 +45,9 @@ sys.exit(0 if len(steps) == 20 and same == len(steps) else 1)
 PY
 v1=$?
 
-# Speed: GPT-2 124M bf16, old and new alternating (median tok/s of steps 6-20), then PyTorch.
+# Speed: GPT-2 124M bf16 B=32, old and new alternating (median tok/s of steps 6-20), then PyTorch.
 speed=()
-for b in 16 32; do
+for b in 32; do
   for round in 1 2; do
     for bin in trainer-old trainer; do
       rm -rf /tmp/s_speed

@@ -148,10 +148,8 @@ impl Module for ColumnParallelLinear {
 /// gradient.
 #[derive(Debug)]
 pub struct RowParallelLinear {
-    /// (out, in/tp)
-    pub weight: Param,
-    /// (out)
-    pub bias: Option<Param>,
+    /// Weight (out, in/tp), bias (out).
+    pub linear: Linear,
     rank: usize,
 }
 
@@ -168,15 +166,14 @@ impl RowParallelLinear {
         device: &Device,
     ) -> Result<Self> {
         let cols = slice_len(&format!("{name}: input features"), inp, tp)?;
-        let Linear { weight, bias } = Linear::new(name, cols, out, bias, dtype, device)?;
-        Ok(RowParallelLinear { weight, bias, rank })
+        Ok(RowParallelLinear { linear: Linear::new(name, cols, out, bias, dtype, device)?, rank })
     }
 
     /// Takes this rank's slice of the full layer's weight (out, in), and the whole bias (out).
     pub fn load_full(&mut self, weight: &Tensor, bias: Option<&Tensor>) -> Result<()> {
-        let cols = self.weight.value.dims()[1];
-        set(&mut self.weight, &cols_of(weight, self.rank, cols)?)?;
-        match (&mut self.bias, bias) {
+        let cols = self.linear.weight.value.dims()[1];
+        set(&mut self.linear.weight, &cols_of(weight, self.rank, cols)?)?;
+        match (&mut self.linear.bias, bias) {
             (Some(b), Some(full)) => set(b, full),
             _ => Ok(()),
         }
@@ -184,28 +181,25 @@ impl RowParallelLinear {
 
     /// out (N, out) = sum over ranks of x_r (N, in/tp) @ W_r^T, + b.
     pub fn forward(&self, out: &mut Tensor, inp: &Tensor, group: &dyn Collective) -> Result<()> {
-        let bias = self.bias.as_ref().filter(|_| self.rank == 0).map(|b| &b.value);
-        ops::linear_forward(out, inp, &self.weight.value, bias)?;
+        let bias = self.linear.bias.as_ref().filter(|_| self.rank == 0).map(|b| &b.value);
+        ops::linear_forward(out, inp, &self.linear.weight.value, bias)?;
         g_forward(out, group)
     }
 
     /// dinp (N, in/tp) overwritten; dW_r and db accumulate. The output
     /// gradient is the whole one on every rank ("g" backward is the identity).
     pub fn backward(&mut self, dinp: &mut Tensor, dout: &Tensor, inp: &Tensor) -> Result<()> {
-        const OP: &str = "row-parallel linear backward";
-        let dbias = self.bias.as_mut().map(|b| b.grad_mut(OP)).transpose()?;
-        let (weight, dweight) = self.weight.value_and_grad(OP)?;
-        ops::linear_backward(dinp, dweight, dbias, dout, inp, weight)
+        self.linear.backward(dinp, dout, inp)
     }
 }
 
 impl Module for RowParallelLinear {
     fn params(&self) -> Vec<&Param> {
-        std::iter::once(&self.weight).chain(&self.bias).collect()
+        self.linear.params()
     }
 
     fn params_mut(&mut self) -> Vec<&mut Param> {
-        std::iter::once(&mut self.weight).chain(&mut self.bias).collect()
+        self.linear.params_mut()
     }
 }
 

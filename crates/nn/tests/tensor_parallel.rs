@@ -111,10 +111,14 @@ fn row_parallel(group: &dyn Collective) {
     close(&format!("rank {rank}: row-parallel input gradient slice"), &f32s(&dxr), &cols(&dx, IN, rank * k, k));
     close(
         &format!("rank {rank}: row-parallel weight gradient"),
-        &f32s(r.weight.grad().unwrap()),
+        &f32s(r.linear.weight.grad().unwrap()),
         &cols(&dw, IN, rank * k, k),
     );
-    close(&format!("rank {rank}: row-parallel bias gradient"), &f32s(r.bias.as_ref().unwrap().grad().unwrap()), &db);
+    close(
+        &format!("rank {rank}: row-parallel bias gradient"),
+        &f32s(r.linear.bias.as_ref().unwrap().grad().unwrap()),
+        &db,
+    );
 }
 
 /// One rank's work, when started by [`layers_match_the_unsplit_ones_on_2_and_4_ranks`].
