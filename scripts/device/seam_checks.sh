@@ -25,7 +25,10 @@ tiny=(--config configs/tiny.toml --set 'data.train="/tmp/kjv/train_*.bin"' --set
 .dev/trainer "${tiny[@]}" --set training.device=cpu --set logging.run_dir='"/tmp/s_cpu"' > "$out/tiny_cpu.log" 2>&1; tc=$?
 .dev/trainer "${tiny[@]}" --set training.device=cuda --set logging.run_dir='"/tmp/s_gpu"' > "$out/tiny_gpu.log" 2>&1; tg=$?
 
-OUT="$out/ck" bash scripts/device/checkpoint_checks.sh > "$out/checkpoint_checks.log" 2>&1; ck=$?
+# SEAM_QUICK=1 leaves out the slower parts (checkpoint_checks.sh, the peer) when device time is short.
+quick=${SEAM_QUICK:-0}
+ck=0
+[ "$quick" = 1 ] || { OUT="$out/ck" bash scripts/device/checkpoint_checks.sh > "$out/checkpoint_checks.log" 2>&1; ck=$?; }
 
 # A format-1 checkpoint (old binary, bf16 on CUDA) resumed by the new binary.
 bf=("${tiny[@]}" --set training.device=cuda --set training.dtype=bf16)
@@ -47,7 +50,7 @@ v1=$?
 
 # Speed: GPT-2 124M bf16 B=32, old and new alternating (median tok/s of steps 6-20), then PyTorch.
 speed=()
-for b in 32; do
+for b in ${SEAM_BATCHES:-32}; do   # e.g. SEAM_BATCHES="16 32"
   for round in 1 2; do
     for bin in trainer-old trainer; do
       rm -rf /tmp/s_speed
@@ -64,13 +67,13 @@ print(f'{statistics.median(x[\"tok_per_s\"] for x in r if x[\"step\"] > 5):.0f}'
   done
 done
 # The peer once, at the larger batch (its compile takes a minute or more).
-python3 .dev/torch_gpt_bench.py --size 124m --batch 32 --compile > "$out/peer_b32.log" 2>&1
-speed+=("$(printf '124m B=32            %-12s %s' torch.compile "$(grep -oE 'tok_s=[0-9]+ mfu=[0-9.]+% mem_GB=[0-9.]+' "$out/peer_b32.log")")")
+[ "$quick" = 1 ] || python3 .dev/torch_gpt_bench.py --size 124m --batch 32 --compile > "$out/peer_b32.log" 2>&1
+[ "$quick" = 1 ] || speed+=("$(printf '124m B=32            %-12s %s' torch.compile "$(grep -oE 'tok_s=[0-9]+ mfu=[0-9.]+% mem_GB=[0-9.]+' "$out/peer_b32.log")")")
 
 echo "--- failures"; grep -E "panicked|FAILED|^error" "$out"/*.log | head -10
 echo "--- tiny cpu vs gpu (every 10th step)"
 paste <(grep -oE "^step=[0-9]+ train_loss=[0-9.]+" "$out/tiny_cpu.log") <(grep -oE "train_loss=[0-9.]+" "$out/tiny_gpu.log") | awk 'NR%10==0'
-echo "--- checkpoint_checks"; tail -8 "$out/checkpoint_checks.log"
+[ "$quick" = 1 ] || { echo "--- checkpoint_checks"; tail -8 "$out/checkpoint_checks.log"; }
 echo "--- format 1 -> 2"; cat "$out/v1_compare.txt"
 echo "--- speed"; printf '%s\n' "${speed[@]}"
 printf '\n%-26s %s\n' check result
