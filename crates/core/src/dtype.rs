@@ -109,6 +109,8 @@ pub trait Float:
 {
     fn from_f32(v: f32) -> Self;
     fn from_usize(v: usize) -> Self;
+    /// The error function (num_traits has none; libm's is correctly rounded to about 1 ulp).
+    fn erf(self) -> Self;
 }
 
 impl Float for f32 {
@@ -118,6 +120,9 @@ impl Float for f32 {
     fn from_usize(v: usize) -> Self {
         v as f32
     }
+    fn erf(self) -> Self {
+        libm::erff(self)
+    }
 }
 
 impl Float for f64 {
@@ -126,5 +131,8 @@ impl Float for f64 {
     }
     fn from_usize(v: usize) -> Self {
         v as f64
+    }
+    fn erf(self) -> Self {
+        libm::erf(self)
     }
 }

@@ -278,15 +278,17 @@ fn linear_layernorm_gelu() {
         check(&format!("layernorm dweight bf16 {rows}x{c}"), &gdg, &dg, BF16_TOL);
         check(&format!("layernorm dbias bf16 {rows}x{c}"), &gdbeta, &dbeta, BF16_TOL);
 
-        // GELU forward and backward.
-        let (mut gl, mut dgl) = (zeros(&[rows, c]), zeros(&[rows, c]));
-        ops::gelu_forward(&mut gl, &x).unwrap();
-        ops::gelu_backward(&mut dgl, &x, &dln).unwrap();
-        let (mut ggl, mut gdgl) = (poisoned(&[rows, c], DType::F32, &dev), poisoned(&[rows, c], DType::F32, &dev));
-        ops::gelu_forward(&mut ggl, &gx).unwrap();
-        ops::gelu_backward(&mut gdgl, &gx, &up(&dln, &dev, DType::F32)).unwrap();
-        check("gelu_forward", &ggl, &gl, F32_TOL);
-        check("gelu_backward", &gdgl, &dgl, F32_TOL);
+        // GELU forward and backward, both forms.
+        for kind in [ops::Gelu::Tanh, ops::Gelu::Erf] {
+            let (mut gl, mut dgl) = (zeros(&[rows, c]), zeros(&[rows, c]));
+            ops::gelu_forward(&mut gl, &x, kind).unwrap();
+            ops::gelu_backward(&mut dgl, &x, &dln, kind).unwrap();
+            let (mut ggl, mut gdgl) = (poisoned(&[rows, c], DType::F32, &dev), poisoned(&[rows, c], DType::F32, &dev));
+            ops::gelu_forward(&mut ggl, &gx, kind).unwrap();
+            ops::gelu_backward(&mut gdgl, &gx, &up(&dln, &dev, DType::F32), kind).unwrap();
+            check(&format!("gelu_forward {kind:?}"), &ggl, &gl, F32_TOL);
+            check(&format!("gelu_backward {kind:?}"), &gdgl, &dgl, F32_TOL);
+        }
     }
 }
 
@@ -300,16 +302,22 @@ fn linear_gelu_fused() {
     let mut r = ChaCha8Rng::seed_from_u64(5);
     let round = |t: &Tensor| t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
     let bf = |t: &Tensor| up(t, &dev, DType::BF16);
-    for (rows, c, h) in [(67, 96, 64), (512, 768, 3072), (5, 32, 50)] {
+    for (rows, c, h, kind) in [
+        (67, 96, 64, ops::Gelu::Tanh),
+        (512, 768, 3072, ops::Gelu::Tanh),
+        (5, 32, 50, ops::Gelu::Tanh),
+        // The erf form is never fused (cuBLASLt's epilogue is tanh): GEMM, then our kernel.
+        (197, 64, 256, ops::Gelu::Erf),
+    ] {
         let (x, w, b) = (
             round(&randn(&mut r, &[rows, c], 1.0)),
             round(&randn(&mut r, &[h, c], 0.2)),
             round(&randn(&mut r, &[h], 0.5)),
         );
         let (mut out, mut pre) = (zeros(&[rows, h]), zeros(&[rows, h]));
-        ops::linear_gelu_forward(&mut out, &mut pre, &x, &w, Some(&b)).unwrap();
+        ops::linear_gelu_forward(&mut out, &mut pre, &x, &w, Some(&b), kind).unwrap();
         let (mut gout, mut gpre) = (poisoned(&[rows, h], DType::BF16, &dev), poisoned(&[rows, h], DType::BF16, &dev));
-        ops::linear_gelu_forward(&mut gout, &mut gpre, &bf(&x), &bf(&w), Some(&bf(&b))).unwrap();
+        ops::linear_gelu_forward(&mut gout, &mut gpre, &bf(&x), &bf(&w), Some(&bf(&b)), kind).unwrap();
         check(&format!("linear_gelu_forward bf16 {rows}x{c}->{h} pre"), &gpre, &pre, BF16_TOL);
         check(&format!("linear_gelu_forward bf16 {rows}x{c}->{h} out"), &gout, &out, BF16_TOL);
 
@@ -319,7 +327,7 @@ fn linear_gelu_fused() {
         let (dw0, db0) = (round(&randn(&mut r, &[c, h], 1.0)), round(&randn(&mut r, &[c], 1.0)));
         let (mut dpre, mut dw, mut db, mut scratch) =
             (zeros(&[rows, h]), cpu_copy(&dw0), cpu_copy(&db0), zeros(&[rows, h]));
-        ops::linear_backward_gelu(&mut dpre, &mut dw, Some(&mut db), &dy, &out, &pre, &wp, &mut scratch).unwrap();
+        ops::linear_backward_gelu(&mut dpre, &mut dw, Some(&mut db), &dy, &out, &pre, &wp, &mut scratch, kind).unwrap();
         let (mut gdpre, mut gdw, mut gdb) = (poisoned(&[rows, h], DType::BF16, &dev), bf(&dw0), bf(&db0));
         let mut gscratch = poisoned(&[rows, h], DType::BF16, &dev);
         ops::linear_backward_gelu(
@@ -331,6 +339,7 @@ fn linear_gelu_fused() {
             &bf(&pre),
             &bf(&wp),
             &mut gscratch,
+            kind,
         )
         .unwrap();
         check(&format!("linear_backward_gelu bf16 {rows}x{c}<-{h} dpre"), &gdpre, &dpre, BF16_TOL);
@@ -354,7 +363,7 @@ fn gelu_epilogue_is_the_tanh_form() {
     let eye = Tensor::from_vec(eye, [c, c], &Device::Cpu).unwrap();
     let bf = |t: &Tensor| up(t, &dev, DType::BF16);
     let (mut out, mut pre) = (poisoned(&[rows, c], DType::BF16, &dev), poisoned(&[rows, c], DType::BF16, &dev));
-    ops::linear_gelu_forward(&mut out, &mut pre, &bf(&x), &bf(&eye), Some(&bf(&zeros(&[c])))).unwrap();
+    ops::linear_gelu_forward(&mut out, &mut pre, &bf(&x), &bf(&eye), Some(&bf(&zeros(&[c]))), ops::Gelu::Tanh).unwrap();
     let got = out.to_vec_f64().unwrap();
     // The inputs are exact in bf16 (multiples of 1/64 within [-4, -2]).
     let tanh_form =
@@ -484,6 +493,60 @@ fn embedding_forward_backward_deterministic() {
     check("embedding dwpe", &p1, &dwpe, F32_TOL);
     let (g2, _) = run();
     assert_eq!(g1.to_vec::<f32>().unwrap(), g2.to_vec::<f32>().unwrap(), "bit-identical run to run");
+}
+
+/// The ViT's token sequence ops against the CPU on the shapes ViTs have
+/// (T = 197: B/16 at 224; 50: 28x28 in 4x4 patches; 65: 32x32 in 4x4), f32 and
+/// bf16 (the reference: f32 on the CPU from the rounded inputs); the batch sums
+/// bit-identical run to run.
+#[test]
+fn image_tokens_and_pooling() {
+    let Some(dev) = gpu() else { return };
+    let mut r = ChaCha8Rng::seed_from_u64(9);
+    let round = |t: &Tensor| t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
+    for ((b, t, c), dtype) in [((3, 197, 96), DType::F32), ((5, 50, 64), DType::BF16), ((2, 65, 72), DType::F32)] {
+        let (tol, n) = (if dtype == DType::BF16 { BF16_TOL } else { F32_TOL }, t - 1);
+        let g = |x: &Tensor| up(x, &dev, dtype);
+        let (patches, cls, pos, dy) = (
+            round(&randn(&mut r, &[b, n, c], 1.0)),
+            round(&randn(&mut r, &[c], 1.0)),
+            round(&randn(&mut r, &[t, c], 1.0)),
+            round(&randn(&mut r, &[b, t, c], 1.0)),
+        );
+        let mut y = zeros(&[b, t, c]);
+        ops::image_tokens_forward(&mut y, &patches, &cls, &pos).unwrap();
+        let mut gy = poisoned(&[b, t, c], dtype, &dev);
+        ops::image_tokens_forward(&mut gy, &g(&patches), &g(&cls), &g(&pos)).unwrap();
+        check(&format!("image_tokens_forward {dtype} T={t}"), &gy, &y, tol);
+
+        let (dcls0, dpos0) = (round(&randn(&mut r, &[c], 1.0)), round(&randn(&mut r, &[t, c], 1.0)));
+        let (mut dp, mut dcls, mut dpos) = (zeros(&[b, n, c]), cpu_copy(&dcls0), cpu_copy(&dpos0));
+        ops::image_tokens_backward(&mut dp, &mut dcls, &mut dpos, &dy).unwrap();
+        let run = || {
+            let (mut gdp, mut gdcls, mut gdpos) = (poisoned(&[b, n, c], dtype, &dev), g(&dcls0), g(&dpos0));
+            ops::image_tokens_backward(&mut gdp, &mut gdcls, &mut gdpos, &g(&dy)).unwrap();
+            (gdp, gdcls, gdpos)
+        };
+        let (gdp, gdcls, gdpos) = run();
+        check(&format!("image_tokens dpatches {dtype} T={t}"), &gdp, &dp, tol);
+        check(&format!("image_tokens dcls {dtype} T={t}"), &gdcls, &dcls, tol);
+        check(&format!("image_tokens dpos {dtype} T={t}"), &gdpos, &dpos, tol);
+        let (_, _, again) = run();
+        assert_eq!(gdpos.to_vec_f64().unwrap(), again.to_vec_f64().unwrap(), "dpos bit-identical run to run");
+
+        for pool in [ops::Pool::Class, ops::Pool::Mean] {
+            let dout = round(&randn(&mut r, &[b, c], 1.0));
+            let (mut p, mut dx) = (zeros(&[b, c]), zeros(&[b, t, c]));
+            ops::pool_tokens(&mut p, &y, pool).unwrap();
+            ops::pool_tokens_backward(&mut dx, &dout, pool).unwrap();
+            let (mut gp, mut gdx) = (poisoned(&[b, c], dtype, &dev), poisoned(&[b, t, c], dtype, &dev));
+            ops::pool_tokens(&mut gp, &g(&round(&y)), pool).unwrap();
+            ops::pool_tokens_backward(&mut gdx, &g(&dout), pool).unwrap();
+            // The CPU pooled the unrounded y: bf16 compares within its own rounding.
+            check(&format!("pool_tokens {pool:?} {dtype} T={t}"), &gp, &p, tol);
+            check(&format!("pool_tokens_backward {pool:?} {dtype} T={t}"), &gdx, &dx, tol);
+        }
+    }
 }
 
 #[test]

@@ -135,16 +135,42 @@ fn layernorm_backward_matches_finite_differences() {
 
 #[test]
 fn gelu_backward_matches_finite_differences() {
-    let mut r = rng(4);
-    let (x, dy) = (randn(&mut r, &[3, 11]), randn(&mut r, &[3, 11]));
-    let fwd = |x: &Tensor| {
-        let mut y = zeros(&[3, 11]);
-        ops::gelu_forward(&mut y, x).unwrap();
-        dot(&y, &dy)
-    };
-    let mut dx = zeros(&[3, 11]);
-    ops::gelu_backward(&mut dx, &x, &dy).unwrap();
-    check("gelu dinp", &x, &dx, fwd);
+    for kind in [ops::Gelu::Tanh, ops::Gelu::Erf] {
+        let mut r = rng(4);
+        // Spread over [-4, 4]: both tails and the bend.
+        let mut x = randn(&mut r, &[3, 11]);
+        ops::scale(&mut x, 4.0).unwrap();
+        let dy = randn(&mut r, &[3, 11]);
+        let fwd = |x: &Tensor| {
+            let mut y = zeros(&[3, 11]);
+            ops::gelu_forward(&mut y, x, kind).unwrap();
+            dot(&y, &dy)
+        };
+        let mut dx = zeros(&[3, 11]);
+        ops::gelu_backward(&mut dx, &x, &dy, kind).unwrap();
+        check(&format!("gelu {kind:?} dinp"), &x, &dx, fwd);
+    }
+}
+
+/// The two GELU forms against independent values: erf's from the definition
+/// x Phi(x) at points where Phi is known to 16 digits; tanh's and erf's
+/// difference, which must be small (< 1e-3) but not zero: a model that asked
+/// for one and got the other would fail its parity test.
+#[test]
+fn gelu_forms_take_their_known_values() {
+    let xs = [-3.0, -1.0, 0.0, 0.5, 1.0, 2.0];
+    // Phi(x) from tables (Abramowitz & Stegun 26.2), 16 digits.
+    let phi = [0.0013498980316301, 0.1586552539314571, 0.5, 0.6914624612740131, 0.8413447460685429, 0.9772498680518208];
+    let x = Tensor::from_vec(xs.to_vec(), [xs.len()], &Device::Cpu).unwrap();
+    let (mut erf, mut tanh) = (zeros(&[xs.len()]), zeros(&[xs.len()]));
+    ops::gelu_forward(&mut erf, &x, ops::Gelu::Erf).unwrap();
+    ops::gelu_forward(&mut tanh, &x, ops::Gelu::Tanh).unwrap();
+    let (erf, tanh) = (erf.to_vec_f64().unwrap(), tanh.to_vec_f64().unwrap());
+    for i in 0..xs.len() {
+        assert!((erf[i] - xs[i] * phi[i]).abs() < 1e-15, "erf gelu({}) = {} vs {}", xs[i], erf[i], xs[i] * phi[i]);
+        assert!((erf[i] - tanh[i]).abs() < 1e-3, "gelu({}): forms {} and {} too far apart", xs[i], erf[i], tanh[i]);
+    }
+    assert!((erf[0] - tanh[0]).abs() > 1e-4, "at x = -3 the forms differ by about 4e-4");
 }
 
 fn attention_case(causal: bool, seed: u64) {
@@ -213,6 +239,51 @@ fn embedding_backward_matches_finite_differences() {
     let mut y = zeros(&[1, 2, c]);
     let err = ops::embedding_forward(&mut y, &bad, &wte, &wpe).unwrap_err().to_string();
     assert!(err.contains("index 5") && err.contains("< 5"), "{err}");
+}
+
+#[test]
+fn image_tokens_backward_matches_finite_differences() {
+    let mut r = rng(21);
+    let (b, n, c) = (3, 4, 5);
+    let (patches, cls, pos, dy) =
+        (randn(&mut r, &[b, n, c]), randn(&mut r, &[c]), randn(&mut r, &[n + 1, c]), randn(&mut r, &[b, n + 1, c]));
+    let fwd = |p: &Tensor, cl: &Tensor, po: &Tensor| {
+        let mut y = zeros(&[b, n + 1, c]);
+        ops::image_tokens_forward(&mut y, p, cl, po).unwrap();
+        dot(&y, &dy)
+    };
+    // dcls and dpos accumulate: start them from ones and subtract.
+    let (mut dp, mut dcls, mut dpos) = (randn(&mut r, &[b, n, c]), randn(&mut r, &[c]), randn(&mut r, &[n + 1, c]));
+    let (cls0, pos0) = (dcls.to_vec_f64().unwrap(), dpos.to_vec_f64().unwrap());
+    ops::image_tokens_backward(&mut dp, &mut dcls, &mut dpos, &dy).unwrap();
+    let minus = |t: &Tensor, base: &[f64]| {
+        let v: Vec<f64> = t.to_vec_f64().unwrap().iter().zip(base).map(|(a, b)| a - b).collect();
+        Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap()
+    };
+    check("image_tokens dpatches", &patches, &dp, |p| fwd(p, &cls, &pos));
+    check("image_tokens dcls", &cls, &minus(&dcls, &cls0), |cl| fwd(&patches, cl, &pos));
+    check("image_tokens dpos", &pos, &minus(&dpos, &pos0), |po| fwd(&patches, &cls, po));
+}
+
+#[test]
+fn pool_tokens_backward_matches_finite_differences() {
+    for pool in [ops::Pool::Class, ops::Pool::Mean] {
+        let mut r = rng(22);
+        let (b, t, c) = (2, 5, 3);
+        let (x, dy) = (randn(&mut r, &[b, t, c]), randn(&mut r, &[b, c]));
+        let fwd = |x: &Tensor| {
+            let mut y = zeros(&[b, c]);
+            ops::pool_tokens(&mut y, x, pool).unwrap();
+            dot(&y, &dy)
+        };
+        // Overwritten, not accumulated: start from garbage.
+        let mut dx = randn(&mut r, &[b, t, c]);
+        ops::pool_tokens_backward(&mut dx, &dy, pool).unwrap();
+        check(&format!("pool {pool:?} dx"), &x, &dx, fwd);
+    }
+    let mut y = zeros(&[2, 3]);
+    let err = ops::pool_tokens(&mut y, &zeros(&[2, 1, 3]), ops::Pool::Mean).unwrap_err().to_string();
+    assert!(err.contains("mean pooling needs a patch token"), "{err}");
 }
 
 #[test]
@@ -353,6 +424,6 @@ fn f32_ops_agree_with_f64() {
     // Half types are storage-only on the CPU: a clear error, not garbage.
     let h = x.to_dtype(trainer_core::DType::BF16).unwrap();
     let mut y = Tensor::zeros([4, 9], trainer_core::DType::BF16, &Device::Cpu).unwrap();
-    let err = ops::gelu_forward(&mut y, &h).unwrap_err().to_string();
+    let err = ops::gelu_forward(&mut y, &h, ops::Gelu::Tanh).unwrap_err().to_string();
     assert!(err.contains("bf16") && err.contains("cpu"), "{err}");
 }

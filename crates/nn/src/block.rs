@@ -1,9 +1,24 @@
 //! The pre-LN transformer block shared by GPT and ViT:
 //!   r = x + attn(ln_1(x));  out = r + mlp(ln_2(r)).
 
-use trainer_core::{DType, Device, Result, Tensor, ops};
+use trainer_core::ops::{self, Gelu};
+use trainer_core::{DType, Device, Result, Tensor};
 
 use crate::{AttentionActs, LayerNorm, LayerNormStats, Mlp, MlpActs, Module, Param, SelfAttention};
+
+/// What differs between the blocks of the models that share [`Block`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BlockKind {
+    /// Causal attention (GPT) or bidirectional (ViT).
+    pub causal: bool,
+    pub gelu: Gelu,
+    /// LayerNorm epsilon: 1e-5 in GPT-2, 1e-12 in transformers' ViT, 1e-6 in timm's.
+    pub ln_eps: f64,
+}
+
+impl BlockKind {
+    pub const GPT2: BlockKind = BlockKind { causal: true, gelu: Gelu::Tanh, ln_eps: 1e-5 };
+}
 
 #[derive(Debug)]
 pub struct Block {
@@ -71,13 +86,16 @@ impl BlockGrads {
 
 impl Block {
     /// `name` prefixes parameter names, e.g. "transformer.h.3".
-    pub fn new(name: &str, c: usize, n_head: usize, causal: bool, dtype: DType, device: &Device) -> Result<Self> {
-        Ok(Block {
+    pub fn new(name: &str, c: usize, n_head: usize, kind: BlockKind, dtype: DType, device: &Device) -> Result<Self> {
+        let mut block = Block {
             ln_1: LayerNorm::new(&format!("{name}.ln_1"), c, dtype, device)?,
-            attn: SelfAttention::new(&format!("{name}.attn"), c, n_head, causal, dtype, device)?,
+            attn: SelfAttention::new(&format!("{name}.attn"), c, n_head, kind.causal, dtype, device)?,
             ln_2: LayerNorm::new(&format!("{name}.ln_2"), c, dtype, device)?,
-            mlp: Mlp::new(&format!("{name}.mlp"), c, 4 * c, dtype, device)?,
-        })
+            mlp: Mlp::new(&format!("{name}.mlp"), c, 4 * c, kind.gelu, dtype, device)?,
+        };
+        block.ln_1.eps = kind.ln_eps;
+        block.ln_2.eps = kind.ln_eps;
+        Ok(block)
     }
 
     pub fn new_acts(&self, b: usize, t: usize, dtype: DType, device: &Device) -> Result<BlockActs> {

@@ -23,7 +23,7 @@ mod schedule;
 pub mod tensor_parallel;
 
 pub use attention::{AttentionActs, SelfAttention};
-pub use block::{Block, BlockActs, BlockGrads, BlockScratch};
+pub use block::{Block, BlockActs, BlockGrads, BlockKind, BlockScratch};
 pub use flat::{FlatEntry, FlatLayout, FlatPiece};
 pub use layernorm::{LayerNorm, LayerNormStats};
 pub use linear::Linear;

@@ -1,12 +1,15 @@
-use trainer_core::{DType, Device, Result, Tensor, ops};
+use trainer_core::ops::{self, Gelu};
+use trainer_core::{DType, Device, Result, Tensor};
 
 use crate::{Linear, Module, Param};
 
-/// The transformer MLP: (C) -> (4C) -> GELU(tanh) -> (C).
+/// The transformer MLP: (C) -> (4C) -> GELU -> (C).
 #[derive(Debug)]
 pub struct Mlp {
     pub c_fc: Linear,
     pub c_proj: Linear,
+    /// GPT-2's tanh form or ViT's exact one.
+    pub gelu: Gelu,
 }
 
 /// Saved by the forward: the pre-activation (for GELU's backward) and the
@@ -33,16 +36,17 @@ impl MlpActs {
 }
 
 impl Mlp {
-    pub fn new(name: &str, c: usize, hidden: usize, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn new(name: &str, c: usize, hidden: usize, gelu: Gelu, dtype: DType, device: &Device) -> Result<Self> {
         Ok(Mlp {
             c_fc: Linear::new(&format!("{name}.c_fc"), c, hidden, true, dtype, device)?,
             c_proj: Linear::new(&format!("{name}.c_proj"), hidden, c, true, dtype, device)?,
+            gelu,
         })
     }
 
     pub fn forward(&self, out: &mut Tensor, inp: &Tensor, acts: &mut MlpActs) -> Result<()> {
         let fc_bias = self.c_fc.bias.as_ref().map(|b| &b.value);
-        ops::linear_gelu_forward(&mut acts.gelu, &mut acts.fc, inp, &self.c_fc.weight.value, fc_bias)?;
+        ops::linear_gelu_forward(&mut acts.gelu, &mut acts.fc, inp, &self.c_fc.weight.value, fc_bias, self.gelu)?;
         self.c_proj.forward(out, &acts.gelu)
     }
 
@@ -61,7 +65,7 @@ impl Mlp {
         let proj = &mut self.c_proj;
         let dbias = proj.bias.as_mut().map(|b| b.grad_mut(OP)).transpose()?;
         let (weight, dweight) = proj.weight.value_and_grad(OP)?;
-        ops::linear_backward_gelu(dfc, dweight, dbias, dout, &acts.gelu, &acts.fc, weight, dgelu)?;
+        ops::linear_backward_gelu(dfc, dweight, dbias, dout, &acts.gelu, &acts.fc, weight, dgelu, self.gelu)?;
         self.c_fc.backward(dinp, dfc, inp)
     }
 }

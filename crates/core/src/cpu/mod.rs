@@ -13,6 +13,7 @@ pub(crate) mod cross_entropy;
 pub(crate) mod elementwise;
 pub(crate) mod embedding;
 pub(crate) mod gelu;
+pub(crate) mod image_tokens;
 pub(crate) mod layernorm;
 pub(crate) mod matmul;
 

@@ -17,6 +17,7 @@ pub const MODULES: &[(&str, &str)] = &[
     ("elementwise", include_str!("../../../../kernels/elementwise.cu")),
     ("layernorm", include_str!("../../../../kernels/layernorm.cu")),
     ("embedding", include_str!("../../../../kernels/embedding.cu")),
+    ("image_tokens", include_str!("../../../../kernels/image_tokens.cu")),
     ("cross_entropy", include_str!("../../../../kernels/cross_entropy.cu")),
     ("multi_tensor", include_str!("../../../../kernels/multi_tensor.cu")),
     ("attention", include_str!("../../../../kernels/attention.cu")),

@@ -10,6 +10,7 @@ use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKern
 
 use super::gemm_lt::{Epilogue, LtShape};
 use super::{CudaData, CudaDevice, CudaStorage, cuda_err};
+use crate::ops::Gelu;
 use crate::{DType, Error, Result};
 
 /// Threads per block for one-dimensional kernels.
@@ -186,13 +187,26 @@ pub(crate) fn scale(x: &mut CudaStorage, s: f64, n: usize) -> Result<()> {
     launch(&dev, "elementwise", &name, grid_1d(n), &[ptr_mut(x), Arg::F32(s as f32), n64(n)])
 }
 
-pub(crate) fn gelu_forward(out: &mut CudaStorage, inp: &CudaStorage, n: usize) -> Result<()> {
-    let (dev, name) = (out.device.clone(), format!("gelu_forward_{}", suffix(out)?));
+fn gelu_name(kind: Gelu) -> &'static str {
+    match kind {
+        Gelu::Tanh => "gelu",
+        Gelu::Erf => "gelu_erf",
+    }
+}
+
+pub(crate) fn gelu_forward(out: &mut CudaStorage, inp: &CudaStorage, n: usize, kind: Gelu) -> Result<()> {
+    let (dev, name) = (out.device.clone(), format!("{}_forward_{}", gelu_name(kind), suffix(out)?));
     launch(&dev, "elementwise", &name, grid_1d(n), &[ptr_mut(out), ptr(inp), n64(n)])
 }
 
-pub(crate) fn gelu_backward(dinp: &mut CudaStorage, inp: &CudaStorage, dout: &CudaStorage, n: usize) -> Result<()> {
-    let (dev, name) = (dinp.device.clone(), format!("gelu_backward_{}", suffix(dinp)?));
+pub(crate) fn gelu_backward(
+    dinp: &mut CudaStorage,
+    inp: &CudaStorage,
+    dout: &CudaStorage,
+    n: usize,
+    kind: Gelu,
+) -> Result<()> {
+    let (dev, name) = (dinp.device.clone(), format!("{}_backward_{}", gelu_name(kind), suffix(dinp)?));
     launch(&dev, "elementwise", &name, grid_1d(n), &[ptr_mut(dinp), ptr(inp), ptr(dout), n64(n)])
 }
 
@@ -533,6 +547,67 @@ pub(crate) fn embedding_backward(
     };
     let args = [ptr_mut(dwte), ptr(dout), ptr(ids), ptr(starts), ptr(order), Arg::I32(c as i32)];
     launch(&dev, "embedding", &format!("embedding_backward_wte_{s}"), cfg, &args)
+}
+
+// ------------------------------------------------------------------ image tokens (ViT)
+
+pub(crate) fn image_tokens_forward(
+    out: &mut CudaStorage,
+    patches: &CudaStorage,
+    cls: &CudaStorage,
+    pos: &CudaStorage,
+    b: usize,
+    n: usize,
+    c: usize,
+) -> Result<()> {
+    let (dev, name) = (out.device.clone(), format!("image_tokens_forward_{}", suffix(out)?));
+    let dims = [Arg::I32(b as i32), Arg::I32(n as i32), Arg::I32(c as i32)];
+    let args = [ptr_mut(out), ptr(patches), ptr(cls), ptr(pos), dims[0], dims[1], dims[2]];
+    launch(&dev, "image_tokens", &name, grid_1d(b * (n + 1) * c), &args)
+}
+
+/// One thread per (token, channel), looping over the batch in order.
+pub(crate) fn image_tokens_backward(
+    dpatches: &mut CudaStorage,
+    dcls: &mut CudaStorage,
+    dpos: &mut CudaStorage,
+    dout: &CudaStorage,
+    b: usize,
+    n: usize,
+    c: usize,
+) -> Result<()> {
+    let (dev, name) = (dpatches.device.clone(), format!("image_tokens_backward_{}", suffix(dpatches)?));
+    let dims = [Arg::I32(b as i32), Arg::I32(n as i32), Arg::I32(c as i32)];
+    let args = [ptr_mut(dpatches), ptr_mut(dcls), ptr_mut(dpos), ptr(dout), dims[0], dims[1], dims[2]];
+    launch(&dev, "image_tokens", &name, grid_1d((n + 1) * c), &args)
+}
+
+pub(crate) fn pool_tokens_forward(
+    out: &mut CudaStorage,
+    x: &CudaStorage,
+    b: usize,
+    t: usize,
+    c: usize,
+    mean: bool,
+) -> Result<()> {
+    let (dev, name) = (out.device.clone(), format!("pool_tokens_forward_{}", suffix(out)?));
+    let args =
+        [ptr_mut(out), ptr(x), Arg::I32(b as i32), Arg::I32(t as i32), Arg::I32(c as i32), Arg::I32(mean.into())];
+    launch(&dev, "image_tokens", &name, grid_1d(b * c), &args)
+}
+
+pub(crate) fn pool_tokens_backward(
+    dx: &mut CudaStorage,
+    dout: &CudaStorage,
+    b: usize,
+    t: usize,
+    c: usize,
+    mean: bool,
+) -> Result<()> {
+    let (dev, name) = (dx.device.clone(), format!("pool_tokens_backward_{}", suffix(dx)?));
+    let args =
+        [ptr_mut(dx), ptr(dout), Arg::I32(b as i32), Arg::I32(t as i32), Arg::I32(c as i32), Arg::I32(mean.into())];
+    launch(&dev, "image_tokens", &name, grid_1d(b * t * c), &args)
 }
 
 // ------------------------------------------------------------------ loss

@@ -32,8 +32,10 @@ macro_rules! cpu_float {
     }};
 }
 
-// After the macro, so the child module sees it.
+// After the macro, so the child modules see it.
+mod image_tokens;
 mod multi_tensor;
+pub use image_tokens::{Pool, image_tokens_backward, image_tokens_forward, pool_tokens, pool_tokens_backward};
 pub use multi_tensor::{
     AdamWHyper, AdamWSpan, Span, adamw_update, copy_spans, fill_all, sum_squares_all, sum_squares_spans,
 };
@@ -352,14 +354,14 @@ pub fn linear_backward(
 
 /// Whether [`linear_gelu_forward`] (given a bias) and [`linear_backward_gelu`]
 /// run as single cuBLASLt GEMMs with the GELU (or its derivative) in the
-/// epilogue: bf16 on CUDA, and a hidden width that keeps the epilogue's extra
-/// matrix's rows 16-byte aligned.
-fn gelu_fusable(t: &Tensor, hidden: usize) -> bool {
-    on_cuda(t) && t.dtype() == DType::BF16 && hidden.is_multiple_of(8)
+/// epilogue: bf16 on CUDA, the tanh form (cuBLASLt's epilogue has no other),
+/// and a hidden width that keeps the epilogue's extra matrix's rows 16-byte aligned.
+fn gelu_fusable(t: &Tensor, hidden: usize, kind: Gelu) -> bool {
+    on_cuda(t) && t.dtype() == DType::BF16 && kind == Gelu::Tanh && hidden.is_multiple_of(8)
 }
 
 /// The MLP's first half: pre (N, H) = inp (N, C) @ weight (H, C)^T + bias, and
-/// out (N, H) = GELU(pre) (tanh form). Both are kept: the backward needs pre
+/// out (N, H) = GELU(pre). Both are kept: the backward needs pre
 /// for GELU's derivative and out for the next layer's weight gradient.
 pub fn linear_gelu_forward(
     out: &mut Tensor,
@@ -367,15 +369,16 @@ pub fn linear_gelu_forward(
     inp: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
+    kind: Gelu,
 ) -> Result<()> {
     const OP: &str = "linear_gelu_forward";
     let (rows, c) = inp.shape().as_rows_cols();
     let (h, c2) = weight.shape().as_rows_cols();
     let bias = match bias {
-        Some(bias) if gelu_fusable(out, h) => bias,
+        Some(bias) if gelu_fusable(out, h, kind) => bias,
         _ => {
             linear_forward(pre, inp, weight, bias)?;
-            return gelu_forward(out, pre);
+            return gelu_forward(out, pre, kind);
         }
     };
     same_kind(OP, out, &[pre, inp, weight])?;
@@ -411,13 +414,14 @@ pub fn linear_backward_gelu(
     pre: &Tensor,
     weight: &Tensor,
     scratch: &mut Tensor,
+    kind: Gelu,
 ) -> Result<()> {
     const OP: &str = "linear_backward_gelu";
     let (rows, c) = dout.shape().as_rows_cols();
     let (c2, h) = weight.shape().as_rows_cols();
-    if !gelu_fusable(dpre, h) {
+    if !gelu_fusable(dpre, h, kind) {
         linear_backward(scratch, dweight, dbias, dout, inp, weight)?;
-        return gelu_backward(dpre, pre, scratch);
+        return gelu_backward(dpre, pre, scratch, kind);
     }
     same_kind(OP, dpre, &[dout, pre, weight])?;
     if c != c2 || dpre.shape().as_rows_cols() != (rows, h) || pre.shape().as_rows_cols() != (rows, h) {
@@ -610,33 +614,45 @@ pub fn layernorm_backward(
 
 // ---------------------------------------------------------------- gelu
 
-/// out = GELU(inp), tanh approximation.
-pub fn gelu_forward(out: &mut Tensor, inp: &Tensor) -> Result<()> {
+/// Which GELU: GPT-2 uses the tanh approximation, ViT (transformers, timm)
+/// the exact form. They differ by up to about 1e-3 near |x| = 2: enough to
+/// fail a parity test against the other framework, so a model names its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Gelu {
+    /// 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+    #[default]
+    Tanh,
+    /// x Phi(x) = 0.5 x (1 + erf(x / sqrt 2))
+    Erf,
+}
+
+/// out = GELU(inp).
+pub fn gelu_forward(out: &mut Tensor, inp: &Tensor, kind: Gelu) -> Result<()> {
     const OP: &str = "gelu_forward";
     same_kind(OP, out, &[inp])?;
     expect_numel(OP, "inp", inp, out.numel())?;
     let n = out.numel();
     if on_cuda(out) {
-        return launch::gelu_forward(out.cuda_mut(OP)?, inp.cuda(OP)?, n);
+        return launch::gelu_forward(out.cuda_mut(OP)?, inp.cuda(OP)?, n, kind);
     }
     cpu_float!(OP, out, |F| {
-        cpu::gelu::forward::<F>(out.as_mut_slice()?, inp.as_slice()?);
+        cpu::gelu::forward::<F>(out.as_mut_slice()?, inp.as_slice()?, kind);
         Ok(())
     })
 }
 
 /// dinp = dout * GELU'(inp) (overwritten).
-pub fn gelu_backward(dinp: &mut Tensor, inp: &Tensor, dout: &Tensor) -> Result<()> {
+pub fn gelu_backward(dinp: &mut Tensor, inp: &Tensor, dout: &Tensor, kind: Gelu) -> Result<()> {
     const OP: &str = "gelu_backward";
     same_kind(OP, dinp, &[inp, dout])?;
     expect_numel(OP, "inp", inp, dinp.numel())?;
     expect_numel(OP, "dout", dout, dinp.numel())?;
     let n = dinp.numel();
     if on_cuda(dinp) {
-        return launch::gelu_backward(dinp.cuda_mut(OP)?, inp.cuda(OP)?, dout.cuda(OP)?, n);
+        return launch::gelu_backward(dinp.cuda_mut(OP)?, inp.cuda(OP)?, dout.cuda(OP)?, n, kind);
     }
     cpu_float!(OP, dinp, |F| {
-        cpu::gelu::backward::<F>(dinp.as_mut_slice()?, inp.as_slice()?, dout.as_slice()?);
+        cpu::gelu::backward::<F>(dinp.as_mut_slice()?, inp.as_slice()?, dout.as_slice()?, kind);
         Ok(())
     })
 }

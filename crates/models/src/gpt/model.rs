@@ -7,7 +7,8 @@ use trainer_core::ops::TokenIndex;
 use trainer_core::{DType, Device, Tensor, io, ops};
 use trainer_data::Batch;
 use trainer_nn::{
-    Block, BlockActs, BlockGrads, BlockScratch, LayerNorm, LayerNormStats, Module, Param, ParamId, init, number_params,
+    Block, BlockActs, BlockGrads, BlockKind, BlockScratch, LayerNorm, LayerNormStats, Module, Param, ParamId, init,
+    number_params,
 };
 
 use super::{GptConfig, hf};
@@ -72,7 +73,7 @@ impl Gpt {
         config.validate()?;
         let (c, vp) = (config.n_embd, config.padded_vocab_size());
         let blocks = (0..config.n_layer)
-            .map(|i| Block::new(&format!("transformer.h.{i}"), c, config.n_head, true, dtype, device))
+            .map(|i| Block::new(&format!("transformer.h.{i}"), c, config.n_head, BlockKind::GPT2, dtype, device))
             .collect::<trainer_core::Result<_>>()?;
         let mut gpt = Gpt {
             wte: Param::zeros("transformer.wte.weight", &[vp, c], dtype, device)?,
