@@ -32,7 +32,7 @@ enum Command {
     Train(JobArgs),
     /// Tokenize .txt and .jsonl files into train and validation shards, or turn an IDX image data set into image shards.
     Prepare(PrepareArgs),
-    /// Validation loss and perplexity of saved weights or a checkpoint.
+    /// Validation loss and perplexity (a classifier: top-1 and top-5 accuracy) of saved weights or a checkpoint.
     Eval(EvalArgs),
     /// Plot a run's loss, throughput, learning rate and gradient norm into a PNG or SVG image.
     Report(ReportArgs),
@@ -177,7 +177,7 @@ fn train_and_report(cfg: &Config) -> Result<TrainSummary> {
         return Ok(s);
     }
     let val = |v: Option<f64>| v.map_or("none".to_string(), |v| format!("{v:.4}"));
-    if s.tokens_per_second.is_none() {
+    if s.throughput.is_none() {
         println!(
             "nothing left to do: the run is at step {} = training.max_steps (raise it to train further, or use \
              another logging.run_dir to start afresh)",
@@ -191,7 +191,7 @@ fn train_and_report(cfg: &Config) -> Result<TrainSummary> {
         if s.final_train_loss.is_finite() { format!("{:.4}", s.final_train_loss) } else { "nan".into() },
         val(s.first_val_loss),
         val(s.final_val_loss),
-        s.tokens_per_second.map_or(String::new(), |t| format!(" avg_tok_per_s={t:.0}")),
+        s.throughput.map_or(String::new(), |t| format!(" avg_{}_per_s={t:.0}", s.throughput_unit)),
         s.peak_memory.map_or(String::new(), |b| format!(" peak_mem_gb={:.2}", b as f64 / 1e9)),
         s.weights.as_ref().map_or("none".to_string(), |p| p.display().to_string()),
         checkpoint
@@ -212,8 +212,19 @@ fn run_eval(args: &EvalArgs) -> Result<()> {
             (evaluate_weights(&cfg, &weights)?, format!("weights={}", weights.display()))
         }
     };
-    let tokens = r.samples * cfg.training.seq_len;
-    println!("val_loss={:.4} val_ppl={:.2} batches={} tokens={tokens} {source}", r.loss, r.perplexity, r.batches);
+    match r.accuracy {
+        Some(a) => println!(
+            "val_loss={:.4} val_acc={:.4} val_acc5={:.4} batches={} images={} {source}",
+            r.loss, a.top1, a.top5, r.batches, r.samples
+        ),
+        None => {
+            let tokens = r.samples * cfg.training.seq_len;
+            println!(
+                "val_loss={:.4} val_ppl={:.2} batches={} tokens={tokens} {source}",
+                r.loss, r.perplexity, r.batches
+            );
+        }
+    }
     Ok(())
 }
 

@@ -316,10 +316,11 @@ pub fn prepare_idx_dataset(
 /// How a loader turns a stored image into a training or validation input.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Transform {
-    /// Training: a random resized crop (area 8%-100% of the image, aspect
-    /// ratio 3/4-4/3, as torchvision's RandomResizedCrop), resized to the
-    /// output size, flipped left-right with probability 1/2.
-    RandomResizedCropFlip,
+    /// Training: a random resized crop (area `min_area`-100% of the image,
+    /// aspect ratio 3/4-4/3, as torchvision's RandomResizedCrop, whose
+    /// default `min_area` is 0.08; at 1 or more, the whole image), resized to
+    /// the output size, then flipped left-right with probability 1/2 when `flip`.
+    Random { min_area: f64, flip: bool },
     /// Validation: the centre `crop` fraction of each side (1 = the whole
     /// image), resized to the output size.
     CentreCrop { crop: f64 },
@@ -378,6 +379,15 @@ impl ImageLoader {
         if b == 0 || out_size == 0 || world == 0 || rank >= world {
             return Err(Error::Invalid(format!("bad loader shape b={b} size={out_size} rank={rank} world={world}")));
         }
+        match transform {
+            Transform::Random { min_area, .. } if !(min_area > 0.0 && min_area.is_finite()) => {
+                return Err(Error::Invalid(format!("random crop area {min_area}: must be above 0 (1 = no crop)")));
+            }
+            Transform::CentreCrop { crop } if !(crop > 0.0 && crop <= 1.0) => {
+                return Err(Error::Invalid(format!("centre crop {crop}: must be above 0 and at most 1")));
+            }
+            _ => {}
+        }
         let images: Vec<(usize, usize)> =
             shards.iter().enumerate().flat_map(|(s, shard)| (0..shard.len()).map(move |i| (s, i))).collect();
         if images.len() / b < world {
@@ -428,11 +438,12 @@ impl ImageLoader {
                 let (ch, cw) = (hf * crop, wf * crop);
                 ((hf - ch) / 2.0, (wf - cw) / 2.0, ch, cw, false)
             }
-            Transform::RandomResizedCropFlip => {
+            Transform::Random { min_area, flip } if min_area >= 1.0 => (0.0, 0.0, hf, wf, flip && rng.random_bool(0.5)),
+            Transform::Random { min_area, flip } => {
                 let area = hf * wf;
                 let mut pick = None;
                 for _ in 0..10 {
-                    let target = area * rng.random_range(0.08..=1.0);
+                    let target = area * rng.random_range(min_area..=1.0);
                     let ratio = rng.random_range((3f64 / 4.0).ln()..=(4f64 / 3.0).ln()).exp();
                     let (cw, ch) = ((target * ratio).sqrt(), (target / ratio).sqrt());
                     if cw <= wf && ch <= hf {
@@ -442,7 +453,7 @@ impl ImageLoader {
                 }
                 // As torchvision: after ten misses, the whole image.
                 let (top, left, ch, cw) = pick.unwrap_or((0.0, 0.0, hf, wf));
-                (top, left, ch, cw, rng.random_bool(0.5))
+                (top, left, ch, cw, flip && rng.random_bool(0.5))
             }
         };
         resize_bilinear(src, shard.shape(), (top, left, ch, cw), flip, dst, self.out);
@@ -504,9 +515,13 @@ impl crate::Loader for ImageLoader {
         let n = self.out.pixels();
         match batch {
             crate::Batch::Images { pixels, labels, .. } => {
-                for (k, (img, label)) in pixels.chunks_exact_mut(n).zip(labels.iter_mut()).enumerate() {
-                    *label = self.fill(first + k, img);
-                }
+                use rayon::prelude::*;
+                // In parallel: each image's draws depend only on its slot, so
+                // the batch is the same whatever the thread count.
+                let this = &*self;
+                pixels.par_chunks_exact_mut(n).zip(labels.par_iter_mut()).enumerate().for_each(|(k, (img, label))| {
+                    *label = this.fill(first + k, img);
+                });
             }
             crate::Batch::Tokens { .. } => unreachable!("an image loader fills the batches it makes"),
         }
@@ -682,7 +697,7 @@ mod tests {
     #[test]
     fn ranks_get_disjoint_images_augmentation_is_seeded_and_resume_is_exact() {
         let dir = tempfile::tempdir().unwrap();
-        let crop = Transform::RandomResizedCropFlip;
+        let crop = Transform::Random { min_area: 0.08, flip: true };
         // 23 images, micro-batches of 2: 11 per epoch; 3 ranks take 3 each (9 of 11).
         let mut ranks: Vec<ImageLoader> = (0..3).map(|r| loader(dir.path(), r, 3, crop)).collect();
         assert_eq!(ranks[0].batches_per_epoch(), 3);
@@ -735,7 +750,8 @@ mod tests {
         let mut b = whole.new_batch();
         whole.next_batch(&mut b);
         assert_eq!(pixels_of(&b), img, "the same size, the whole image: unchanged");
-        let mut random = ImageLoader::new(open(), 1, 4, Transform::RandomResizedCropFlip, (1, false), 0, 1).unwrap();
+        let random_crop = Transform::Random { min_area: 0.08, flip: true };
+        let mut random = ImageLoader::new(open(), 1, 4, random_crop, (1, false), 0, 1).unwrap();
         let crops: HashSet<Vec<u8>> = (0..4)
             .map(|_| {
                 random.next_batch(&mut b);

@@ -5,9 +5,12 @@
 pub mod gpt;
 mod model;
 mod section;
+pub mod vit;
+mod weights;
 
-pub use model::{Acts, GradsReady, InputSpec, Model, ModelDesc, ReadyResult, ignore_ready};
+pub use model::{Acts, BatchEval, GradsReady, Hits, InputSpec, Model, ModelDesc, ReadyResult, ignore_ready};
 pub use section::{ModelSection, build, from_weights};
+pub use weights::load_named;
 
 /// Errors of model construction and weight loading.
 #[derive(Debug, thiserror::Error)]

@@ -62,6 +62,34 @@ pub struct ModelDesc {
 pub enum InputSpec {
     /// Token windows: every id below `vocab_size`, at most `max_len` positions.
     Tokens { vocab_size: usize, max_len: usize },
+    /// Square images of `size` x `size` pixels with `channels` channels, labels below `classes`.
+    Images { size: usize, channels: usize, classes: usize },
+}
+
+impl InputSpec {
+    /// What one sample is, for throughput: "tok" (a token of a window) or "img".
+    pub fn unit(&self) -> &'static str {
+        match self {
+            InputSpec::Tokens { .. } => "tok",
+            InputSpec::Images { .. } => "img",
+        }
+    }
+}
+
+/// One evaluated batch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchEval {
+    /// The batch's mean loss.
+    pub loss: f64,
+    /// A classifier's hits: how many samples have their label as the top
+    /// logit, and among the top five.
+    pub hits: Option<Hits>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Hits {
+    pub top1: usize,
+    pub top5: usize,
 }
 
 /// A model the trainer can drive (see the module comment). Parameters have
@@ -101,12 +129,16 @@ pub trait Model: Module + std::fmt::Debug + Send {
         ready: &mut GradsReady<'_>,
     ) -> Result<f64>;
 
-    /// The batch's mean loss, without gradients (evaluation).
-    fn loss(&self, acts: &mut Acts, batch: &Batch) -> Result<f64>;
+    /// The batch's mean loss (and a classifier's hits), without gradients.
+    fn evaluate(&self, acts: &mut Acts, batch: &Batch) -> Result<BatchEval>;
 
     /// Model FLOPs of one training sample (forward and backward) of `batch`'s
     /// shape, as the peer benchmarks count them for MFU.
     fn flops_per_sample(&self, batch: &Batch) -> f64;
+
+    /// Throughput units in one sample of `batch`'s shape: tokens of a window,
+    /// or 1 (an image).
+    fn units_per_sample(&self, batch: &Batch) -> usize;
 
     /// Every parameter (host copies) and the model's description (metadata)
     /// to a safetensors file, atomically.

@@ -18,6 +18,25 @@ pub fn normal(param: &mut Param, std: f64, rows: Option<usize>, rng: &mut impl R
     set_from_f64(&mut param.value, v)
 }
 
+/// Fills `param` with N(0, std^2) truncated to [-bound, bound] (redrawn until
+/// inside). timm and DeiT initialize ViT weights with `trunc_normal_(std=.02)`,
+/// whose bound is 2 in absolute terms (100 std: it never binds); callers pass
+/// the bound they mean to match.
+pub fn truncated_normal(param: &mut Param, std: f64, bound: f64, rng: &mut impl Rng) -> Result<()> {
+    let dist = Normal::new(0.0, std).unwrap_or_else(|_| unreachable!("std is finite and >= 0 by construction"));
+    let v: Vec<f64> = (0..param.value.numel())
+        .map(|_| {
+            loop {
+                let x: f64 = dist.sample(rng);
+                if x.abs() <= bound {
+                    break x;
+                }
+            }
+        })
+        .collect();
+    set_from_f64(&mut param.value, v)
+}
+
 /// Sets every element to `value` (LayerNorm gains, zero biases).
 pub fn constant(param: &mut Param, value: f64) -> Result<()> {
     ops::fill(&mut param.value, value)

@@ -29,6 +29,13 @@ impl Linear {
         let (weight, dweight) = self.weight.value_and_grad(OP)?;
         ops::linear_backward(dinp, dweight, dbias, dout, inp, weight)
     }
+
+    /// dW and db accumulate; no input gradient (the input is data, not an activation).
+    pub fn backward_params(&mut self, dout: &Tensor, inp: &Tensor) -> Result<()> {
+        const OP: &str = "linear backward";
+        let dbias = self.bias.as_mut().map(|b| b.grad_mut(OP)).transpose()?;
+        ops::linear_param_grads(self.weight.grad_mut(OP)?, dbias, dout, inp)
+    }
 }
 
 impl Module for Linear {

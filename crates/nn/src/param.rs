@@ -18,6 +18,8 @@ pub struct Param {
     pub value: Tensor,
     /// None when frozen.
     pub grad: Option<Tensor>,
+    /// Whether AdamW's decoupled weight decay applies (see [`Param::decays`]).
+    pub decay: bool,
 }
 
 impl Param {
@@ -28,6 +30,7 @@ impl Param {
             id: ParamId(0),
             value: Tensor::zeros(dims, dtype, device)?,
             grad: Some(Tensor::zeros(dims, dtype, device)?),
+            decay: dims.len() >= 2,
         })
     }
 
@@ -69,10 +72,12 @@ impl Param {
             .ok_or_else(|| trainer_core::Error::Frozen { op: "reading gradients", name: self.name.clone() })
     }
 
-    /// Decoupled weight decay applies to matrices (linear and embedding weights),
-    /// never to biases or LayerNorm gains: the GPT-2/nanoGPT convention.
+    /// Decoupled weight decay applies by default to matrices (linear and
+    /// embedding weights), never to biases or LayerNorm gains: the
+    /// GPT-2/nanoGPT convention. A model may exempt a matrix (ViT's position
+    /// table, as timm and DeiT do) by clearing [`Param::decay`].
     pub fn decays(&self) -> bool {
-        self.value.rank() >= 2
+        self.decay
     }
 
     pub fn zero_grad(&mut self) -> Result<()> {

@@ -40,6 +40,28 @@ pub struct DataConfig {
     pub train: String,
     /// Glob pattern of validation shards; no evaluation without it.
     pub val: Option<String>,
+    /// Image data only: training crops cover this fraction of the image's
+    /// area up to all of it (torchvision's RandomResizedCrop; default 0.08;
+    /// 1 = no crop).
+    pub random_crop_min_area: Option<f64>,
+    /// Image data only: flip training images left-right at random (default true).
+    pub random_flip: Option<bool>,
+    /// Image data only: validation reads the centre crop of this fraction of
+    /// each side (default 1, the whole image; ImageNet's usual is 0.875).
+    pub val_crop: Option<f64>,
+}
+
+impl DataConfig {
+    /// The keys that apply to image data only and are set.
+    pub fn image_keys_set(&self) -> Option<&'static str> {
+        [
+            ("data.random_crop_min_area", self.random_crop_min_area.is_some()),
+            ("data.random_flip", self.random_flip.is_some()),
+            ("data.val_crop", self.val_crop.is_some()),
+        ]
+        .into_iter()
+        .find_map(|(k, set)| set.then_some(k))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -511,7 +533,26 @@ impl Config {
                 "checkpoint.resume is empty: use \"auto\", \"none\" or the path of a checkpoint directory".into()
             );
         }
-        if t.seq_len > max_seq_len {
+        if let Some(a) = self.data.random_crop_min_area.filter(|a| !(*a > 0.0 && *a <= 1.0)) {
+            return Err(format!("data.random_crop_min_area = {a}: must be above 0 and at most 1 (1 = no crop)"));
+        }
+        if let Some(c) = self.data.val_crop.filter(|c| !(*c > 0.0 && *c <= 1.0)) {
+            return Err(format!("data.val_crop = {c}: must be above 0 and at most 1 (1 = the whole image)"));
+        }
+        match (max_seq_len, self.data.image_keys_set()) {
+            (Some(_), Some(key)) => {
+                return Err(format!("{key} applies to image data; this model reads token windows"));
+            }
+            (None, _) if t.seq_len != TrainingConfig::default().seq_len => {
+                return Err(format!(
+                    "training.seq_len = {}: an image model takes no sequence length (its tokens come from \
+                     model.image_size and model.patch_size); remove it",
+                    t.seq_len
+                ));
+            }
+            _ => {}
+        }
+        if let Some(max_seq_len) = max_seq_len.filter(|&m| t.seq_len > m) {
             return Err(format!(
                 "training.seq_len = {}: must not exceed the model's block_size ({max_seq_len})",
                 t.seq_len

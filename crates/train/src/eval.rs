@@ -9,15 +9,23 @@ use crate::Result;
 use crate::checkpoint;
 use crate::config::Config;
 use crate::format::MODEL_FILE;
-use crate::trainer::{compute_dtype, open_device, open_loader};
+use crate::trainer::{Split, compute_dtype, open_device, open_loader};
 
 #[derive(Debug, Clone, Copy)]
 pub struct EvalReport {
     pub loss: f64,
     pub perplexity: f64,
+    /// A classifier's top-1 and top-5 accuracy (fractions of the samples).
+    pub accuracy: Option<Accuracy>,
     pub batches: usize,
     /// Sequences (or images) evaluated.
     pub samples: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Accuracy {
+    pub top1: f64,
+    pub top5: f64,
 }
 
 /// Mean loss over the first `batches` validation batches (always the same ones).
@@ -49,16 +57,29 @@ pub fn evaluate_in(
     let mine = share(n, group.rank(), group.size());
     // Unshuffled, window i of the epoch is validation batch i.
     loader.seek(LoaderPosition { epoch: 0, index: mine.start });
-    let mut sum = 0.0;
+    // Loss sum, batches, top-1 and top-5 hits, and whether the model counts hits.
+    let mut totals = [0.0; 5];
     for _ in mine.clone() {
         loader.next_batch(&mut batch);
-        sum += model.loss(acts, &batch)?;
+        let e = model.evaluate(acts, &batch)?;
+        totals[0] += e.loss;
+        totals[1] += 1.0;
+        if let Some(h) = e.hits {
+            totals[2] += h.top1 as f64;
+            totals[3] += h.top5 as f64;
+            totals[4] = 1.0;
+        }
     }
-    // Every batch has the same number of tokens, so the mean of the batch means is the token mean.
-    let mut totals = [sum, mine.len() as f64];
-    group.all_reduce_host(&mut totals, ReduceOp::Sum)?;
-    let loss = totals[0] / totals[1];
-    Ok(EvalReport { loss, perplexity: loss.exp(), batches: n, samples: n * batch.samples() })
+    // A rank with no batches does not know whether the model counts hits: Max over the flag.
+    let mut flag = [totals[4]];
+    group.all_reduce_host(&mut flag, ReduceOp::Max)?;
+    let mut sums = [totals[0], totals[1], totals[2], totals[3]];
+    group.all_reduce_host(&mut sums, ReduceOp::Sum)?;
+    // Every batch has the same number of samples, so the mean of the batch means is the sample mean.
+    let loss = sums[0] / sums[1];
+    let samples = n * batch.samples();
+    let accuracy = (flag[0] > 0.0).then(|| Accuracy { top1: sums[2] / samples as f64, top5: sums[3] / samples as f64 });
+    Ok(EvalReport { loss, perplexity: loss.exp(), accuracy, batches: n, samples })
 }
 
 /// `trainer eval`: the model in `weights` (its shape comes from the file) on the
@@ -68,8 +89,7 @@ pub fn evaluate_weights(cfg: &Config, weights: &Path) -> Result<EvalReport> {
     let model = trainer_models::from_weights(weights, compute_dtype(cfg), &device)?;
     let pattern =
         cfg.data.val.as_deref().ok_or_else(|| cfg.error("data.val is not set: evaluation needs validation shards"))?;
-    let (b, t) = (cfg.training.micro_batch_size, cfg.training.seq_len);
-    let mut loader = open_loader("data.val", pattern, model.input(), (b, t), cfg.training.seed, false, (0, 1))?;
+    let mut loader = open_loader(cfg, Split::Val, pattern, model.input(), (0, 1))?;
     let mut acts = model.new_acts(&loader.new_batch())?;
     evaluate(model.as_ref(), &mut acts, loader.as_mut(), cfg.eval.batches)
 }

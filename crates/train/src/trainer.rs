@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use trainer_comm::{Mesh, World};
 use trainer_core::{DType, Device};
-use trainer_data::{Batch, BatchLoader, Loader, LoaderPosition, Shard, find_files};
+use trainer_data::{Batch, BatchLoader, ImageLoader, ImageShard, Loader, LoaderPosition, Shard, Transform, find_files};
 use trainer_models::{Acts, InputSpec, Model};
 
 use crate::checkpoint::{Layout, Opened};
@@ -55,11 +55,14 @@ pub struct TrainSummary {
     pub final_train_loss: f64,
     pub first_val_loss: Option<f64>,
     pub final_val_loss: Option<f64>,
-    /// Mean training throughput of the job (all data-parallel ranks together),
-    /// excluding the first step (warm-up) unless it was the only one,
-    /// evaluation and checkpoints; None when this run trained no step (a
-    /// finished run started again has nothing left to do).
-    pub tokens_per_second: Option<f64>,
+    /// Mean training throughput of the job (all data-parallel ranks together)
+    /// in tokens or images (see `throughput_unit`) per second, excluding the
+    /// first step (warm-up) unless it was the only one, evaluation and
+    /// checkpoints; None when this run trained no step (a finished run started
+    /// again has nothing left to do).
+    pub throughput: Option<f64>,
+    /// "tok" or "img" (see [`InputSpec::unit`]).
+    pub throughput_unit: &'static str,
     /// Peak bytes held by tensors on the GPU (None on the CPU).
     pub peak_memory: Option<usize>,
     /// The final weights (not written when stopped by a signal).
@@ -93,21 +96,34 @@ pub(crate) fn compute_dtype(cfg: &Config) -> DType {
     }
 }
 
-/// Opens every file matching `pattern` (config key `key`) as the data the
-/// model reads (`input`), checks it against the model (token ids against the
-/// vocabulary), and builds the loader of rank `part.0` of `part.1` for
-/// micro-batches of (b, t).
+/// Which data a loader reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Split {
+    /// `data.train`: shuffled per epoch, augmented (images).
+    Train,
+    /// `data.val`: in order, the validation transform (images).
+    Val,
+}
+
+/// Opens every file matching `pattern` (the split's config key) as the data
+/// the model reads (`input`), checks it against the model (token ids against
+/// the vocabulary; image shape, channels and classes), and builds the loader
+/// of rank `part.0` of `part.1` for micro-batches of training.micro_batch_size.
 pub(crate) fn open_loader(
-    key: &str,
+    cfg: &Config,
+    split: Split,
     pattern: &str,
     input: InputSpec,
-    (b, t): (usize, usize),
-    seed: u64,
-    shuffle: bool,
     part: (usize, usize),
 ) -> Result<Box<dyn Loader>> {
+    let key = match split {
+        Split::Train => "data.train",
+        Split::Val => "data.val",
+    };
     let ctx = |err| Error::Data { context: format!("{key} = \"{pattern}\""), err };
     let files = find_files(pattern).map_err(ctx)?;
+    let (b, t, seed, shuffle) =
+        (cfg.training.micro_batch_size, cfg.training.seq_len, cfg.training.seed, split == Split::Train);
     match input {
         InputSpec::Tokens { vocab_size, .. } => {
             let shards = files
@@ -120,6 +136,30 @@ pub(crate) fn open_loader(
                 .collect::<trainer_data::Result<Vec<_>>>()
                 .map_err(ctx)?;
             Ok(Box::new(BatchLoader::new(shards, b, t, seed, shuffle, part.0, part.1).map_err(ctx)?))
+        }
+        InputSpec::Images { size, channels, classes } => {
+            let shards =
+                files.iter().map(|f| ImageShard::open(f)).collect::<trainer_data::Result<Vec<_>>>().map_err(ctx)?;
+            // ImageLoader::new checks that the shards agree with each other; here, with the model.
+            if let Some(s) = shards.iter().find(|s| s.shape().channels != channels || s.classes() != classes) {
+                return Err(ctx(trainer_data::Error::Invalid(format!(
+                    "{} holds images of {} channel(s) in {} classes, but the model takes {channels} channel(s) and \
+                     {classes} classes (model.channels, model.num_classes)",
+                    s.path().display(),
+                    s.shape().channels,
+                    s.classes()
+                ))));
+            }
+            let d = &cfg.data;
+            let transform = match split {
+                Split::Train => Transform::Random {
+                    min_area: d.random_crop_min_area.unwrap_or(0.08),
+                    flip: d.random_flip.unwrap_or(true),
+                },
+                Split::Val => Transform::CentreCrop { crop: d.val_crop.unwrap_or(1.0) },
+            };
+            let loader = ImageLoader::new(shards, b, size, transform, (seed, shuffle), part.0, part.1).map_err(ctx)?;
+            Ok(Box::new(loader))
         }
     }
 }
@@ -165,17 +205,16 @@ impl<'a> Run<'a> {
         let rank = world.rank();
         let place = Place { rank, layout: Layout { world_size: world.size(), data_parallel: dp, zero_stage } };
         let t_cfg = &cfg.training;
-        let bt = (t_cfg.micro_batch_size, t_cfg.seq_len);
 
         // The model's parameters are allocated (zero) but not initialized:
         // the data is checked against it before any work.
         let mut model = build(&device)?;
         // Data first: a missing or corrupt shard should fail before any model work.
         let input = model.input();
-        let train_loader = open_loader("data.train", &cfg.data.train, input, bt, t_cfg.seed, true, (dp_rank, dp))?;
+        let train_loader = open_loader(cfg, Split::Train, &cfg.data.train, input, (dp_rank, dp))?;
         // Every rank opens all validation batches; each evaluates its share (eval.rs).
         let val_loader = match cfg.data.val.as_deref().filter(|p| !p.is_empty()) {
-            Some(p) => Some(open_loader("data.val", p, input, bt, t_cfg.seed, false, (0, 1))?),
+            Some(p) => Some(open_loader(cfg, Split::Val, p, input, (0, 1))?),
             None => None,
         };
         let console = if rank == 0 { Console::plain() } else { Console::silent() };
@@ -277,7 +316,6 @@ impl<'a> Run<'a> {
     }
 
     fn print_header(&self) {
-        let t = &self.cfg.training;
         let b = &self.batch;
         let lr = match self.cfg.optimizer.lr_scaling {
             LrScaling::None => format!("{:e}", self.opt.base_lr()),
@@ -294,14 +332,17 @@ impl<'a> Run<'a> {
         let (state, unsharded) = self.opt.state_bytes();
         let zero_stage = self.checkpoints.place().layout.zero_stage;
         self.console.line(&format!(
-            "model={} params={} {} device={} dtype={} tokens_per_step={} train_batches_per_epoch={} metrics={} \
-             checkpoints={}",
+            "model={} params={} {} device={} dtype={} {}={} train_batches_per_epoch={} metrics={} checkpoints={}",
             self.model.desc().kind,
             self.model.num_params(),
             self.model.summary(),
             self.model.device(),
             self.model.dtype(),
-            b.global_batch_size * t.seq_len,
+            match self.model.input() {
+                InputSpec::Tokens { .. } => "tokens_per_step",
+                InputSpec::Images { .. } => "images_per_step",
+            },
+            b.global_batch_size * self.model.units_per_sample(&self.batch_buf),
             self.train_loader.batches_per_epoch(),
             self.metrics.path().display(),
             self.checkpoints.dir().display()
@@ -327,11 +368,13 @@ impl<'a> Run<'a> {
         let Some(loader) = self.val_loader.as_mut() else { return Ok(()) };
         let r =
             evaluate_in(self.model.as_ref(), &mut self.acts, loader.as_mut(), self.cfg.eval.batches, self.mesh.dp())?;
-        self.metrics.log(&[
-            ("step", Value::Int(self.counters.step)),
-            ("val_loss", Value::Fixed(r.loss, 4)),
-            ("val_ppl", Value::Fixed(r.perplexity, 2)),
-        ])?;
+        let mut record = vec![("step", Value::Int(self.counters.step)), ("val_loss", Value::Fixed(r.loss, 4))];
+        match r.accuracy {
+            // A classifier: accuracy; the perplexity of a class distribution says little.
+            Some(a) => record.extend([("val_acc", Value::Fixed(a.top1, 4)), ("val_acc5", Value::Fixed(a.top5, 4))]),
+            None => record.push(("val_ppl", Value::Fixed(r.perplexity, 2))),
+        }
+        self.metrics.log(&record)?;
         self.counters.first_val.get_or_insert(r.loss);
         self.counters.last_val = Some(r.loss);
         Ok(())
@@ -401,8 +444,12 @@ impl<'a> Run<'a> {
     /// Steps until `training.max_steps`, a stop signal or too many bad steps.
     fn train_steps(&mut self, stop: &StopSignal, timing: &mut Timing) -> Result<Outcome> {
         let t_cfg = &self.cfg.training;
-        // Of the whole job; each GPU computes 1/dp of it.
-        let tokens_per_step = self.batch.global_batch_size * t_cfg.seq_len;
+        // Tokens (or images) of the whole job; each GPU computes 1/dp of it.
+        let units_per_step = self.batch.global_batch_size * self.model.units_per_sample(&self.batch_buf);
+        let rate_key = match self.model.input() {
+            InputSpec::Tokens { .. } => "tok_per_s",
+            InputSpec::Images { .. } => "img_per_s",
+        };
         // Model FLOPs utilization of one GPU against its bf16 peak, as the peer benchmark computes it.
         let samples_per_gpu = self.batch.global_batch_size / self.batch.dp;
         let flops_per_step = self.model.flops_per_sample(&self.batch_buf) * samples_per_gpu as f64;
@@ -446,7 +493,7 @@ impl<'a> Run<'a> {
             self.counters.last_loss = loss;
             good_position = self.train_loader.position();
             let secs = started.elapsed().as_secs_f64();
-            timing.add(&self.device, secs, tokens_per_step);
+            timing.add(&self.device, secs, units_per_step);
             let step = self.counters.step;
             if step.is_multiple_of(self.cfg.logging.interval) || step == t_cfg.max_steps {
                 let mut record = vec![
@@ -454,7 +501,7 @@ impl<'a> Run<'a> {
                     ("train_loss", Value::Fixed(loss, 4)),
                     ("lr", Value::Sci(lr)),
                     ("grad_norm", Value::Fixed(norm, 4)),
-                    ("tok_per_s", Value::Fixed(tokens_per_step as f64 / secs, 0)),
+                    (rate_key, Value::Fixed(units_per_step as f64 / secs, 0)),
                 ];
                 if let Some(peak) = peak_flops {
                     record.push(("mfu", Value::Fixed(flops_per_step / secs / peak, 3)));
@@ -536,30 +583,30 @@ impl<'a> Run<'a> {
 #[derive(Debug, Default)]
 struct Timing {
     steps: u64,
-    /// The first step's (seconds, tokens).
+    /// The first step's (seconds, tokens or images).
     first: (f64, usize),
     secs: f64,
-    tokens: usize,
+    units: usize,
 }
 
 impl Timing {
-    fn add(&mut self, device: &Device, secs: f64, tokens: usize) {
+    fn add(&mut self, device: &Device, secs: f64, units: usize) {
         self.steps += 1;
         if self.steps == 1 {
             // The first step pays one-time costs (lazy loading of library kernels).
             if let Device::Cuda(d) = device {
                 d.reset_kernel_profile();
             }
-            self.first = (secs, tokens);
+            self.first = (secs, units);
             return;
         }
         self.secs += secs;
-        self.tokens += tokens;
+        self.units += units;
     }
 
-    fn tokens_per_second(&self) -> Option<f64> {
-        let (secs, tokens) = if self.steps > 1 { (self.secs, self.tokens) } else { self.first };
-        (self.steps > 0 && secs > 0.0).then(|| tokens as f64 / secs)
+    fn per_second(&self) -> Option<f64> {
+        let (secs, units) = if self.steps > 1 { (self.secs, self.units) } else { self.first };
+        (self.steps > 0 && secs > 0.0).then(|| units as f64 / secs)
     }
 }
 
@@ -617,7 +664,8 @@ pub fn train_with(cfg: &Config, stop: &StopSignal, world: &World, build: &BuildM
         final_train_loss: run.counters.last_loss,
         first_val_loss: run.counters.first_val,
         final_val_loss: run.counters.last_val,
-        tokens_per_second: timing.tokens_per_second(),
+        throughput: timing.per_second(),
+        throughput_unit: run.model.input().unit(),
         peak_memory: match &run.device {
             Device::Cuda(d) => Some(d.memory_stats().1),
             Device::Cpu => None,

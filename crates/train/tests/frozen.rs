@@ -11,7 +11,7 @@ use std::path::Path;
 
 use trainer_core::{DType, Device, Tensor, io};
 use trainer_data::{Batch, write_shard};
-use trainer_models::{Acts, GradsReady, InputSpec, Model, ModelDesc};
+use trainer_models::{Acts, BatchEval, GradsReady, InputSpec, Model, ModelDesc};
 use trainer_nn::{Module, Param, ParamId, number_params};
 use trainer_train::{Config, StopSignal, train_with};
 
@@ -151,13 +151,20 @@ impl Model for Bigram {
         Ok(rows.iter().map(|r| r.0).sum::<f64>() / rows.len() as f64)
     }
 
-    fn loss(&self, _acts: &mut Acts, batch: &Batch) -> trainer_models::Result<f64> {
+    fn evaluate(&self, _acts: &mut Acts, batch: &Batch) -> trainer_models::Result<BatchEval> {
         let rows = self.rows(batch);
-        Ok(rows.iter().map(|r| r.0).sum::<f64>() / rows.len() as f64)
+        Ok(BatchEval { loss: rows.iter().map(|r| r.0).sum::<f64>() / rows.len() as f64, hits: None })
     }
 
     fn flops_per_sample(&self, batch: &Batch) -> f64 {
         (6 * VOCAB * batch.samples()) as f64
+    }
+
+    fn units_per_sample(&self, batch: &Batch) -> usize {
+        match batch {
+            Batch::Tokens { t, .. } => *t,
+            Batch::Images { .. } => 1,
+        }
     }
 
     fn save_weights(&self, path: &Path) -> trainer_models::Result<()> {

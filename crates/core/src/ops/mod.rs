@@ -440,8 +440,10 @@ pub fn linear_backward_gelu(
     linear_param_grads(dweight, dbias, dout, inp)
 }
 
-/// dweight (OC, C) += dout^T @ inp; dbias (OC) += column sums of dout.
-fn linear_param_grads(dweight: &mut Tensor, dbias: Option<&mut Tensor>, dout: &Tensor, inp: &Tensor) -> Result<()> {
+/// The parameter half of [`linear_backward`], for a layer whose input needs
+/// no gradient (a model's first layer): dweight (OC, C) += dout^T @ inp;
+/// dbias (OC) += column sums of dout.
+pub fn linear_param_grads(dweight: &mut Tensor, dbias: Option<&mut Tensor>, dout: &Tensor, inp: &Tensor) -> Result<()> {
     matmul(dweight, dout, inp, true, false, true)?;
     let Some(dbias) = dbias else { return Ok(()) };
     const OP: &str = "linear_backward";

@@ -10,4 +10,4 @@ mod model;
 
 pub use config::{GptConfig, PRESETS};
 pub use generate::{Decoder, Generation, Sampling, StopReason, generate, sample};
-pub use model::{Gpt, GptActs, read_weights};
+pub use model::{CONFIG_KEY, Gpt, GptActs, read_weights};

@@ -12,7 +12,7 @@ use trainer_nn::{
 };
 
 use super::{GptConfig, hf};
-use crate::model::{Acts, GradsReady, InputSpec, Model, ModelDesc, ignore_ready};
+use crate::model::{Acts, BatchEval, GradsReady, InputSpec, Model, ModelDesc, ignore_ready};
 use crate::section::gpt_desc;
 use crate::{Error, Result};
 
@@ -263,7 +263,7 @@ impl Gpt {
             params.iter().map(|p| p.value.to_device(&Device::Cpu)).collect::<trainer_core::Result<_>>()?;
         let named: Vec<(&str, &Tensor)> = params.iter().zip(&host).map(|(p, t)| (p.name.as_str(), t)).collect();
         let config = serde_json::to_string(&self.config).map_err(|e| Error::Config(e.to_string()))?;
-        let meta = BTreeMap::from([("gpt_config".to_string(), config)]);
+        let meta = BTreeMap::from([(CONFIG_KEY.to_string(), config)]);
         io::save(path, &named, Some(meta))?;
         Ok(())
     }
@@ -280,35 +280,10 @@ impl Gpt {
         self.load_named(io::load(path)?.tensors, path)
     }
 
-    /// Loads every parameter from `tensors` (our names and shapes, any float
-    /// dtype, on any device). Names, shapes and the parameter set must match
-    /// exactly, and nothing is changed unless all of them do. `source` names
-    /// where the tensors came from, for errors.
-    pub fn load_named(&mut self, mut tensors: BTreeMap<String, Tensor>, source: &Path) -> Result<()> {
-        let err = |msg: String| Error::Weights { path: source.display().to_string(), msg };
-        let mut staged = Vec::new();
-        for p in self.params() {
-            let t = tensors.remove(&p.name).ok_or_else(|| err(format!("missing tensor {}", p.name)))?;
-            if t.dims() != p.value.dims() {
-                return Err(err(format!(
-                    "tensor {} has shape {} but this model needs {}",
-                    p.name,
-                    t.shape(),
-                    p.value.shape()
-                )));
-            }
-            if !t.dtype().is_float() {
-                return Err(err(format!("tensor {} has dtype {}, expected a float", p.name, t.dtype())));
-            }
-            staged.push(t.to_device(&Device::Cpu)?.to_dtype(self.dtype)?.to_device(&self.device)?);
-        }
-        if let Some(extra) = tensors.keys().next() {
-            return Err(err(format!("tensor {extra} is not a parameter of this model")));
-        }
-        for (p, t) in self.params_mut().into_iter().zip(staged) {
-            ops::copy(&mut p.value, &t)?;
-        }
-        Ok(())
+    /// Loads every parameter by name; see [`crate::load_named`].
+    pub fn load_named(&mut self, tensors: BTreeMap<String, Tensor>, source: &Path) -> Result<()> {
+        let (dtype, device) = (self.dtype, self.device.clone());
+        crate::load_named(self.params_mut(), tensors, source, dtype, &device)
     }
 
     /// Loads the weights of a Hugging Face GPT-2 directory (see [`hf`]), whose
@@ -324,6 +299,11 @@ impl Gpt {
         self.load_named(imported.tensors, &dir.join(hf::WEIGHTS_FILE))
     }
 
+    /// The config in a weights file's metadata (see [`Gpt::save_weights`]).
+    pub fn config_from_metadata(metadata: &BTreeMap<String, String>, path: &Path) -> Result<GptConfig> {
+        config_from_metadata(metadata, path)
+    }
+
     /// A model from saved weights, whose shape comes with them: see [`read_weights`].
     pub fn from_path(path: &Path, dtype: DType, device: &Device) -> Result<Gpt> {
         let (config, tensors, source) = read_weights(path)?;
@@ -333,8 +313,11 @@ impl Gpt {
     }
 }
 
+/// The metadata key of the config in a weights file.
+pub const CONFIG_KEY: &str = "gpt_config";
+
 fn config_from_metadata(metadata: &BTreeMap<String, String>, path: &Path) -> Result<GptConfig> {
-    let raw = metadata.get("gpt_config").ok_or_else(|| Error::Weights {
+    let raw = metadata.get(CONFIG_KEY).ok_or_else(|| Error::Weights {
         path: path.display().to_string(),
         msg: "no gpt_config metadata: not a weights file written by trainer".into(),
     })?;
@@ -367,7 +350,7 @@ pub fn read_weights(path: &Path) -> Result<(GptConfig, BTreeMap<String, Tensor>,
         return Err(file_err("no such file or directory"));
     }
     let loaded = io::load(path)?;
-    if !loaded.metadata.contains_key("gpt_config") {
+    if !loaded.metadata.contains_key(CONFIG_KEY) {
         // A Hugging Face model.safetensors named directly: read its directory.
         if let Some(dir) = path.parent().filter(|d| hf::is_hf_dir(d)) {
             let imported = hf::import(dir)?;
@@ -437,10 +420,10 @@ impl Model for Gpt {
         acts.mean_loss()
     }
 
-    fn loss(&self, acts: &mut Acts, batch: &Batch) -> Result<f64> {
+    fn evaluate(&self, acts: &mut Acts, batch: &Batch) -> Result<BatchEval> {
         let acts = acts.get_mut::<GptActs>("gpt")?;
         let (_, _, inputs, targets) = tokens_of(batch)?;
-        Ok(self.forward(acts, inputs, Some(targets))?.unwrap_or(f64::NAN))
+        Ok(BatchEval { loss: self.forward(acts, inputs, Some(targets))?.unwrap_or(f64::NAN), hits: None })
     }
 
     fn flops_per_sample(&self, batch: &Batch) -> f64 {
@@ -448,6 +431,13 @@ impl Model for Gpt {
             Batch::Tokens { t, .. } => self.config.flops_per_token(*t) * *t as f64,
             // new_acts has refused any other batch before a step could run.
             _ => 0.0,
+        }
+    }
+
+    fn units_per_sample(&self, batch: &Batch) -> usize {
+        match batch {
+            Batch::Tokens { t, .. } => *t,
+            _ => 0,
         }
     }
 

@@ -1,0 +1,434 @@
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use trainer_core::ops::{self, Gelu, Pool};
+use trainer_core::{DType, Device, Tensor, io};
+use trainer_data::Batch;
+use trainer_nn::{
+    Block, BlockActs, BlockGrads, BlockKind, BlockScratch, LayerNorm, LayerNormStats, Linear, Module, Param, ParamId,
+    init, number_params,
+};
+
+use super::VitConfig;
+use crate::model::{Acts, BatchEval, GradsReady, Hits, InputSpec, Model, ModelDesc};
+use crate::{Error, Result};
+
+/// The metadata key of the config in a weights file.
+pub const CONFIG_KEY: &str = "vit_config";
+
+/// A Vision Transformer (ViT, DeiT): the image cut into patches, each
+/// projected to a token; a class token and learned positions added; pre-LN
+/// blocks with bidirectional attention and an exact-GELU MLP; the final
+/// LayerNorm and a linear head on the pooled token (the class token, or the
+/// mean of the patch tokens).
+///
+/// Parameter names: `patch_embed.{weight,bias}` ((C, channels*P*P): the
+/// stride-P convolution's kernel flattened in (channel, row, column) order),
+/// `cls_token` (C), `pos_embed` (1+N, C), `blocks.{i}.*` (as GPT's blocks),
+/// `ln_f.*`, `head.{weight,bias}` (classes, C).
+#[derive(Debug)]
+pub struct Vit {
+    pub config: VitConfig,
+    pub patch_embed: Linear,
+    pub cls_token: Param,
+    pub pos_embed: Param,
+    pub blocks: Vec<Block>,
+    pub ln_f: LayerNorm,
+    pub head: Linear,
+    pool: Pool,
+    dtype: DType,
+    device: Device,
+}
+
+/// Activations of micro-batches of B images, allocated once and reused.
+/// T = 1 + N tokens, C = n_embd, D = channels * P * P.
+#[derive(Debug)]
+pub struct VitActs {
+    pub b: usize,
+    /// (B, N, D) normalized pixels, patch by patch, staged on the host.
+    host_pixels: Vec<f32>,
+    /// (B, N, D) the same on the model's device: the patch projection's input.
+    pub pixels: Tensor,
+    /// (B) labels; (B) per-image losses.
+    pub targets: Tensor,
+    pub losses: Tensor,
+    host_labels: Vec<u32>,
+    /// (B, N, C) projected patches; (B, T, C) the first block's input.
+    pub patches: Tensor,
+    pub tokens: Tensor,
+    pub blocks: Vec<BlockActs>,
+    /// (B, C): pooled, then normalized by the final LayerNorm.
+    pub pooled: Tensor,
+    pub lnf: Tensor,
+    pub lnf_stats: LayerNormStats,
+    /// (B, classes). After a backward this holds dL/dlogits instead.
+    pub logits: Tensor,
+    /// Gradients: (B, C) into the final LayerNorm's output and input; (B, T, C)
+    /// the residual stream's; (B, N, C) into the patch projection's output.
+    pub dlnf: Tensor,
+    pub dpooled: Tensor,
+    pub dresid: Tensor,
+    pub dpatches: Tensor,
+    pub grads: BlockGrads,
+    pub scratch: BlockScratch,
+}
+
+impl VitActs {
+    pub fn mean_loss(&self) -> Result<f64> {
+        Ok(ops::sum(&self.losses)? / self.losses.numel() as f64)
+    }
+}
+
+impl Vit {
+    /// A model with every parameter zero; call [`Vit::init`] or load weights.
+    pub fn new(config: VitConfig, dtype: DType, device: &Device) -> Result<Self> {
+        config.validate()?;
+        let c = config.n_embd;
+        let kind = BlockKind { causal: false, gelu: Gelu::Erf, ln_eps: config.ln_eps };
+        let blocks = (0..config.n_layer)
+            .map(|i| Block::new(&format!("blocks.{i}"), c, config.n_head, kind, dtype, device))
+            .collect::<trainer_core::Result<_>>()?;
+        let mut ln_f = LayerNorm::new("ln_f", c, dtype, device)?;
+        ln_f.eps = config.ln_eps;
+        let mut pos_embed = Param::zeros("pos_embed", &[config.seq_len(), c], dtype, device)?;
+        // timm and DeiT exempt the position table (and the class token) from weight decay.
+        pos_embed.decay = false;
+        let mut vit = Vit {
+            patch_embed: Linear::new("patch_embed", config.patch_dim(), c, true, dtype, device)?,
+            cls_token: Param::zeros("cls_token", &[c], dtype, device)?,
+            pos_embed,
+            blocks,
+            ln_f,
+            head: Linear::new("head", c, config.num_classes, true, dtype, device)?,
+            pool: config.pooling()?,
+            config,
+            dtype,
+            device: device.clone(),
+        };
+        number_params(vit.params_mut());
+        Ok(vit)
+    }
+
+    /// timm's and DeiT's initialization: every weight matrix and the position
+    /// table truncated normal (std 0.02, cut at +-2 as timm's), the class token
+    /// N(0, 1e-6), biases 0, LayerNorm gains 1, and the head zero (so the
+    /// first loss is exactly ln(classes)). Deterministic in `seed`.
+    pub fn init(&mut self, seed: u64) -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        for p in self.params_mut() {
+            let name = p.name.clone();
+            if name.starts_with("head.") {
+                init::constant(p, 0.0)?;
+            } else if name == "cls_token" {
+                init::normal(p, 1e-6, None, &mut rng)?;
+            } else if p.value.rank() == 2 {
+                init::truncated_normal(p, 0.02, 2.0, &mut rng)?;
+            } else if name.contains("ln_") && name.ends_with(".weight") {
+                init::constant(p, 1.0)?;
+            } else {
+                init::constant(p, 0.0)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn new_acts(&self, b: usize) -> Result<VitActs> {
+        let cfg = &self.config;
+        let (n, t, c, d, k) = (cfg.num_patches(), cfg.seq_len(), cfg.n_embd, cfg.patch_dim(), cfg.num_classes);
+        let (dt, dev) = (self.dtype, &self.device);
+        Ok(VitActs {
+            b,
+            host_pixels: vec![0.0; b * n * d],
+            pixels: Tensor::zeros([b, n, d], dt, dev)?,
+            targets: Tensor::zeros([b], DType::U32, dev)?,
+            losses: Tensor::zeros([b], dt.stats_dtype(), dev)?,
+            host_labels: vec![0; b],
+            patches: Tensor::zeros([b, n, c], dt, dev)?,
+            tokens: Tensor::zeros([b, t, c], dt, dev)?,
+            blocks: self.blocks.iter().map(|blk| blk.new_acts(b, t, dt, dev)).collect::<trainer_core::Result<_>>()?,
+            pooled: Tensor::zeros([b, c], dt, dev)?,
+            lnf: Tensor::zeros([b, c], dt, dev)?,
+            lnf_stats: LayerNormStats::new(b, dt, dev)?,
+            logits: Tensor::zeros([b, k], dt, dev)?,
+            dlnf: Tensor::zeros([b, c], dt, dev)?,
+            dpooled: Tensor::zeros([b, c], dt, dev)?,
+            dresid: Tensor::zeros([b, t, c], dt, dev)?,
+            dpatches: Tensor::zeros([b, n, c], dt, dev)?,
+            grads: BlockGrads::new(b, t, c, 4 * c, dt, dev)?,
+            scratch: BlockScratch::new(b, t, c, dt, dev)?,
+        })
+    }
+
+    /// Checks a batch against the model and uploads its pixels (patchified and
+    /// normalized) and labels.
+    fn upload(&self, acts: &mut VitActs, batch: &Batch) -> Result<()> {
+        let cfg = &self.config;
+        let Batch::Images { b, height, width, channels, pixels, labels } = batch else {
+            return Err(Error::Config(format!(
+                "a vit model reads images, but the data gives {} (is data.train an image shard pattern?)",
+                batch.kind()
+            )));
+        };
+        if (*height, *width, *channels) != (cfg.image_size, cfg.image_size, cfg.channels) || *b != acts.b {
+            return Err(Error::Config(format!(
+                "the batch holds {b} images of {height}x{width}x{channels}, but the model takes {} of {s}x{s}x{}",
+                acts.b,
+                cfg.channels,
+                s = cfg.image_size
+            )));
+        }
+        if let Some(&l) = labels.iter().find(|&&l| l as usize >= cfg.num_classes) {
+            return Err(Error::Config(format!("label {l} is not below model.num_classes = {}", cfg.num_classes)));
+        }
+        patchify(pixels, cfg, &mut acts.host_pixels);
+        upload_f32(&mut acts.pixels, &acts.host_pixels)?;
+        acts.host_labels.copy_from_slice(labels);
+        acts.targets.copy_from_slice(labels)?;
+        Ok(())
+    }
+
+    /// Pixels -> logits (B, classes), and the per-image losses.
+    fn forward(&self, acts: &mut VitActs, grad_scale: Option<f64>) -> Result<()> {
+        self.patch_embed.forward(&mut acts.patches, &acts.pixels)?;
+        ops::image_tokens_forward(&mut acts.tokens, &acts.patches, &self.cls_token.value, &self.pos_embed.value)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let (done, rest) = acts.blocks.split_at_mut(i);
+            let x = done.last().map_or(&acts.tokens, |prev| &prev.out);
+            block.forward(x, &mut rest[0], &mut acts.scratch)?;
+        }
+        let last = acts.blocks.last().map_or(&acts.tokens, |a| &a.out);
+        // LayerNorm is per token, so normalizing the pooled token equals pooling
+        // the normalized sequence for the class token (transformers' order), and
+        // is timm's order (pool, then fc_norm) for the mean.
+        ops::pool_tokens(&mut acts.pooled, last, self.pool)?;
+        self.ln_f.forward(&mut acts.lnf, &mut acts.lnf_stats, &acts.pooled)?;
+        self.head.forward(&mut acts.logits, &acts.lnf)?;
+        ops::softmax_cross_entropy(
+            &mut acts.logits,
+            &mut acts.losses,
+            &acts.targets,
+            self.config.num_classes,
+            grad_scale,
+        )?;
+        Ok(())
+    }
+
+    /// Backward from dL/dlogits (in acts.logits), telling `ready` which
+    /// parameters are done: the head and final LayerNorm, the blocks from the
+    /// last to the first, then the embeddings.
+    fn backward(&mut self, acts: &mut VitActs, ready: &mut GradsReady<'_>) -> Result<()> {
+        let ids = |params: Vec<&Param>| -> Vec<ParamId> { params.iter().map(|p| p.id).collect() };
+        let mut tell = |model: &Vit, done: Vec<ParamId>| ready(&model.params(), &done).map_err(Error::Ready);
+        let VitActs { tokens, blocks, pooled, lnf, lnf_stats, logits, dlnf, dpooled, dresid, dpatches, grads, .. } =
+            acts;
+        self.head.backward(dlnf, logits, lnf)?;
+        // LayerNorm's backward accumulates into its input gradient.
+        ops::zero(dpooled)?;
+        self.ln_f.backward(dpooled, dlnf, pooled, lnf_stats)?;
+        let mut done = ids(self.head.params());
+        done.extend(ids(self.ln_f.params()));
+        tell(self, done)?;
+        ops::pool_tokens_backward(dresid, dpooled, self.pool)?;
+        for i in (0..self.blocks.len()).rev() {
+            let (before, rest) = blocks.split_at_mut(i);
+            let x = before.last().map_or(&*tokens, |prev| &prev.out);
+            self.blocks[i].backward(dresid, x, &mut rest[0], grads)?;
+            tell(self, ids(self.blocks[i].params()))?;
+        }
+        const OP: &str = "image tokens backward";
+        let (dcls, dpos) = (self.cls_token.grad_mut(OP)?, self.pos_embed.grad_mut(OP)?);
+        ops::image_tokens_backward(dpatches, dcls, dpos, dresid)?;
+        self.patch_embed.backward_params(dpatches, &acts.pixels)?;
+        let mut done = vec![self.cls_token.id, self.pos_embed.id];
+        done.extend(ids(self.patch_embed.params()));
+        tell(self, done)
+    }
+
+    /// Top-1 and top-5 hits of the logits of the last forward (intact: no gradient was taken).
+    fn hits(&self, acts: &VitActs) -> Result<Hits> {
+        let logits = acts.logits.to_vec_f64()?;
+        let k = self.config.num_classes;
+        let mut hits = Hits::default();
+        for (row, &label) in logits.chunks(k).zip(&acts.host_labels) {
+            let target = row[label as usize];
+            // Rank of the label: classes scoring higher, ties going to the lower index (as argmax).
+            let above =
+                row.iter().enumerate().filter(|&(j, &v)| v > target || (v == target && j < label as usize)).count();
+            hits.top1 += usize::from(above == 0);
+            hits.top5 += usize::from(above < 5);
+        }
+        Ok(hits)
+    }
+
+    /// Every parameter (host copies) and the config (metadata) to a safetensors file, atomically.
+    pub fn save_weights(&self, path: &Path) -> Result<()> {
+        let params = self.params();
+        let host: Vec<Tensor> =
+            params.iter().map(|p| p.value.to_device(&Device::Cpu)).collect::<trainer_core::Result<_>>()?;
+        let named: Vec<(&str, &Tensor)> = params.iter().zip(&host).map(|(p, t)| (p.name.as_str(), t)).collect();
+        let config = serde_json::to_string(&self.config).map_err(|e| Error::Config(e.to_string()))?;
+        io::save(path, &named, Some(BTreeMap::from([(CONFIG_KEY.to_string(), config)])))?;
+        Ok(())
+    }
+
+    /// Loads every parameter by name; see [`crate::load_named`].
+    pub fn load_named(&mut self, tensors: BTreeMap<String, Tensor>, source: &Path) -> Result<()> {
+        let dtype = self.dtype;
+        let device = self.device.clone();
+        crate::load_named(self.params_mut(), tensors, source, dtype, &device)
+    }
+}
+
+/// Pixels (B, H, W, channels) u8 -> (B, N, channels*P*P) f32, normalized
+/// ((x / 255 - mean) / std per channel), patches in row-major order, each
+/// flattened (channel, row, column) as the stride-P convolution's kernel is.
+pub fn patchify(pixels: &[u8], cfg: &VitConfig, out: &mut [f32]) {
+    let (s, p, ch) = (cfg.image_size, cfg.patch_size, cfg.channels);
+    let (grid, d) = (s / p, cfg.patch_dim());
+    let scale: Vec<f32> = cfg.pixel_std.iter().map(|sd| (1.0 / (255.0 * sd)) as f32).collect();
+    let shift: Vec<f32> = cfg.pixel_mean.iter().zip(&cfg.pixel_std).map(|(m, sd)| (m / sd) as f32).collect();
+    out.par_chunks_mut(grid * grid * d).zip(pixels.par_chunks(s * s * ch)).for_each(|(out, img)| {
+        for (patch, o) in out.chunks_mut(d).enumerate() {
+            let (gy, gx) = (patch / grid, patch % grid);
+            for c in 0..ch {
+                for y in 0..p {
+                    let row = ((gy * p + y) * s + gx * p) * ch;
+                    for x in 0..p {
+                        o[(c * p + y) * p + x] = f32::from(img[row + x * ch + c]) * scale[c] - shift[c];
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Copies host f32 values into a float tensor of any dtype and device.
+fn upload_f32(t: &mut Tensor, v: &[f32]) -> Result<()> {
+    match t.dtype() {
+        DType::F32 => t.copy_from_slice(v)?,
+        DType::F64 => t.copy_from_slice(&v.iter().map(|&x| f64::from(x)).collect::<Vec<_>>())?,
+        DType::BF16 => t.copy_from_slice(&v.iter().map(|&x| half::bf16::from_f32(x)).collect::<Vec<_>>())?,
+        other => return Err(Error::Config(format!("a vit model cannot hold {other} activations"))),
+    }
+    Ok(())
+}
+
+fn vit_acts(acts: &mut Acts) -> Result<&mut VitActs> {
+    acts.get_mut::<VitActs>("vit")
+}
+
+impl Model for Vit {
+    fn desc(&self) -> ModelDesc {
+        super::vit_desc(&self.config)
+    }
+
+    fn summary(&self) -> String {
+        let c = &self.config;
+        format!(
+            "image={s}x{s}x{} patch={} n_layer={} n_head={} n_embd={} classes={} pool={}",
+            c.channels,
+            c.patch_size,
+            c.n_layer,
+            c.n_head,
+            c.n_embd,
+            c.num_classes,
+            c.pool,
+            s = c.image_size
+        )
+    }
+
+    fn input(&self) -> InputSpec {
+        let c = &self.config;
+        InputSpec::Images { size: c.image_size, channels: c.channels, classes: c.num_classes }
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn init(&mut self, seed: u64) -> Result<()> {
+        Vit::init(self, seed)
+    }
+
+    fn load_pretrained(&mut self, dir: &Path) -> Result<()> {
+        // ModelSection refuses model.init_from for a vit before a model is built.
+        Err(Error::Config(format!(
+            "model.init_from = \"{}\": importing Hugging Face ViT weights is not supported yet",
+            dir.display()
+        )))
+    }
+
+    fn new_acts(&self, batch: &Batch) -> Result<Acts> {
+        match batch {
+            Batch::Images { b, .. } => Ok(Acts::new(Vit::new_acts(self, *b)?)),
+            other => Err(Error::Config(format!(
+                "a vit model reads images, but the data gives {} (is data.train an image shard pattern?)",
+                other.kind()
+            ))),
+        }
+    }
+
+    fn forward_backward(
+        &mut self,
+        acts: &mut Acts,
+        batch: &Batch,
+        loss_scale: f64,
+        ready: &mut GradsReady<'_>,
+    ) -> Result<f64> {
+        let acts = vit_acts(acts)?;
+        self.upload(acts, batch)?;
+        self.forward(acts, Some(loss_scale / acts.b as f64))?;
+        self.backward(acts, ready)?;
+        acts.mean_loss()
+    }
+
+    fn evaluate(&self, acts: &mut Acts, batch: &Batch) -> Result<BatchEval> {
+        let acts = vit_acts(acts)?;
+        self.upload(acts, batch)?;
+        self.forward(acts, None)?;
+        Ok(BatchEval { loss: acts.mean_loss()?, hits: Some(self.hits(acts)?) })
+    }
+
+    fn flops_per_sample(&self, _batch: &Batch) -> f64 {
+        self.config.flops_per_image()
+    }
+
+    fn units_per_sample(&self, _batch: &Batch) -> usize {
+        1
+    }
+
+    fn save_weights(&self, path: &Path) -> Result<()> {
+        Vit::save_weights(self, path)
+    }
+}
+
+impl Module for Vit {
+    fn params(&self) -> Vec<&Param> {
+        let mut p = self.patch_embed.params();
+        p.extend([&self.cls_token, &self.pos_embed]);
+        for b in &self.blocks {
+            p.extend(b.params());
+        }
+        p.extend(self.ln_f.params());
+        p.extend(self.head.params());
+        p
+    }
+
+    fn params_mut(&mut self) -> Vec<&mut Param> {
+        let mut p = self.patch_embed.params_mut();
+        p.extend([&mut self.cls_token, &mut self.pos_embed]);
+        for b in &mut self.blocks {
+            p.extend(b.params_mut());
+        }
+        p.extend(self.ln_f.params_mut());
+        p.extend(self.head.params_mut());
+        p
+    }
+}
