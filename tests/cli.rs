@@ -298,6 +298,151 @@ fn prepare_turns_an_idx_data_set_into_image_shards() {
     assert_one_line_error(&o, &["short-labels", "one label per image"]);
 }
 
+/// A data set a ViT learns in a few steps: 8x8 grayscale images whose class
+/// (0-3) is a pattern of bright pixels (rows, columns, a checkerboard,
+/// diagonals), with noise; as IDX files prepared to shards. (Patterns, not
+/// brightness levels: LayerNorm makes a transformer slow to tell apart
+/// inputs that differ only in scale.)
+fn quadrant_images(d: &Path) {
+    let make = |n: usize, seed: u32| -> (Vec<u8>, Vec<u8>) {
+        let (mut pixels, mut labels) = (Vec::new(), Vec::new());
+        for i in 0..n {
+            let class = (i as u32 * 7 + seed) % 4;
+            for y in 0..8u32 {
+                for x in 0..8u32 {
+                    let noise = ((i as u32 * 31 + y * 7 + x * 13 + seed) % 40) as u8;
+                    let bright = [y % 2 == 0, x % 2 == 0, (x + y) % 2 == 0, (x + 8 - y) % 4 == 0][class as usize];
+                    pixels.push(if bright { 200 + noise / 2 } else { noise });
+                }
+            }
+            labels.push(class as u8);
+        }
+        (pixels, labels)
+    };
+    let (tp, tl) = make(256, 1);
+    let (vp, vl) = (make(64, 2).0, make(64, 2).1);
+    write_idx(&d.join("train-images"), &[256, 8, 8], &tp);
+    write_idx(&d.join("train-labels"), &[256], &tl);
+    write_idx(&d.join("val-images"), &[64, 8, 8], &vp);
+    write_idx(&d.join("val-labels"), &[64], &vl);
+    fs::write(d.join("names.txt"), "rows\ncolumns\nchecks\ndiagonals\n").unwrap();
+    let o = trainer(
+        &[
+            "prepare",
+            "--idx-train",
+            "train-images",
+            "train-labels",
+            "--idx-val",
+            "val-images",
+            "val-labels",
+            "--class-names",
+            "names.txt",
+            "--output",
+            "img",
+        ],
+        d,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    fs::write(
+        d.join("vit.toml"),
+        r#"
+[model]
+kind = "vit"
+image_size = 8
+patch_size = 4
+channels = 1
+num_classes = 4
+n_layer = 1
+n_head = 2
+n_embd = 16
+pixel_mean = [0.3]
+pixel_std = [0.4]
+
+[data]
+train = "img/train_*.img"
+val = "img/val_*.img"
+random_crop_min_area = 1.0
+random_flip = false
+
+[training]
+micro_batch_size = 16
+max_steps = 60
+seed = 3
+
+[optimizer]
+lr = 1e-2
+
+[lr_schedule]
+warmup_steps = 5
+
+[logging]
+interval = 10
+run_dir = "run"
+
+[eval]
+interval = 30
+batches = 4
+"#,
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_vit_trains_on_image_shards_and_reports_accuracy() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    quadrant_images(d);
+    let o = trainer(&["--config", "vit.toml"], d);
+    let out = stdout(&o);
+    assert!(o.status.success(), "{}\n{out}", stderr(&o));
+    assert!(out.contains("model=vit") && out.contains("images_per_step=16"), "{out}");
+    assert!(out.contains("image=8x8x1 patch=4"), "{out}");
+    let steps: Vec<&str> = out.lines().filter(|l| l.contains("train_loss=")).collect();
+    assert!(steps.iter().all(|l| l.contains("img_per_s=") && !l.contains("tok_per_s")), "{out}");
+    let vals: Vec<&str> = out.lines().filter(|l| l.starts_with("step=") && l.contains("val_loss=")).collect();
+    assert_eq!(vals.len(), 3, "steps 0, 30 and 60: {out}");
+    let first = metric(vals[0], "val_acc").unwrap();
+    let last = metric(vals[2], "val_acc").unwrap();
+    // Chance is 1/4; the patterns are learned long before step 60.
+    assert!(first < 0.5 && last == 1.0, "val_acc {first} -> {last}: {out}");
+    assert_eq!(metric(vals[2], "val_acc5"), Some(1.0), "4 classes: always in the top 5");
+    assert!(!vals[0].contains("val_ppl"), "no perplexity for a classifier: {out}");
+    assert!(out.contains("avg_img_per_s="), "{out}");
+
+    // `trainer eval` of the saved weights: the same accuracy, over the images.
+    let o = trainer(&["eval", "--config", "vit.toml"], d);
+    let line = stdout(&o);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(metric(&line, "val_acc"), Some(1.0), "{line}");
+    assert!(line.contains("images=64"), "{line}");
+
+    // Bad input, one line each.
+    let run = |sets: &[&str]| {
+        let mut a = vec!["--config", "vit.toml"];
+        for s in sets {
+            a.extend(["--set", s]);
+        }
+        trainer(&a, d)
+    };
+    assert_one_line_error(
+        &run(&["model.channels=3", "model.pixel_mean=[0.5,0.5,0.5]", "model.pixel_std=[0.5,0.5,0.5]"]),
+        &["data.train", "1 channel(s)", "the model takes 3 channel(s)"],
+    );
+    assert_one_line_error(&run(&["model.num_classes=10"]), &["data.train", "in 4 classes", "10 classes"]);
+    assert_one_line_error(&run(&["model.vocab_size=100"]), &["model.vocab_size does not apply to a vit model"]);
+    assert_one_line_error(&run(&["training.seq_len=64"]), &["training.seq_len = 64", "image model"]);
+    assert_one_line_error(&run(&["model.patch_size=3"]), &["model.patch_size = 3", "model.image_size = 8"]);
+    assert_one_line_error(&run(&["data.val_crop=1.5"]), &["data.val_crop = 1.5"]);
+    assert_one_line_error(&run(&["model.pool=\"max\""]), &["model.pool = \"max\"", "class, mean"]);
+    // Token shards given to a ViT; image keys given to a GPT.
+    let ws = Workspace::new();
+    let o = trainer(&["--config", "job.toml", "--set", "data.random_flip=false"], ws.path());
+    assert_one_line_error(&o, &["data.random_flip applies to image data"]);
+    fs::create_dir_all(d.join("shards")).unwrap();
+    fs::copy(ws.path().join("shards/train_000000.bin"), d.join("shards/train_000000.bin")).unwrap();
+    assert_one_line_error(&run(&["data.train=\"shards/*.bin\""]), &["data.train", "shards/train_000000.bin"]);
+}
+
 #[test]
 fn eval_with_wrong_weights() {
     let ws = Workspace::new();
