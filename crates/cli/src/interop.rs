@@ -1,12 +1,16 @@
 //! `trainer export` and `trainer import`: our weights to and from a Hugging
-//! Face GPT-2 directory (transformers' GPT2LMHeadModel format).
+//! Face directory: GPT-2 (transformers' GPT2LMHeadModel format) or ViT
+//! (ViTForImageClassification).
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
+use trainer_core::io;
 use trainer_core::{DType, Device};
 use trainer_models::gpt::{Gpt, GptConfig, hf, read_weights};
+use trainer_models::hf_dir;
+use trainer_models::vit::{self, Vit, VitConfig};
 use trainer_nn::Module;
 use trainer_train::checkpoint;
 
@@ -52,6 +56,10 @@ pub struct ExportArgs {
     /// Output directory (created if needed; its config.json and model.safetensors are replaced).
     #[arg(long, short)]
     output: PathBuf,
+    /// A ViT's class names, one per line (the classes.txt `trainer prepare`
+    /// writes beside image shards), for the export's id2label.
+    #[arg(long)]
+    class_names: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -65,7 +73,30 @@ pub struct ImportArgs {
 }
 
 pub fn run_export(args: &ExportArgs) -> Result<()> {
-    let (config, tensors, source) = read_weights(&args.source.resolve()?)?;
+    let path = args.source.resolve()?;
+    if let Some(config) = vit_weights_config(&path)? {
+        let names = match &args.class_names {
+            Some(f) => Some(trainer_data::read_class_names(f)?),
+            None => None,
+        };
+        if let Some(n) = names.as_ref().filter(|n| n.len() != config.num_classes) {
+            bail!(
+                "--class-names {}: {} names for a model of {} classes",
+                args.class_names.as_ref().map_or(String::new(), |p| p.display().to_string()),
+                n.len(),
+                config.num_classes
+            );
+        }
+        let tensors = io::load(&path)?.tensors;
+        vit::hf::export(&config, &tensors, names.as_deref(), &path, &args.output)
+            .with_context(|| format!("export to {}", args.output.display()))?;
+        println!("exported format=hf {} output={}", vit_fields(&config), args.output.display());
+        return Ok(());
+    }
+    if args.class_names.is_some() {
+        bail!("--class-names applies to ViT weights; {} holds a GPT", path.display());
+    }
+    let (config, tensors, source) = read_weights(&path)?;
     match args.format {
         ExportFormat::Hf => hf::export(&config, &tensors, &source, &args.output)
             .with_context(|| format!("export to {}", args.output.display()))?,
@@ -74,7 +105,33 @@ pub fn run_export(args: &ExportArgs) -> Result<()> {
     Ok(())
 }
 
+/// The ViT config of a weights file of ours, None for anything else.
+fn vit_weights_config(path: &std::path::Path) -> Result<Option<VitConfig>> {
+    let file = if path.is_dir() { path.join(hf::WEIGHTS_FILE) } else { path.to_path_buf() };
+    if !file.is_file() || hf_dir::is_hf_dir(path) {
+        return Ok(None);
+    }
+    let loaded = io::load(&file)?;
+    match loaded.metadata.get(vit::CONFIG_KEY) {
+        Some(raw) => {
+            Ok(Some(serde_json::from_str(raw).with_context(|| format!("{}: {}", file.display(), vit::CONFIG_KEY))?))
+        }
+        None => Ok(None),
+    }
+}
+
 pub fn run_import(args: &ImportArgs) -> Result<()> {
+    if hf_dir::model_type(&args.from).as_deref() == Some("vit") {
+        let model = Vit::from_hf(&args.from, DType::F32, &Device::Cpu)?;
+        model.save_weights(&args.output).with_context(|| format!("import into {}", args.output.display()))?;
+        println!(
+            "imported params={} {} weights={}",
+            model.num_params(),
+            vit_fields(&model.config),
+            args.output.display()
+        );
+        return Ok(());
+    }
     let imported = hf::import(&args.from)?;
     let config = imported.config.clone();
     let mut model = Gpt::new(config.clone(), DType::F32, &Device::Cpu)?;
@@ -82,6 +139,14 @@ pub fn run_import(args: &ImportArgs) -> Result<()> {
     model.save_weights(&args.output).with_context(|| format!("import into {}", args.output.display()))?;
     println!("imported params={} {} weights={}", model.num_params(), shape_fields(&config), args.output.display());
     Ok(())
+}
+
+/// A ViT's shape as the `key=value` fields of the export and import lines.
+fn vit_fields(c: &VitConfig) -> String {
+    format!(
+        "model=vit image_size={} patch_size={} channels={} num_classes={} n_layer={} n_head={} n_embd={}",
+        c.image_size, c.patch_size, c.channels, c.num_classes, c.n_layer, c.n_head, c.n_embd
+    )
 }
 
 /// The model's shape as the `key=value` fields of the export and import lines.

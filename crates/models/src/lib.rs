@@ -3,6 +3,7 @@
 //! through, nor of parallelism.
 
 pub mod gpt;
+pub mod hf_dir;
 mod model;
 mod section;
 pub mod vit;

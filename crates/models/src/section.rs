@@ -98,6 +98,9 @@ impl ModelSection {
     }
 
     fn vit(&self) -> std::result::Result<VitConfig, String> {
+        if let Some(dir) = &self.init_from {
+            return self.vit_init_from(dir);
+        }
         let mut v = match &self.preset {
             Some(name) => VitConfig::preset(name).ok_or_else(|| {
                 let names: Vec<&str> = vit::PRESETS.iter().map(|p| p.0).collect();
@@ -135,6 +138,47 @@ impl ModelSection {
         v.pixel_mean = self.pixel_mean.clone().unwrap_or(v.pixel_mean);
         v.pixel_std = self.pixel_std.clone().unwrap_or(v.pixel_std);
         v.validate().map_err(|e| e.to_string().trim_start_matches("model config: ").to_string())?;
+        Ok(v)
+    }
+
+    /// A Hugging Face ViT's shape; size keys given beside it must agree, but
+    /// `num_classes` may differ (a new head) and the normalization may be given.
+    fn vit_init_from(&self, dir: &str) -> std::result::Result<VitConfig, String> {
+        if dir.trim().is_empty() {
+            return Err("model.init_from is empty: give a Hugging Face model directory".into());
+        }
+        let mut v = vit::hf::read_config(Path::new(dir)).map_err(|e| format!("model.init_from = \"{dir}\": {e}"))?;
+        if let Some(p) = &self.preset {
+            return Err(format!(
+                "model.preset = \"{p}\" conflicts with model.init_from = \"{dir}\", whose config.json gives the \
+                 shape: remove model.preset"
+            ));
+        }
+        for (key, hf_key, given, have) in [
+            ("image_size", "image_size", self.image_size, v.image_size),
+            ("patch_size", "patch_size", self.patch_size, v.patch_size),
+            ("channels", "num_channels", self.channels, v.channels),
+            ("n_layer", "num_hidden_layers", self.n_layer, v.n_layer),
+            ("n_head", "num_attention_heads", self.n_head, v.n_head),
+            ("n_embd", "hidden_size", self.n_embd, v.n_embd),
+        ] {
+            if let Some(g) = given.filter(|&g| g != have) {
+                return Err(format!(
+                    "model.{key} = {g} conflicts with {hf_key} = {have} in {dir}/config.json (model.init_from): \
+                     remove model.{key}"
+                ));
+            }
+        }
+        if let Some(p) = self.pool.as_deref().filter(|&p| p != "class") {
+            return Err(format!(
+                "model.pool = \"{p}\": a Hugging Face ViT is trained to read the class token (model.init_from)"
+            ));
+        }
+        v.num_classes = self.num_classes.unwrap_or(v.num_classes);
+        v.ln_eps = self.ln_eps.unwrap_or(v.ln_eps);
+        v.pixel_mean = self.pixel_mean.clone().unwrap_or(v.pixel_mean);
+        v.pixel_std = self.pixel_std.clone().unwrap_or(v.pixel_std);
+        v.validate().map_err(|e| format!("model.init_from = \"{dir}\": {e}"))?;
         Ok(v)
     }
 
@@ -261,6 +305,15 @@ pub fn from_weights(path: &Path, dtype: DType, device: &Device) -> Result<Box<dy
             return Ok(Box::new(model));
         }
     }
-    // A directory, or a Hugging Face model.safetensors named directly.
+    if path.is_dir() {
+        if crate::hf_dir::model_type(path).as_deref() == Some("vit") {
+            return Ok(Box::new(Vit::from_hf(path, dtype, device)?));
+        }
+        let inner = path.join(crate::hf_dir::WEIGHTS_FILE);
+        if !crate::hf_dir::is_hf_dir(path) && inner.is_file() {
+            return from_weights(&inner, dtype, device);
+        }
+    }
+    // A GPT-2 Hugging Face directory or model.safetensors named directly (or an error naming the path).
     Ok(Box::new(Gpt::from_path(path, dtype, device)?))
 }

@@ -17,18 +17,15 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
-use trainer_core::{DType, Device, Shape, Tensor, io};
+use trainer_core::{Device, Shape, Tensor, io};
 
 use super::GptConfig;
+pub use crate::hf_dir::{CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, is_hf_dir};
+use crate::hf_dir::{file_err, host_f32, read_json, weight_files, write_atomic};
 use crate::{Error, Result};
-
-pub const CONFIG_FILE: &str = "config.json";
-pub const WEIGHTS_FILE: &str = "model.safetensors";
-pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// GPT-2's GELU is the tanh approximation; transformers names it three ways,
 /// all the same function (ours, see crates/core/src/cpu/gelu.rs).
@@ -39,15 +36,6 @@ const LAYER_NORM_EPS: f64 = 1e-5;
 
 /// GPT-2's end-of-text id: written as bos/eos when the vocabulary has it.
 const GPT2_EOT: usize = 50256;
-
-fn file_err(path: &Path, msg: impl Into<String>) -> Error {
-    Error::File { path: path.display().to_string(), msg: msg.into() }
-}
-
-/// Is this directory a Hugging Face model directory (it has a config.json)?
-pub fn is_hf_dir(path: &Path) -> bool {
-    path.is_dir() && path.join(CONFIG_FILE).is_file()
-}
 
 // ------------------------------------------------------------------ config.json
 
@@ -62,9 +50,7 @@ pub fn read_config(dir: &Path) -> Result<GptConfig> {
 /// The config and its tie_word_embeddings flag.
 fn read_config_and_tie(dir: &Path) -> Result<(GptConfig, bool)> {
     let path = dir.join(CONFIG_FILE);
-    let text = fs::read_to_string(&path).map_err(|e| file_err(&path, e.to_string()))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| file_err(&path, format!("invalid JSON: {e}")))?;
-    config_from_json(&v).map_err(|msg| file_err(&path, msg))
+    config_from_json(&read_json(&path)?).map_err(|msg| file_err(&path, msg))
 }
 
 fn config_from_json(v: &Value) -> std::result::Result<(GptConfig, bool), String> {
@@ -220,10 +206,6 @@ fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.to_vec::<f32>()?)
-}
-
 // ------------------------------------------------------------------ export
 
 /// Writes `dir/config.json` and `dir/model.safetensors` (fp32) from our
@@ -269,19 +251,6 @@ pub fn export(config: &GptConfig, tensors: &BTreeMap<String, Tensor>, source: &P
     write_atomic(&dir.join(CONFIG_FILE), format!("{text}\n").as_bytes())
 }
 
-/// Temporary file, fsync, rename: a reader never sees half a config.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    let write = || -> std::io::Result<()> {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    };
-    write().map_err(|e| file_err(path, e.to_string()))
-}
-
 // ------------------------------------------------------------------ import
 
 /// A model read from a Hugging Face directory, in our names and layouts (fp32
@@ -290,37 +259,6 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 pub struct HfImport {
     pub config: GptConfig,
     pub tensors: BTreeMap<String, Tensor>,
-}
-
-/// The safetensors files of a model directory: model.safetensors, or the
-/// shards listed in model.safetensors.index.json.
-fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let single = dir.join(WEIGHTS_FILE);
-    if single.is_file() {
-        return Ok(vec![single]);
-    }
-    let index = dir.join(INDEX_FILE);
-    if !index.is_file() {
-        let hint = if dir.join("pytorch_model.bin").exists() {
-            "; pytorch_model.bin is not read: save the model with save_pretrained(dir, safe_serialization=True)"
-        } else {
-            ""
-        };
-        return Err(file_err(dir, format!("no {WEIGHTS_FILE} (nor {INDEX_FILE}){hint}")));
-    }
-    let text = fs::read_to_string(&index).map_err(|e| file_err(&index, e.to_string()))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| file_err(&index, format!("invalid JSON: {e}")))?;
-    let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| file_err(&index, "no weight_map object"))?;
-    let mut files: Vec<PathBuf> = Vec::new();
-    for (name, file) in map {
-        let file = file.as_str().ok_or_else(|| file_err(&index, format!("weight_map.{name}: expected a file name")))?;
-        let p = dir.join(file);
-        if !files.contains(&p) {
-            files.push(p);
-        }
-    }
-    files.sort();
-    Ok(files)
 }
 
 #[derive(Debug)]
@@ -432,6 +370,7 @@ pub fn import(dir: &Path) -> Result<HfImport> {
 mod tests {
     use super::*;
     use crate::gpt::Gpt;
+    use trainer_core::DType;
     use trainer_nn::Module;
 
     #[test]

@@ -1,8 +1,10 @@
 //! The Vision Transformer (ViT, DeiT): images cut into patches, a class
 //! token, learned positions, pre-LN blocks with bidirectional attention and
-//! an exact-GELU MLP, a linear head on the pooled token.
+//! an exact-GELU MLP, a linear head on the pooled token. `hf` converts to and
+//! from transformers' ViTForImageClassification directories.
 
 mod config;
+pub mod hf;
 mod model;
 
 pub use config::{IMAGENET_MEAN, IMAGENET_STD, PRESETS, VitConfig};

@@ -12,7 +12,7 @@ use trainer_nn::{
     init, number_params,
 };
 
-use super::VitConfig;
+use super::{VitConfig, hf};
 use crate::model::{Acts, BatchEval, GradsReady, Hits, InputSpec, Model, ModelDesc};
 use crate::{Error, Result};
 
@@ -274,6 +274,45 @@ impl Vit {
         Ok(())
     }
 
+    /// Starts from a Hugging Face ViTForImageClassification directory, which
+    /// must describe this model's architecture. When it was trained for
+    /// another number of classes, every weight but the head is loaded and the
+    /// head starts as a fresh model's does (zero): fine-tuning on a new data set.
+    pub fn load_hf(&mut self, dir: &Path) -> Result<()> {
+        let mut imported = hf::import(dir)?;
+        let (theirs, ours) = (&imported.config, &self.config);
+        let same = |a: &VitConfig, b: &VitConfig| {
+            (a.image_size, a.patch_size, a.channels, a.n_layer, a.n_head, a.n_embd)
+                == (b.image_size, b.patch_size, b.channels, b.n_layer, b.n_head, b.n_embd)
+        };
+        if !same(theirs, ours) {
+            return Err(Error::File {
+                path: dir.join(crate::hf_dir::CONFIG_FILE).display().to_string(),
+                msg: format!("describes {theirs:?}, but the model is {ours:?}"),
+            });
+        }
+        let source = dir.join(crate::hf_dir::WEIGHTS_FILE);
+        if theirs.num_classes == ours.num_classes {
+            return self.load_named(imported.tensors, &source);
+        }
+        imported.tensors.retain(|name, _| !name.starts_with("head."));
+        let (dtype, device) = (self.dtype, self.device.clone());
+        let body: Vec<&mut Param> = self.params_mut().into_iter().filter(|p| !p.name.starts_with("head.")).collect();
+        crate::load_named(body, imported.tensors, &source, dtype, &device)?;
+        for p in self.head.params_mut() {
+            init::constant(p, 0.0)?;
+        }
+        Ok(())
+    }
+
+    /// A model from a Hugging Face directory as it is (its own class count and normalization).
+    pub fn from_hf(dir: &Path, dtype: DType, device: &Device) -> Result<Vit> {
+        let imported = hf::import(dir)?;
+        let mut model = Vit::new(imported.config, dtype, device)?;
+        model.load_named(imported.tensors, &dir.join(crate::hf_dir::WEIGHTS_FILE))?;
+        Ok(model)
+    }
+
     /// Loads every parameter by name; see [`crate::load_named`].
     pub fn load_named(&mut self, tensors: BTreeMap<String, Tensor>, source: &Path) -> Result<()> {
         let dtype = self.dtype;
@@ -358,11 +397,7 @@ impl Model for Vit {
     }
 
     fn load_pretrained(&mut self, dir: &Path) -> Result<()> {
-        // ModelSection refuses model.init_from for a vit before a model is built.
-        Err(Error::Config(format!(
-            "model.init_from = \"{}\": importing Hugging Face ViT weights is not supported yet",
-            dir.display()
-        )))
+        self.load_hf(dir)
     }
 
     fn new_acts(&self, batch: &Batch) -> Result<Acts> {
