@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The Vision Transformer on the GPU machine, with release binaries carried in
 # .dev/: trainer, cuda_ops (`cargo test --release -p trainer-core --test
-# cuda_ops --no-run`) and the Fashion-MNIST shards in .dev/fashion-mnist
-# (`trainer prepare --idx-train ...`, as scripts/quickstart.sh vit does).
+# cuda_ops --no-run`), torch_vit_bench.py (the peer) and Fashion-MNIST's
+# gzipped IDX files in .dev/fashion-idx (Debian's dataset-fashion-mnist).
 # Usage, from the repository root:  bash scripts/device/vit_checks.sh
 # Checks: the ViT ops and the erf GELU against the CPU; configs/vit-fashion.toml
-# on the GPU in fp32 and bf16 beside the CPU's first steps; ViT-B/16 images/s at
+# on the GPU in fp32 and bf16 (the whole run: accuracy and wall time) beside the
+# CPU's first 50 steps; ViT-B/16 images/s at
 # 224x224 (synthetic images, bf16) beside the peer (torch.compile), same call.
 # Logs go to $OUT (or /tmp/vit_checks); a short table is printed last.
 set -uo pipefail
@@ -16,9 +17,13 @@ status() { if [ "$1" -eq 0 ]; then echo pass; else echo "FAIL($1)"; fi; }
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$out/gpu.txt"
 
 .dev/cuda_ops --nocapture image_tokens gelu linear_layernorm > "$out/cuda_ops.log" 2>&1; ops=$?
+i=.dev/fashion-idx
+.dev/trainer prepare --idx-train $i/train-images-idx3-ubyte.gz $i/train-labels-idx1-ubyte.gz \
+  --idx-val $i/t10k-images-idx3-ubyte.gz $i/t10k-labels-idx1-ubyte.gz --class-names configs/fashion-mnist-classes.txt \
+  --output /tmp/fashion --overwrite > "$out/prepare.log" 2>&1
 
-fm=(--config configs/vit-fashion.toml --set 'data.train=".dev/fashion-mnist/train_*.img"'
-    --set 'data.val=".dev/fashion-mnist/val_*.img"' --set training.max_steps=469 --set eval.interval=0
+fm=(--config configs/vit-fashion.toml --set 'data.train="/tmp/fashion/train_*.img"'
+    --set 'data.val="/tmp/fashion/val_*.img"' --set eval.interval=0
     --set checkpoint.interval=0 --set logging.interval=50)
 .dev/trainer "${fm[@]}" --set training.device=cuda --set logging.run_dir='"/tmp/v_f32"' > "$out/fashion_f32.log" 2>&1; f32=$?
 .dev/trainer "${fm[@]}" --set training.device=cuda --set training.dtype=bf16 --set logging.run_dir='"/tmp/v_bf16"' \
@@ -38,7 +43,7 @@ PY
 speed=()
 for b in ${VIT_BATCHES:-128}; do
   rm -rf /tmp/v_speed
-  .dev/trainer --config configs/vit-fashion.toml --set 'model.preset="vit-b16"' --set 'data.train="/tmp/synth.img"' \
+  .dev/trainer --config configs/vit-fashion.toml --set 'model.preset="vit-b16"' --set model.patch_size=16 --set 'model.pool="class"' --set 'data.train="/tmp/synth.img"' \
     --set 'data.val=""' --set training.device=cuda --set training.dtype=bf16 --set training.micro_batch_size=$b \
     --set training.max_steps=20 --set logging.interval=1 --set checkpoint.interval=0 --set eval.interval=0 \
     --set data.random_crop_min_area=0.08 --set logging.run_dir='"/tmp/v_speed"' > "$out/speed_b16_b$b.log" 2>&1
@@ -56,7 +61,7 @@ echo "--- failures"; grep -E "panicked|FAILED|^error" "$out"/*.log | head -10
 echo "--- cuda_ops"; grep -E "rel err" "$out/cuda_ops.log" | grep -iE "image_tokens|pool|erf" | head -20
 echo "--- fashion: step 50 cpu / gpu fp32 / gpu bf16"
 for f in cpu f32 bf16; do grep -E "^step=50 train_loss" "$out/fashion_$f.log"; done
-for f in f32 bf16; do grep -E "^step=469 val_loss|^done" "$out/fashion_$f.log"; done
+for f in f32 bf16; do grep -E "^step=1400 val_loss|^done" "$out/fashion_$f.log"; done
 echo "--- speed"; printf '%s\n' "${speed[@]}"
 printf '\n%-26s %s\n' check result
 printf '%-26s %s\n' cuda_ops "$(status $ops)" fashion_gpu_fp32 "$(status $f32)" fashion_gpu_bf16 "$(status $bf)" \
