@@ -443,6 +443,120 @@ fn a_vit_trains_on_image_shards_and_reports_accuracy() {
     assert_one_line_error(&run(&["data.train=\"shards/*.bin\""]), &["data.train", "shards/train_000000.bin"]);
 }
 
+/// torchvision's ImageFolder layout from JPEG and PNG files of assorted
+/// sizes, prepared, trained on, and classified file by file.
+#[test]
+fn an_image_folder_is_prepared_trained_on_and_classified() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Classes by pattern, as quadrant_images: rows, columns, checks.
+    let draw = |class: usize, w: u32, h: u32, seed: u32| {
+        image::RgbImage::from_fn(w, h, |x, y| {
+            let (cx, cy) = (x * 8 / w, y * 8 / h);
+            let on = [cy % 2 == 0, cx % 2 == 0, (cx + cy) % 2 == 0][class];
+            let v = if on { 230 } else { ((x * 7 + y * 13 + seed) % 30) as u8 };
+            image::Rgb([v, v, v])
+        })
+    };
+    let classes = ["rows", "columns", "checks"];
+    for (split, n) in [("train", 24u32), ("val", 6)] {
+        for (c, name) in classes.iter().enumerate() {
+            fs::create_dir_all(d.join(split).join(name)).unwrap();
+            for i in 0..n {
+                // Sizes that are multiples of 8 keep the patterns sharp after resizing.
+                let img = draw(c, 8 * (2 + i % 3), 8 * (2 + i % 2), i);
+                let ext = if i % 2 == 0 { "png" } else { "PNG" };
+                img.save(d.join(split).join(name).join(format!("{i:03}.{ext}"))).unwrap();
+            }
+        }
+    }
+    let o = trainer(&["prepare", "--images", "train", "--val-images", "val", "--size", "8", "--output", "img"], d);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("prepared train_images=72 val_images=18 classes=3 size=8"), "{}", stdout(&o));
+    assert_eq!(
+        fs::read_to_string(d.join("img/classes.txt")).unwrap(),
+        "checks\ncolumns\nrows\n",
+        "sorted folder names"
+    );
+    fs::write(
+        d.join("vit.toml"),
+        r#"
+[model]
+kind = "vit"
+image_size = 8
+patch_size = 4
+num_classes = 3
+n_layer = 1
+n_head = 2
+n_embd = 16
+
+[data]
+train = "img/train_*.img"
+val = "img/val_*.img"
+random_crop_min_area = 1.0
+random_flip = false
+
+[training]
+micro_batch_size = 8
+max_steps = 60
+seed = 3
+
+[optimizer]
+lr = 1e-2
+
+[logging]
+run_dir = "run"
+
+[eval]
+interval = 0
+batches = 2
+"#,
+    )
+    .unwrap();
+    let o = trainer(&["--config", "vit.toml"], d);
+    let out = stdout(&o);
+    assert!(o.status.success(), "{}\n{out}", stderr(&o));
+    let last = out.lines().filter(|l| l.starts_with("step=60 val_loss")).next_back().unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(metric(last, "val_acc"), Some(1.0), "{out}");
+
+    // Classify one file of each class: the right class first, probabilities summing to at most 1.
+    let files = ["val/rows/001.PNG", "val/columns/002.png", "val/checks/003.PNG"];
+    let mut args =
+        vec!["classify", "--weights", "run/model.safetensors", "--class-names", "img/classes.txt", "--top", "2"];
+    for f in files {
+        args.extend(["--image", f]);
+    }
+    let o = trainer(&args, d);
+    let out = stdout(&o);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    for (line, (file, class)) in lines.iter().zip(files.iter().zip(["rows", "columns", "checks"])) {
+        let fields: Vec<&str> = line.split(' ').collect();
+        assert_eq!(fields[0], *file, "{out}");
+        assert_eq!(fields.len(), 3, "top 2: {out}");
+        assert!(fields[1].starts_with(&format!("{class}=")), "{file}: {line}");
+        let p: f64 = fields[1].split('=').nth(1).unwrap().parse().unwrap();
+        assert!(p > 0.5 && p <= 1.0, "{line}");
+    }
+
+    // Bad input, one line each.
+    fs::write(d.join("train/rows/notes.txt"), "x").unwrap();
+    let o = trainer(&["prepare", "--images", "train", "--output", "img2"], d);
+    assert_one_line_error(&o, &["notes.txt", "not an image file"]);
+    fs::remove_file(d.join("train/rows/notes.txt")).unwrap();
+    fs::write(d.join("train/rows/bad.jpg"), "not a jpeg").unwrap();
+    let o = trainer(&["prepare", "--images", "train", "--output", "img2", "--size", "8"], d);
+    assert_one_line_error(&o, &["bad.jpg", "cannot decode"]);
+    let o = trainer(&["classify", "--weights", "run/model.safetensors", "--image", "train/rows/bad.jpg"], d);
+    assert_one_line_error(&o, &["bad.jpg", "cannot decode"]);
+    let o = trainer(
+        &["classify", "--weights", "run/model.safetensors", "--image", "val/rows/001.PNG", "--class-names", "vit.toml"],
+        d,
+    );
+    assert!(!o.status.success());
+}
+
 #[test]
 fn eval_with_wrong_weights() {
     let ws = Workspace::new();

@@ -1,5 +1,6 @@
 //! `trainer`: train (the default), prepare, eval, report, generate, export, import.
 
+mod classify;
 mod generate;
 mod interop;
 mod sagemaker;
@@ -30,7 +31,7 @@ struct Cli {
 enum Command {
     /// Train a model from a config file.
     Train(JobArgs),
-    /// Tokenize .txt and .jsonl files into train and validation shards, or turn an IDX image data set into image shards.
+    /// Tokenize .txt and .jsonl files into train and validation shards, or turn an image folder or IDX data set into image shards.
     Prepare(PrepareArgs),
     /// Validation loss and perplexity (a classifier: top-1 and top-5 accuracy) of saved weights or a checkpoint.
     Eval(EvalArgs),
@@ -44,10 +45,12 @@ enum Command {
     },
     /// Continue a prompt: sampling with temperature, top-k and top-p, or greedy.
     Generate(generate::GenerateArgs),
-    /// Write weights in another format (--format hf: a transformers GPT-2 directory).
+    /// Write weights in another format (--format hf: a transformers GPT-2 or ViT directory).
     Export(interop::ExportArgs),
-    /// Read a Hugging Face GPT-2 directory into a trainer weights file.
+    /// Read a Hugging Face GPT-2 or ViT directory into a trainer weights file.
     Import(interop::ImportArgs),
+    /// The top classes of images under an image classifier (a ViT), with their probabilities.
+    Classify(classify::ClassifyArgs),
 }
 
 #[derive(Args, Debug)]
@@ -84,8 +87,20 @@ struct ReportArgs {
 #[derive(Args, Debug)]
 struct PrepareArgs {
     /// .txt files (one document each), .jsonl files (a "text" field per line), or directories of them.
-    #[arg(long, short, required_unless_present = "idx_train", conflicts_with = "idx_train", num_args = 1..)]
+    #[arg(long, short, required_unless_present_any = ["idx_train", "images"], conflicts_with_all = ["idx_train", "images"], num_args = 1..)]
     input: Vec<PathBuf>,
+    /// Images instead of text: an image folder, one subfolder of JPEG/PNG
+    /// files per class (torchvision's ImageFolder), the training split; the
+    /// class names are the subfolders' names.
+    #[arg(long, conflicts_with = "idx_train")]
+    images: Option<PathBuf>,
+    /// The validation split of --images (the same class subfolders).
+    #[arg(long, requires = "images")]
+    val_images: Option<PathBuf>,
+    /// With --images: each image's shorter side is resized to this, then its
+    /// centre square kept (store at 256 to train random crops at 224, say).
+    #[arg(long, default_value_t = 256, requires = "images")]
+    size: usize,
     /// Images instead of text: an IDX images file and its IDX labels file
     /// (gzipped or not; MNIST, Fashion-MNIST), the training split.
     #[arg(long, num_args = 2, value_names = ["IMAGES", "LABELS"], requires = "class_names")]
@@ -229,6 +244,27 @@ fn run_eval(args: &EvalArgs) -> Result<()> {
 }
 
 fn run_prepare(args: &PrepareArgs) -> Result<()> {
+    if let Some(train) = &args.images {
+        let started = std::time::Instant::now();
+        let r = trainer_data::prepare_image_folders(
+            train,
+            args.val_images.as_deref(),
+            &args.output,
+            args.size,
+            args.overwrite,
+        )
+        .with_context(|| format!("prepare into {}", args.output.display()))?;
+        println!(
+            "prepared train_images={} val_images={} classes={} size={} secs={:.1} output={}",
+            r.train_images,
+            r.val_images,
+            r.classes,
+            args.size,
+            started.elapsed().as_secs_f64(),
+            args.output.display()
+        );
+        return Ok(());
+    }
     if let (Some(train), Some(names)) = (&args.idx_train, &args.class_names) {
         let pair = |p: &[PathBuf]| (p[0].clone(), p[1].clone());
         let (train, val) = (pair(train), args.idx_val.as_deref().map(pair));
@@ -336,6 +372,7 @@ fn main() -> ExitCode {
         Some(Command::Generate(g)) => generate::run_generate(g).map(|()| ExitCode::SUCCESS),
         Some(Command::Export(x)) => interop::run_export(x).map(|()| ExitCode::SUCCESS),
         Some(Command::Import(i)) => interop::run_import(i).map(|()| ExitCode::SUCCESS),
+        Some(Command::Classify(c)) => classify::run_classify(c).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
