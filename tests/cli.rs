@@ -516,7 +516,7 @@ batches = 2
     let o = trainer(&["--config", "vit.toml"], d);
     let out = stdout(&o);
     assert!(o.status.success(), "{}\n{out}", stderr(&o));
-    let last = out.lines().filter(|l| l.starts_with("step=60 val_loss")).next_back().unwrap_or_else(|| panic!("{out}"));
+    let last = out.lines().rfind(|l| l.starts_with("step=60 val_loss")).unwrap_or_else(|| panic!("{out}"));
     assert_eq!(metric(last, "val_acc"), Some(1.0), "{out}");
 
     // Classify one file of each class: the right class first, probabilities summing to at most 1.

@@ -50,10 +50,13 @@ pub fn decode_image(path: &Path, size: usize, channels: usize) -> Result<Vec<u8>
     }
 }
 
+/// Every image of a folder with its label.
+pub type LabelledFiles = Vec<(PathBuf, u32)>;
+
 /// The classes of an image folder (its subfolders, sorted) and every image
 /// with its label, sorted by class then file name. An empty class folder, a
 /// file that is not an image, or a folder without classes is an error naming it.
-pub fn list_image_folder(dir: &Path) -> Result<(Vec<String>, Vec<(PathBuf, u32)>)> {
+pub fn list_image_folder(dir: &Path) -> Result<(Vec<String>, LabelledFiles)> {
     let read_dir = |d: &Path| -> Result<Vec<PathBuf>> {
         let mut entries = Vec::new();
         for e in fs::read_dir(d).map_err(|e| io_err(d, e))? {

@@ -13,7 +13,9 @@ mod tokenizer;
 use std::path::{Path, PathBuf};
 
 pub use batch::{Batch, Loader};
-pub use image_folder::{FolderReport, IMAGE_EXTENSIONS, decode_image, list_image_folder, prepare_image_folders};
+pub use image_folder::{
+    FolderReport, IMAGE_EXTENSIONS, LabelledFiles, decode_image, list_image_folder, prepare_image_folders,
+};
 pub use images::{
     CLASS_NAMES_FILE, IdxReport, ImageLoader, ImageShape, ImageShard, Transform, prepare_idx, prepare_idx_dataset,
     read_class_names, read_idx, write_image_shard,
