@@ -57,12 +57,29 @@ print(f'img_s={statistics.median(y[\"img_per_s\"] for y in x):.0f} mfu={100*stat
   [ "${VIT_PEER:-1}" = 1 ] && speed+=("$(printf 'vit-b16 B=%-4s torch.compile %s' "$b" "$(grep -oE 'img_s=[0-9]+ mfu=[0-9.]+% mem_GB=[0-9.]+' "$out/peer_b16_b$b.log")")")
 done
 
+# Decoding: 2,000 JPEGs of 500x375 (ImageNet's typical size) in 10 class folders
+# through `trainer prepare --images` on this machine's cores.
+python3 - /tmp/jpegs <<'PY'
+import os, sys, numpy as np
+from PIL import Image
+rng = np.random.default_rng(0)
+for i in range(2000):
+    d = os.path.join(sys.argv[1], f"class{i % 10}")
+    os.makedirs(d, exist_ok=True)
+    # Smooth noise, so the JPEG is of a photo's size rather than pure noise's.
+    small = rng.integers(0, 256, size=(47, 63, 3), dtype=np.uint8)
+    Image.fromarray(small).resize((500, 375), Image.BILINEAR).save(os.path.join(d, f"{i:05d}.jpg"), quality=90)
+PY
+.dev/trainer prepare --images /tmp/jpegs --size 256 --output /tmp/jpeg_shards --overwrite > "$out/prepare_jpegs.log" 2>&1
+decode=$(grep -oE "train_images=[0-9]+ .*secs=[0-9.]+" "$out/prepare_jpegs.log")
+
 echo "--- failures"; grep -E "panicked|FAILED|^error" "$out"/*.log | head -10
 echo "--- cuda_ops"; grep -E "rel err" "$out/cuda_ops.log" | grep -iE "image_tokens|pool|erf" | head -20
 echo "--- fashion: step 50 cpu / gpu fp32 / gpu bf16"
 for f in cpu f32 bf16; do grep -E "^step=50 train_loss" "$out/fashion_$f.log"; done
 for f in f32 bf16; do grep -E "^step=1400 val_loss|^done" "$out/fashion_$f.log"; done
 echo "--- speed"; printf '%s\n' "${speed[@]}"
+echo "jpeg decode (500x375 -> 256, $(nproc) cores): $decode"
 printf '\n%-26s %s\n' check result
 printf '%-26s %s\n' cuda_ops "$(status $ops)" fashion_gpu_fp32 "$(status $f32)" fashion_gpu_bf16 "$(status $bf)" \
   fashion_cpu "$(status $cpu)"
