@@ -409,6 +409,13 @@ fn a_vit_trains_on_image_shards_and_reports_accuracy() {
     assert!(!vals[0].contains("val_ppl"), "no perplexity for a classifier: {out}");
     assert!(out.contains("avg_img_per_s="), "{out}");
 
+    // The report plots accuracy and images/s.
+    let o = trainer(&["report", "run"], d);
+    let line = stdout(&o);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(line.contains("val_acc=1.0000") && line.contains("mean_img_per_s="), "{line}");
+    assert!(d.join("run/report.png").is_file());
+
     // `trainer eval` of the saved weights: the same accuracy, over the images.
     let o = trainer(&["eval", "--config", "vit.toml"], d);
     let line = stdout(&o);

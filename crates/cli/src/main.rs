@@ -326,13 +326,22 @@ fn run_report(args: &ReportArgs) -> Result<()> {
         Some(v) if v.is_infinite() => if v > 0.0 { "inf" } else { "-inf" }.to_string(),
         Some(v) => format!("{v:.digits$}"),
     };
+    // An image model's run: its accuracy and images/s.
+    let rest = if m.img_per_s.is_empty() && m.val_acc.is_empty() {
+        format!("mean_tok_per_s={}", num(m.mean_tok_per_s(), 0))
+    } else {
+        format!(
+            "val_acc={} mean_img_per_s={}",
+            num(trainer_report::last_value(&m.val_acc), 4),
+            num(m.mean_img_per_s(), 0)
+        )
+    };
     println!(
-        "report={} steps={} train_loss={} val_loss={} mean_tok_per_s={}{}{}",
+        "report={} steps={} train_loss={} val_loss={} {rest}{}{}",
         r.output.display(),
         m.last_step().unwrap_or(0),
         num(trainer_report::last_value(&m.train_loss), 4),
         num(trainer_report::last_value(&m.val_loss), 4),
-        num(m.mean_tok_per_s(), 0),
         if m.restarts > 0 { format!(" restarts={}", m.restarts) } else { String::new() },
         if m.skipped_steps > 0 { format!(" skipped_steps={}", m.skipped_steps) } else { String::new() },
     );

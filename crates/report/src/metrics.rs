@@ -1,7 +1,7 @@
 //! Reading `metrics.jsonl`: one JSON object per line with an integer "step"
 //! and any of the keys below (a step record has train_loss, lr, grad_norm,
-//! tok_per_s, on a GPU mfu and peak_mem_gb; an evaluation record has val_loss
-//! and val_ppl). Other keys are ignored, so records that later gain fields
+//! tok_per_s or img_per_s, on a GPU mfu and peak_mem_gb; an evaluation record
+//! has val_loss and val_ppl, or for a classifier val_acc and val_acc5). Other keys are ignored, so records that later gain fields
 //! still read. `null` stands for a non-finite value. A record with a non-zero
 //! "skipped" is an update the numerical guard refused: the same step is tried
 //! again, so it is counted, not plotted.
@@ -37,6 +37,11 @@ pub struct RunMetrics {
     pub train_loss: Series,
     pub val_loss: Series,
     pub tok_per_s: Series,
+    /// Images/s (image models, in place of tok_per_s).
+    pub img_per_s: Series,
+    /// A classifier's top-1 and top-5 validation accuracy (fractions).
+    pub val_acc: Series,
+    pub val_acc5: Series,
     pub lr: Series,
     pub grad_norm: Series,
     /// Model FLOPs utilization (a fraction), GPU runs only.
@@ -54,7 +59,18 @@ pub struct RunMetrics {
 }
 
 /// The keys plotted; any other key in a record is ignored.
-const KEYS: [&str; 7] = ["train_loss", "val_loss", "tok_per_s", "lr", "grad_norm", "mfu", "peak_mem_gb"];
+const KEYS: [&str; 10] = [
+    "train_loss",
+    "val_loss",
+    "tok_per_s",
+    "img_per_s",
+    "val_acc",
+    "val_acc5",
+    "lr",
+    "grad_norm",
+    "mfu",
+    "peak_mem_gb",
+];
 
 impl RunMetrics {
     pub fn read(path: &Path) -> Result<Self> {
@@ -107,6 +123,9 @@ impl RunMetrics {
             "train_loss" => Some(&mut self.train_loss),
             "val_loss" => Some(&mut self.val_loss),
             "tok_per_s" => Some(&mut self.tok_per_s),
+            "img_per_s" => Some(&mut self.img_per_s),
+            "val_acc" => Some(&mut self.val_acc),
+            "val_acc5" => Some(&mut self.val_acc5),
             "lr" => Some(&mut self.lr),
             "grad_norm" => Some(&mut self.grad_norm),
             "mfu" => Some(&mut self.mfu),
@@ -115,15 +134,29 @@ impl RunMetrics {
         }
     }
 
-    fn all_series(&self) -> [&Series; 7] {
-        [&self.train_loss, &self.val_loss, &self.tok_per_s, &self.lr, &self.grad_norm, &self.mfu, &self.peak_mem_gb]
+    fn all_series(&self) -> [&Series; 10] {
+        [
+            &self.train_loss,
+            &self.val_loss,
+            &self.tok_per_s,
+            &self.img_per_s,
+            &self.val_acc,
+            &self.val_acc5,
+            &self.lr,
+            &self.grad_norm,
+            &self.mfu,
+            &self.peak_mem_gb,
+        ]
     }
 
-    fn all_series_mut(&mut self) -> [&mut Series; 7] {
+    fn all_series_mut(&mut self) -> [&mut Series; 10] {
         [
             &mut self.train_loss,
             &mut self.val_loss,
             &mut self.tok_per_s,
+            &mut self.img_per_s,
+            &mut self.val_acc,
+            &mut self.val_acc5,
             &mut self.lr,
             &mut self.grad_norm,
             &mut self.mfu,
@@ -158,15 +191,20 @@ impl RunMetrics {
     /// later steps exist: it pays one-time costs (kernel compilation, lazy
     /// loading), as the trainer's own average leaves it out.
     pub fn mean_tok_per_s(&self) -> Option<f64> {
-        let later = self.tok_per_s.iter().any(|&(step, v)| step > 1 && v.is_finite());
-        let vals: Vec<f64> = self
-            .tok_per_s
-            .iter()
-            .filter(|&&(step, v)| v.is_finite() && (step > 1 || !later))
-            .map(|&(_, v)| v)
-            .collect();
-        (!vals.is_empty()).then(|| vals.iter().sum::<f64>() / vals.len() as f64)
+        mean_after_first(&self.tok_per_s)
     }
+
+    /// [`RunMetrics::mean_tok_per_s`] of images/s.
+    pub fn mean_img_per_s(&self) -> Option<f64> {
+        mean_after_first(&self.img_per_s)
+    }
+}
+
+fn mean_after_first(series: &Series) -> Option<f64> {
+    let later = series.iter().any(|&(step, v)| step > 1 && v.is_finite());
+    let vals: Vec<f64> =
+        series.iter().filter(|&&(step, v)| v.is_finite() && (step > 1 || !later)).map(|&(_, v)| v).collect();
+    (!vals.is_empty()).then(|| vals.iter().sum::<f64>() / vals.len() as f64)
 }
 
 /// The last value of a series (NaN if the file had `null` there).

@@ -71,6 +71,14 @@ fn panels(m: &RunMetrics) -> Vec<Panel> {
         ],
         y_label: fixed,
     }];
+    // A classifier's evaluations.
+    let accuracy = vec![
+        line("top-1", RGBColor(31, 119, 180), &m.val_acc, true),
+        line("top-5", RGBColor(255, 127, 14), &m.val_acc5, true),
+    ];
+    if accuracy.iter().any(|l| !l.points.is_empty()) {
+        out.push(Panel { title: "Validation accuracy", y_desc: "accuracy", lines: accuracy, y_label: percent });
+    }
     let extra = [
         (
             "Throughput",
@@ -78,6 +86,7 @@ fn panels(m: &RunMetrics) -> Vec<Panel> {
             line("tokens/s", RGBColor(44, 160, 44), &m.tok_per_s, false),
             scaled as fn(f64, (f64, f64)) -> String,
         ),
+        ("Throughput", "images/s", line("images/s", RGBColor(44, 160, 44), &m.img_per_s, false), scaled),
         ("Learning rate", "learning rate", line("lr", RGBColor(148, 103, 189), &m.lr, false), scientific),
         ("Gradient norm", "gradient norm", line("grad norm", RGBColor(214, 39, 40), &m.grad_norm, false), fixed),
         ("Model FLOPs utilization", "MFU", line("mfu", RGBColor(140, 86, 75), &m.mfu, false), percent),
@@ -301,5 +310,17 @@ mod tests {
         assert_eq!(titles, ["Loss", "Throughput", "Learning rate"]);
         m.peak_mem_gb = vec![(1, 3.5)];
         assert_eq!(panels(&m).last().map(|p| p.title), Some("Peak memory"));
+        // An image classifier: accuracy after the loss, images/s for throughput.
+        let m = RunMetrics {
+            val_loss: vec![(0, 2.3)],
+            val_acc: vec![(0, 0.1), (50, 0.8)],
+            val_acc5: vec![(0, 0.5), (50, 0.99)],
+            img_per_s: vec![(1, 1500.0)],
+            ..Default::default()
+        };
+        let p = panels(&m);
+        let titles: Vec<&str> = p.iter().map(|p| p.title).collect();
+        assert_eq!(titles, ["Loss", "Validation accuracy", "Throughput"]);
+        assert_eq!(p[2].y_desc, "images/s");
     }
 }
