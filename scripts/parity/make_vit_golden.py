@@ -13,7 +13,9 @@ Writes, under --out-dir:
   hf_vit_tiny.golden.safetensors  uint8 images (as int32) and labels, the
                                   pixel_values transformers was given, logits,
                                   the mean cross-entropy loss, and the gradient
-                                  of every parameter (under transformers' names)
+                                  of every parameter (under transformers' names);
+                                  and the logits of 20x20 images with the 3x3
+                                  position grid interpolated to 5x5
 
 Every parameter is random (LayerNorm gains and all biases too, which
 transformers' own init sets to constants), so a mix-up between any two
@@ -105,6 +107,11 @@ def main():
     images = rng.integers(0, 256, size=(B, s, s, c), dtype=np.uint8)
     labels = torch.from_numpy(rng.integers(0, CLASSES, size=B)).long()
     pv = pixel_values(images)
+    # Fine-tuning at another resolution: 20x20 images, the position grid
+    # interpolated from 3x3 to 5x5 (bicubic, as interpolate_pos_encoding does).
+    images20 = rng.integers(0, 256, size=(B, 20, 20, c), dtype=np.uint8)
+    with torch.no_grad():
+        logits20 = model64(pixel_values=pixel_values(images20), interpolate_pos_encoding=True).logits
     out = model64(pixel_values=pv, labels=labels)
     out.loss.backward()
     golden = {
@@ -113,6 +120,8 @@ def main():
         "input.pixel_values": pv,
         "out.logits": out.logits.detach().contiguous(),
         "out.loss": out.loss.detach().reshape(1),
+        "input.images20": torch.from_numpy(images20.astype(np.int32)),
+        "out.logits20": logits20.contiguous(),
     }
     # Under the names save_pretrained writes (transformers 5 renames its modules
     # in memory, q_proj for attention.attention.query and so on, but saves the

@@ -142,7 +142,8 @@ impl ModelSection {
     }
 
     /// A Hugging Face ViT's shape; size keys given beside it must agree, but
-    /// `num_classes` may differ (a new head) and the normalization may be given.
+    /// `num_classes` may differ (a new head), `image_size` too (the position
+    /// grid is interpolated) and the normalization may be given.
     fn vit_init_from(&self, dir: &str) -> std::result::Result<VitConfig, String> {
         if dir.trim().is_empty() {
             return Err("model.init_from is empty: give a Hugging Face model directory".into());
@@ -155,7 +156,6 @@ impl ModelSection {
             ));
         }
         for (key, hf_key, given, have) in [
-            ("image_size", "image_size", self.image_size, v.image_size),
             ("patch_size", "patch_size", self.patch_size, v.patch_size),
             ("channels", "num_channels", self.channels, v.channels),
             ("n_layer", "num_hidden_layers", self.n_layer, v.n_layer),
@@ -175,6 +175,7 @@ impl ModelSection {
             ));
         }
         v.num_classes = self.num_classes.unwrap_or(v.num_classes);
+        v.image_size = self.image_size.unwrap_or(v.image_size);
         v.ln_eps = self.ln_eps.unwrap_or(v.ln_eps);
         v.pixel_mean = self.pixel_mean.clone().unwrap_or(v.pixel_mean);
         v.pixel_std = self.pixel_std.clone().unwrap_or(v.pixel_std);

@@ -112,6 +112,35 @@ fn imported_vit_matches_transformers_in_f32() {
     check(DType::F32, 1e-4);
 }
 
+/// Fine-tuning at another resolution: the 12x12 model (3x3 patches) at
+/// 20x20 (5x5), its position grid interpolated, against transformers'
+/// `interpolate_pos_encoding=True` on the same images (f64).
+#[test]
+fn at_another_resolution_the_positions_are_interpolated_as_transformers_does() {
+    let g = golden();
+    let dir = data_dir().join("hf_vit_tiny");
+    let mut c = Vit::from_hf(&dir, DType::F64, &Device::Cpu).unwrap().config;
+    c.image_size = 20;
+    let mut model = Vit::new(c.clone(), DType::F64, &Device::Cpu).unwrap();
+    model.load_hf(&dir).unwrap();
+    let images = g.tensors["input.images20"].to_vec::<u32>().unwrap();
+    let b = images.len() / (20 * 20 * 3);
+    let batch = Batch::Images {
+        b,
+        height: 20,
+        width: 20,
+        channels: 3,
+        pixels: images.iter().map(|&p| p as u8).collect(),
+        labels: vec![0; b],
+    };
+    let mut acts: Acts = Model::new_acts(&model, &batch).unwrap();
+    model.evaluate(&mut acts, &batch).unwrap();
+    let logits = acts.get_mut::<VitActs>("vit").unwrap().logits.to_vec_f64().unwrap();
+    let err = rel_err(&logits, &g.tensors["out.logits20"].to_vec_f64().unwrap());
+    eprintln!("20x20: logits rel err {err:.2e}");
+    assert!(err < 1e-10, "logits relative error {err:e}");
+}
+
 #[test]
 fn export_round_trips_and_a_new_head_starts_at_zero() {
     let dir = data_dir().join("hf_vit_tiny");
@@ -142,6 +171,7 @@ fn export_round_trips_and_a_new_head_starts_at_zero() {
     // Another architecture is refused, naming the file.
     let mut c = model.config.clone();
     c.n_layer = 3;
+    c.image_size = 16;
     let mut deeper = Vit::new(c, DType::F32, &Device::Cpu).unwrap();
     let e = deeper.load_hf(&dir).unwrap_err().to_string();
     assert!(e.contains("config.json") && e.contains("n_layer: 2"), "{e}");

@@ -6,10 +6,12 @@
 mod config;
 pub mod hf;
 mod model;
+mod resize;
 
 pub use config::{IMAGENET_MEAN, IMAGENET_STD, PRESETS, VitConfig};
 pub use model::CONFIG_KEY;
 pub use model::{Vit, VitActs, patchify};
+pub use resize::resize_bicubic;
 
 use crate::ModelDesc;
 

@@ -275,21 +275,25 @@ impl Vit {
     }
 
     /// Starts from a Hugging Face ViTForImageClassification directory, which
-    /// must describe this model's architecture. When it was trained for
-    /// another number of classes, every weight but the head is loaded and the
-    /// head starts as a fresh model's does (zero): fine-tuning on a new data set.
+    /// must describe this model's architecture. Fine-tuning on a new data set
+    /// or resolution is allowed: with another number of classes every weight
+    /// but the head is loaded and the head starts as a fresh model's does
+    /// (zero); at another image size (the same patch size) the position
+    /// table's grid is resized bicubically, as transformers'
+    /// `interpolate_pos_encoding` and timm do.
     pub fn load_hf(&mut self, dir: &Path) -> Result<()> {
         let mut imported = hf::import(dir)?;
         let (theirs, ours) = (&imported.config, &self.config);
-        let same = |a: &VitConfig, b: &VitConfig| {
-            (a.image_size, a.patch_size, a.channels, a.n_layer, a.n_head, a.n_embd)
-                == (b.image_size, b.patch_size, b.channels, b.n_layer, b.n_head, b.n_embd)
-        };
-        if !same(theirs, ours) {
+        let arch = |c: &VitConfig| (c.patch_size, c.channels, c.n_layer, c.n_head, c.n_embd);
+        if arch(theirs) != arch(ours) {
             return Err(Error::File {
                 path: dir.join(crate::hf_dir::CONFIG_FILE).display().to_string(),
                 msg: format!("describes {theirs:?}, but the model is {ours:?}"),
             });
+        }
+        if theirs.image_size != ours.image_size {
+            let resized = resize_positions(&imported.tensors["pos_embed"], theirs, ours)?;
+            imported.tensors.insert("pos_embed".into(), resized);
         }
         let source = dir.join(crate::hf_dir::WEIGHTS_FILE);
         if theirs.num_classes == ours.num_classes {
@@ -342,6 +346,17 @@ pub fn patchify(pixels: &[u8], cfg: &VitConfig, out: &mut [f32]) {
             }
         }
     });
+}
+
+/// The position table `pos` (1 + grid^2, C) of a model of `from`'s image
+/// size for one of `to`'s: the class token's row kept, the grid resized.
+fn resize_positions(pos: &Tensor, from: &VitConfig, to: &VitConfig) -> Result<Tensor> {
+    let c = from.n_embd;
+    let v = pos.to_vec_f64()?;
+    let (g0, g1) = (from.image_size / from.patch_size, to.image_size / to.patch_size);
+    let mut out = v[..c].to_vec();
+    out.extend(super::resize_bicubic(&v[c..], (g0, g0, c), (g1, g1)));
+    Ok(Tensor::from_vec(out, [1 + g1 * g1, c], &Device::Cpu)?)
 }
 
 /// Copies host f32 values into a float tensor of any dtype and device.
