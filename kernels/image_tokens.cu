@@ -7,6 +7,31 @@
 // Pooling:  out (B, C) = x[b, 0] (the class token) or the mean of x[b, 1..T]
 //           (the patch tokens); its backward overwrites all of dx (B, T, C).
 
+// Pixels to patches: out (B, N, C*P*P) from uint8 pixels (B, S, S, C) packed
+// four to a 32-bit word, each value x * scale[c] - shift[c] (normalization
+// folded into one multiply-add per channel, as the CPU reference computes it:
+// a float multiply, then a float subtract). Patches in row-major order, each
+// flattened (channel, row, column) as a stride-P convolution's kernel.
+struct PixelNorm {
+    float scale[4];
+    float shift[4];
+};
+
+template <typename T>
+__device__ void patchify_impl(T* out, const unsigned* packed, int B, int S, int P, int C, PixelNorm norm) {
+    const unsigned char* px = reinterpret_cast<const unsigned char*>(packed);
+    const int grid = S / P, D = C * P * P;
+    GRID_STRIDE(i, (i64)B * grid * grid * D) {
+        const int d = i % D;
+        const i64 patch = (i / D) % (grid * grid);
+        const i64 b = i / ((i64)D * grid * grid);
+        const int c = d / (P * P), py = (d / P) % P, qx = d % P;
+        const i64 y = (patch / grid) * P + py, x = (patch % grid) * P + qx;
+        const float v = (float)px[((b * S + y) * S + x) * C + c];
+        out[i] = from_float<T>(__fsub_rn(__fmul_rn(v, norm.scale[c]), norm.shift[c]));
+    }
+}
+
 template <typename T>
 __device__ void image_tokens_forward_impl(T* out, const T* patches, const T* cls, const T* pos, int B, int N, int C) {
     const i64 Tn = N + 1;
@@ -64,6 +89,10 @@ template <typename T> __device__ void pool_tokens_backward_impl(T* dx, const T* 
 }
 
 #define IMAGE_TOKENS(T, S)                                                                                          \
+    extern "C" __global__ void patchify_##S(T* out, const unsigned* packed, int B, int Sz, int P, int C,             \
+                                            PixelNorm norm) {                                                       \
+        patchify_impl<T>(out, packed, B, Sz, P, C, norm);                                                           \
+    }                                                                                                               \
     extern "C" __global__ void image_tokens_forward_##S(T* out, const T* patches, const T* cls, const T* pos,      \
                                                         int B, int N, int C) {                                      \
         image_tokens_forward_impl<T>(out, patches, cls, pos, B, N, C);                                              \

@@ -16,7 +16,7 @@ export TRAINER_KERNEL_CACHE=/tmp/trainer-kernels
 status() { if [ "$1" -eq 0 ]; then echo pass; else echo "FAIL($1)"; fi; }
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$out/gpu.txt"
 
-.dev/cuda_ops --nocapture image_tokens gelu linear_layernorm > "$out/cuda_ops.log" 2>&1; ops=$?
+.dev/cuda_ops --nocapture image_tokens patchify gelu linear_layernorm > "$out/cuda_ops.log" 2>&1; ops=$?
 i=.dev/fashion-idx
 .dev/trainer prepare --idx-train $i/train-images-idx3-ubyte.gz $i/train-labels-idx1-ubyte.gz \
   --idx-val $i/t10k-images-idx3-ubyte.gz $i/t10k-labels-idx1-ubyte.gz --class-names configs/fashion-mnist-classes.txt \
@@ -74,7 +74,7 @@ PY
 decode=$(grep -oE "train_images=[0-9]+ .*secs=[0-9.]+" "$out/prepare_jpegs.log")
 
 echo "--- failures"; grep -E "panicked|FAILED|^error" "$out"/*.log | head -10
-echo "--- cuda_ops"; grep -E "rel err" "$out/cuda_ops.log" | grep -iE "image_tokens|pool|erf" | head -20
+echo "--- cuda_ops"; grep -E "rel err" "$out/cuda_ops.log" | grep -iE "image_tokens|pool|erf|patchify" | head -20
 echo "--- fashion: step 50 cpu / gpu fp32 / gpu bf16"
 for f in cpu f32 bf16; do grep -E "^step=50 train_loss" "$out/fashion_$f.log"; done
 for f in f32 bf16; do grep -E "^step=1400 val_loss|^done" "$out/fashion_$f.log"; done

@@ -549,6 +549,36 @@ fn image_tokens_and_pooling() {
     }
 }
 
+/// Pixels to patches on the GPU against the CPU: f32 bit-identical (the same
+/// f32 multiply and subtract, no fused multiply-add), bf16 its rounding of
+/// those values; byte counts that do not fill the last u32 word included.
+#[test]
+fn patchify_matches_cpu() {
+    let Some(dev) = gpu() else { return };
+    let mut r = ChaCha8Rng::seed_from_u64(10);
+    for (b, size, patch, channels) in [(3, 28, 7, 1), (2, 12, 4, 3), (1, 5, 5, 3), (2, 224, 16, 3)] {
+        let bytes = b * size * size * channels;
+        let pixels: Vec<u8> = (0..bytes).map(|_| r.random_range(0..=255u8)).collect();
+        let mut words = vec![0u32; ops::packed_pixel_words(bytes)];
+        bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..bytes].copy_from_slice(&pixels);
+        let packed = Tensor::from_vec(words, [ops::packed_pixel_words(bytes)], &Device::Cpu).unwrap();
+        let norm: Vec<(f32, f32)> =
+            (0..channels).map(|c| (1.0 / (255.0 * (0.2 + 0.05 * c as f32)), 0.4 + 0.3 * c as f32)).collect();
+        let shape = ops::PatchShape { b, size, patch, channels };
+        let n = (size / patch).pow(2);
+        let d = channels * patch * patch;
+        let mut want = zeros(&[b, n, d]);
+        ops::patchify(&mut want, &packed, shape, &norm).unwrap();
+        let gpacked = packed.to_device(&dev).unwrap();
+        let mut got = poisoned(&[b, n, d], DType::F32, &dev);
+        ops::patchify(&mut got, &gpacked, shape, &norm).unwrap();
+        assert_eq!(got.to_vec::<f32>().unwrap(), want.to_vec::<f32>().unwrap(), "patchify f32 {shape:?}");
+        let mut got = poisoned(&[b, n, d], DType::BF16, &dev);
+        ops::patchify(&mut got, &gpacked, shape, &norm).unwrap();
+        check(&format!("patchify bf16 {shape:?}"), &got, &want, BF16_TOL);
+    }
+}
+
 #[test]
 fn cross_entropy_padded_vocab() {
     let Some(dev) = gpu() else { return };

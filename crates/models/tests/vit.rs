@@ -12,9 +12,9 @@
 
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use trainer_core::{DType, Device, Tensor};
+use trainer_core::{DType, Device, Tensor, ops};
 use trainer_data::Batch;
-use trainer_models::vit::{Vit, VitConfig, patchify};
+use trainer_models::vit::{Vit, VitConfig};
 use trainer_models::{Model, ignore_ready};
 use trainer_nn::Module;
 
@@ -110,11 +110,18 @@ fn the_patch_projection_is_a_stride_p_convolution() {
     let Batch::Images { pixels, .. } = &b else { unreachable!() };
     let (s, p, ch, c) = (cfg.image_size, cfg.patch_size, cfg.channels, cfg.n_embd);
     let (grid, d) = (s / p, cfg.patch_dim());
-    let mut flat = vec![0.0f32; 2 * grid * grid * d];
-    patchify(pixels, &cfg, &mut flat);
-    let x =
-        Tensor::from_vec(flat.iter().map(|&v| f64::from(v)).collect::<Vec<_>>(), [2 * grid * grid, d], &Device::Cpu)
-            .unwrap();
+    let mut words = vec![0u32; ops::packed_pixel_words(pixels.len())];
+    bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..pixels.len()].copy_from_slice(pixels);
+    let packed = Tensor::from_vec(words, [ops::packed_pixel_words(pixels.len())], &Device::Cpu).unwrap();
+    let mut x = Tensor::zeros([2, grid * grid, d], DType::F64, &Device::Cpu).unwrap();
+    let norm: Vec<(f32, f32)> = cfg
+        .pixel_mean
+        .iter()
+        .zip(&cfg.pixel_std)
+        .map(|(m, sd)| ((1.0 / (255.0 * sd)) as f32, (m / sd) as f32))
+        .collect();
+    ops::patchify(&mut x, &packed, ops::PatchShape { b: 2, size: s, patch: p, channels: ch }, &norm).unwrap();
+    x.reshape([2 * grid * grid, d]).unwrap();
     let mut out = Tensor::zeros([2 * grid * grid, c], DType::F64, &Device::Cpu).unwrap();
     m.patch_embed.forward(&mut out, &x).unwrap();
     let out = out.to_vec_f64().unwrap();

@@ -7,6 +7,27 @@ use rayon::prelude::*;
 use crate::Float;
 use crate::ops::Pool;
 
+/// Pixels (B, S, S, C) uint8 to patches (B, N, C*P*P): see `ops::patchify`.
+/// The value is computed in f32 (a multiply, then a subtract), as the CUDA
+/// kernel does, then stored as F.
+pub(crate) fn patchify<F: Float>(out: &mut [F], pixels: &[u8], s: usize, p: usize, ch: usize, norm: &[(f32, f32)]) {
+    let (grid, d) = (s / p, ch * p * p);
+    out.par_chunks_mut(grid * grid * d).zip(pixels.par_chunks(s * s * ch)).for_each(|(out, img)| {
+        for (patch, o) in out.chunks_mut(d).enumerate() {
+            let (gy, gx) = (patch / grid, patch % grid);
+            for (c, &(scale, shift)) in norm.iter().enumerate() {
+                for y in 0..p {
+                    let row = ((gy * p + y) * s + gx * p) * ch;
+                    for x in 0..p {
+                        let v = f32::from(img[row + x * ch + c]) * scale - shift;
+                        o[(c * p + y) * p + x] = F::from_f32(v);
+                    }
+                }
+            }
+        }
+    });
+}
+
 /// out (B, 1+N, C): row 0 = cls + pos[0], row 1+n = patches[n] + pos[1+n].
 pub(crate) fn forward<F: Float>(out: &mut [F], patches: &[F], cls: &[F], pos: &[F], n: usize, c: usize) {
     out.par_chunks_mut((n + 1) * c).zip(patches.par_chunks(n * c)).for_each(|(o, p)| {

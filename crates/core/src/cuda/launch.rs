@@ -28,7 +28,20 @@ pub(crate) enum Arg {
     F32(f32),
     Dims(AttnDims),
     Adam(AdamWScalars),
+    Norm(PixelNorm),
 }
+
+/// Mirrors `struct PixelNorm` in kernels/image_tokens.cu: per channel (at
+/// most 4), value = pixel * scale - shift.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PixelNorm {
+    pub scale: [f32; 4],
+    pub shift: [f32; 4],
+}
+
+// SAFETY: PixelNorm is plain old data with the C layout of the kernel's struct.
+unsafe impl DeviceRepr for PixelNorm {}
 
 /// Mirrors `struct Dims` in kernels/attention.cu.
 #[repr(C)]
@@ -115,6 +128,7 @@ fn launch(dev: &CudaDevice, module: &'static str, name: &str, cfg: LaunchConfig,
             Arg::F32(v) => b.arg(v),
             Arg::Dims(v) => b.arg(v),
             Arg::Adam(v) => b.arg(v),
+            Arg::Norm(v) => b.arg(v),
         };
     }
     dev.timed(name, || {
@@ -550,6 +564,23 @@ pub(crate) fn embedding_backward(
 }
 
 // ------------------------------------------------------------------ image tokens (ViT)
+
+/// `out` (b, (s/p)^2, c*p*p) from the packed uint8 pixels (b, s, s, c).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn patchify(
+    out: &mut CudaStorage,
+    packed: &CudaStorage,
+    b: usize,
+    s: usize,
+    p: usize,
+    c: usize,
+    norm: PixelNorm,
+) -> Result<()> {
+    let (dev, name) = (out.device.clone(), format!("patchify_{}", suffix(out)?));
+    let dims = [b, s, p, c].map(|v| Arg::I32(v as i32));
+    let args = [ptr_mut(out), ptr(packed), dims[0], dims[1], dims[2], dims[3], Arg::Norm(norm)];
+    launch(&dev, "image_tokens", &name, grid_1d(b * s * s * c), &args)
+}
 
 pub(crate) fn image_tokens_forward(
     out: &mut CudaStorage,

@@ -1,7 +1,7 @@
-//! The Vision Transformer's token sequence: patch embeddings joined by a
-//! class token and given learned positions on the way in, pooled into one
-//! vector per image on the way out. (Patchifying the pixels is a host-side
-//! reshape done while uploading a batch; the patch projection is a `Linear`.)
+//! The Vision Transformer's token sequence: pixels cut into normalized
+//! patches (the patch projection is then a `Linear`), patch embeddings
+//! joined by a class token and given learned positions on the way in, pooled
+//! into one vector per image on the way out.
 
 use super::{DType, Error, Result, Tensor, cpu, expect_dims, launch, on_cuda, same_kind};
 
@@ -13,6 +13,76 @@ pub enum Pool {
     Class,
     /// The mean of the patch tokens, the class token left out (timm's `global_pool='avg'`).
     Mean,
+}
+
+/// The shape of a batch of square images for [`patchify`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PatchShape {
+    /// Images in the batch.
+    pub b: usize,
+    /// Side of the square image, in pixels.
+    pub size: usize,
+    /// Side of a square patch; divides `size`.
+    pub patch: usize,
+    /// Channels (1 to 4).
+    pub channels: usize,
+}
+
+/// Most channels [`patchify`] normalizes (gray, RGB, RGBA).
+pub const MAX_CHANNELS: usize = 4;
+
+/// The u32 words that hold `bytes` uint8 pixels, four to a word (the last one padded).
+pub fn packed_pixel_words(bytes: usize) -> usize {
+    bytes.div_ceil(4)
+}
+
+/// out (B, N, C*P*P) from uint8 pixels (B, S, S, C) row-major, packed four
+/// to a u32 in `packed` (see [`packed_pixel_words`]; uploading bytes, not
+/// floats, moves a quarter of the data): patches in row-major order, each
+/// flattened (channel, row, column) as a stride-P convolution's kernel, each
+/// value `pixel * scale[c] - shift[c]` computed in f32 ((x / 255 - mean) / std
+/// with scale = 1 / (255 std) and shift = mean / std).
+pub fn patchify(out: &mut Tensor, packed: &Tensor, shape: PatchShape, norm: &[(f32, f32)]) -> Result<()> {
+    const OP: &str = "patchify";
+    let PatchShape { b, size, patch, channels } = shape;
+    if patch == 0 || size % patch != 0 || channels == 0 || channels > MAX_CHANNELS || norm.len() != channels {
+        return Err(Error::Shape {
+            op: OP,
+            msg: format!(
+                "{size}x{size} images in {patch}x{patch} patches with {channels} channels and {} normalizations",
+                norm.len()
+            ),
+        });
+    }
+    let (grid, d) = (size / patch, channels * patch * patch);
+    expect_dims(OP, "out", out, &[b, grid * grid, d])?;
+    let bytes = b * size * size * channels;
+    if packed.dtype() != DType::U32 || packed.numel() != packed_pixel_words(bytes) {
+        return Err(Error::Shape {
+            op: OP,
+            msg: format!(
+                "packed pixels must be {} u32 words, got {} {}",
+                packed_pixel_words(bytes),
+                packed.numel(),
+                packed.dtype()
+            ),
+        });
+    }
+    if !packed.storage().same_device(out.storage()) {
+        return Err(Error::DeviceMismatch { op: OP, a: out.device().to_string(), b: packed.device().to_string() });
+    }
+    if on_cuda(out) {
+        let mut n = launch::PixelNorm { scale: [0.0; 4], shift: [0.0; 4] };
+        for (c, &(scale, shift)) in norm.iter().enumerate() {
+            (n.scale[c], n.shift[c]) = (scale, shift);
+        }
+        return launch::patchify(out.cuda_mut(OP)?, packed.cuda(OP)?, b, size, patch, channels, n);
+    }
+    let pixels: &[u8] = bytemuck::cast_slice(packed.as_slice::<u32>()?);
+    cpu_float!(OP, out, |F| {
+        cpu::image_tokens::patchify::<F>(out.as_mut_slice()?, &pixels[..bytes], size, patch, channels, norm);
+        Ok(())
+    })
 }
 
 fn dims3(op: &'static str, name: &str, t: &Tensor) -> Result<(usize, usize, usize)> {

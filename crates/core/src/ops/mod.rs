@@ -35,7 +35,10 @@ macro_rules! cpu_float {
 // After the macro, so the child modules see it.
 mod image_tokens;
 mod multi_tensor;
-pub use image_tokens::{Pool, image_tokens_backward, image_tokens_forward, pool_tokens, pool_tokens_backward};
+pub use image_tokens::{
+    MAX_CHANNELS, PatchShape, Pool, image_tokens_backward, image_tokens_forward, packed_pixel_words, patchify,
+    pool_tokens, pool_tokens_backward,
+};
 pub use multi_tensor::{
     AdamWHyper, AdamWSpan, Span, adamw_update, copy_spans, fill_all, sum_squares_all, sum_squares_spans,
 };

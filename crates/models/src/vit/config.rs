@@ -110,6 +110,13 @@ impl VitConfig {
         if !self.n_embd.is_multiple_of(self.n_head) {
             return err(format!("model.n_embd = {} must be divisible by model.n_head = {}", self.n_embd, self.n_head));
         }
+        if self.channels > trainer_core::ops::MAX_CHANNELS {
+            return err(format!(
+                "model.channels = {}: images have 1 to {} channels (gray, RGB, RGBA)",
+                self.channels,
+                trainer_core::ops::MAX_CHANNELS
+            ));
+        }
         if self.num_classes > u32::MAX as usize {
             return err(format!("model.num_classes = {} exceeds the u32 label range", self.num_classes));
         }

@@ -10,7 +10,7 @@ mod resize;
 
 pub use config::{IMAGENET_MEAN, IMAGENET_STD, PRESETS, VitConfig};
 pub use model::CONFIG_KEY;
-pub use model::{Vit, VitActs, patchify};
+pub use model::{Vit, VitActs};
 pub use resize::resize_bicubic;
 
 use crate::ModelDesc;

@@ -3,8 +3,7 @@ use std::path::Path;
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use rayon::prelude::*;
-use trainer_core::ops::{self, Gelu, Pool};
+use trainer_core::ops::{self, Gelu, PatchShape, Pool};
 use trainer_core::{DType, Device, Tensor, io};
 use trainer_data::Batch;
 use trainer_nn::{
@@ -39,6 +38,8 @@ pub struct Vit {
     pub ln_f: LayerNorm,
     pub head: Linear,
     pool: Pool,
+    /// Per channel (scale, shift): pixel * scale - shift = (pixel / 255 - mean) / std.
+    pixel_norm: Vec<(f32, f32)>,
     dtype: DType,
     device: Device,
 }
@@ -48,9 +49,11 @@ pub struct Vit {
 #[derive(Debug)]
 pub struct VitActs {
     pub b: usize,
-    /// (B, N, D) normalized pixels, patch by patch, staged on the host.
-    host_pixels: Vec<f32>,
-    /// (B, N, D) the same on the model's device: the patch projection's input.
+    /// The batch's uint8 pixels packed four to a u32, staged on the host, and
+    /// on the model's device (a quarter of the bytes of floats to upload).
+    host_packed: Vec<u32>,
+    pub packed: Tensor,
+    /// (B, N, D) normalized pixels, patch by patch: the patch projection's input.
     pub pixels: Tensor,
     /// (B) labels; (B) per-image losses.
     pub targets: Tensor,
@@ -104,6 +107,12 @@ impl Vit {
             ln_f,
             head: Linear::new("head", c, config.num_classes, true, dtype, device)?,
             pool: config.pooling()?,
+            pixel_norm: config
+                .pixel_mean
+                .iter()
+                .zip(&config.pixel_std)
+                .map(|(m, sd)| ((1.0 / (255.0 * sd)) as f32, (m / sd) as f32))
+                .collect(),
             config,
             dtype,
             device: device.clone(),
@@ -139,9 +148,11 @@ impl Vit {
         let cfg = &self.config;
         let (n, t, c, d, k) = (cfg.num_patches(), cfg.seq_len(), cfg.n_embd, cfg.patch_dim(), cfg.num_classes);
         let (dt, dev) = (self.dtype, &self.device);
+        let words = ops::packed_pixel_words(b * cfg.image_size * cfg.image_size * cfg.channels);
         Ok(VitActs {
             b,
-            host_pixels: vec![0.0; b * n * d],
+            host_packed: vec![0; words],
+            packed: Tensor::zeros([words], DType::U32, dev)?,
             pixels: Tensor::zeros([b, n, d], dt, dev)?,
             targets: Tensor::zeros([b], DType::U32, dev)?,
             losses: Tensor::zeros([b], dt.stats_dtype(), dev)?,
@@ -183,8 +194,11 @@ impl Vit {
         if let Some(&l) = labels.iter().find(|&&l| l as usize >= cfg.num_classes) {
             return Err(Error::Config(format!("label {l} is not below model.num_classes = {}", cfg.num_classes)));
         }
-        patchify(pixels, cfg, &mut acts.host_pixels);
-        upload_f32(&mut acts.pixels, &acts.host_pixels)?;
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut acts.host_packed);
+        bytes[..pixels.len()].copy_from_slice(pixels);
+        acts.packed.copy_from_slice(&acts.host_packed)?;
+        let shape = PatchShape { b: *b, size: cfg.image_size, patch: cfg.patch_size, channels: cfg.channels };
+        ops::patchify(&mut acts.pixels, &acts.packed, shape, &self.pixel_norm)?;
         acts.host_labels.copy_from_slice(labels);
         acts.targets.copy_from_slice(labels)?;
         Ok(())
@@ -325,29 +339,6 @@ impl Vit {
     }
 }
 
-/// Pixels (B, H, W, channels) u8 -> (B, N, channels*P*P) f32, normalized
-/// ((x / 255 - mean) / std per channel), patches in row-major order, each
-/// flattened (channel, row, column) as the stride-P convolution's kernel is.
-pub fn patchify(pixels: &[u8], cfg: &VitConfig, out: &mut [f32]) {
-    let (s, p, ch) = (cfg.image_size, cfg.patch_size, cfg.channels);
-    let (grid, d) = (s / p, cfg.patch_dim());
-    let scale: Vec<f32> = cfg.pixel_std.iter().map(|sd| (1.0 / (255.0 * sd)) as f32).collect();
-    let shift: Vec<f32> = cfg.pixel_mean.iter().zip(&cfg.pixel_std).map(|(m, sd)| (m / sd) as f32).collect();
-    out.par_chunks_mut(grid * grid * d).zip(pixels.par_chunks(s * s * ch)).for_each(|(out, img)| {
-        for (patch, o) in out.chunks_mut(d).enumerate() {
-            let (gy, gx) = (patch / grid, patch % grid);
-            for c in 0..ch {
-                for y in 0..p {
-                    let row = ((gy * p + y) * s + gx * p) * ch;
-                    for x in 0..p {
-                        o[(c * p + y) * p + x] = f32::from(img[row + x * ch + c]) * scale[c] - shift[c];
-                    }
-                }
-            }
-        }
-    });
-}
-
 /// The position table `pos` (1 + grid^2, C) of a model of `from`'s image
 /// size for one of `to`'s: the class token's row kept, the grid resized.
 fn resize_positions(pos: &Tensor, from: &VitConfig, to: &VitConfig) -> Result<Tensor> {
@@ -357,17 +348,6 @@ fn resize_positions(pos: &Tensor, from: &VitConfig, to: &VitConfig) -> Result<Te
     let mut out = v[..c].to_vec();
     out.extend(super::resize_bicubic(&v[c..], (g0, g0, c), (g1, g1)));
     Ok(Tensor::from_vec(out, [1 + g1 * g1, c], &Device::Cpu)?)
-}
-
-/// Copies host f32 values into a float tensor of any dtype and device.
-fn upload_f32(t: &mut Tensor, v: &[f32]) -> Result<()> {
-    match t.dtype() {
-        DType::F32 => t.copy_from_slice(v)?,
-        DType::F64 => t.copy_from_slice(&v.iter().map(|&x| f64::from(x)).collect::<Vec<_>>())?,
-        DType::BF16 => t.copy_from_slice(&v.iter().map(|&x| half::bf16::from_f32(x)).collect::<Vec<_>>())?,
-        other => return Err(Error::Config(format!("a vit model cannot hold {other} activations"))),
-    }
-    Ok(())
 }
 
 fn vit_acts(acts: &mut Acts) -> Result<&mut VitActs> {
