@@ -4,7 +4,7 @@
 #   ./scripts/quickstart.sh       GPT: tokenizes the bundled King James Bible and
 #                                 trains configs/tiny.toml (about a minute on two cores)
 #   ./scripts/quickstart.sh vit   ViT: installs Debian's dataset-fashion-mnist, prepares
-#                                 it and trains configs/vit-fashion.toml (about 3 minutes)
+#                                 it and trains configs/vit-fashion.toml (about 2.5 minutes)
 # Extra arguments go to `trainer`, e.g. --set training.max_steps=50.
 set -euo pipefail
 cd "$(dirname "$0")/.."
