@@ -12,6 +12,7 @@
 
 mod attention;
 mod block;
+mod block_stack;
 mod flat;
 pub mod init;
 mod layernorm;
@@ -24,6 +25,7 @@ pub mod tensor_parallel;
 
 pub use attention::{AttentionActs, SelfAttention};
 pub use block::{Block, BlockActs, BlockGrads, BlockKind, BlockScratch};
+pub use block_stack::{Recompute, StackActs};
 pub use flat::{FlatEntry, FlatLayout, FlatPiece};
 pub use layernorm::{LayerNorm, LayerNormStats};
 pub use linear::Linear;

@@ -7,8 +7,7 @@ use trainer_core::ops::TokenIndex;
 use trainer_core::{DType, Device, Tensor, io, ops};
 use trainer_data::Batch;
 use trainer_nn::{
-    Block, BlockActs, BlockGrads, BlockKind, BlockScratch, LayerNorm, LayerNormStats, Module, Param, ParamId, init,
-    number_params,
+    Block, BlockKind, LayerNorm, LayerNormStats, Module, Param, ParamId, Recompute, StackActs, init, number_params,
 };
 
 use super::{GptConfig, hf};
@@ -27,6 +26,8 @@ pub struct Gpt {
     pub wpe: Param,
     pub blocks: Vec<Block>,
     pub ln_f: LayerNorm,
+    /// Which blocks recompute their forward in the backward (set before making activations).
+    pub recompute: Recompute,
     dtype: DType,
     device: Device,
 }
@@ -41,7 +42,8 @@ pub struct GptActs {
     pub targets: Tensor,
     /// (B, T, C): token + position embedding, the first block's input.
     pub encoded: Tensor,
-    pub blocks: Vec<BlockActs>,
+    /// The blocks' activations (and their shared scratch).
+    pub stack: StackActs,
     /// (B, T, C) and its stats: the final LayerNorm.
     pub lnf: Tensor,
     pub lnf_stats: LayerNormStats,
@@ -55,9 +57,6 @@ pub struct GptActs {
     pub dresid: Tensor,
     /// (B, T, C): gradient into the final LayerNorm's output.
     pub dlnf: Tensor,
-    pub grads: BlockGrads,
-    /// Forward scratch shared by the blocks.
-    pub scratch: BlockScratch,
 }
 
 impl GptActs {
@@ -80,6 +79,7 @@ impl Gpt {
             wpe: Param::zeros("transformer.wpe.weight", &[config.block_size, c], dtype, device)?,
             blocks,
             ln_f: LayerNorm::new("transformer.ln_f", c, dtype, device)?,
+            recompute: Recompute::None,
             config,
             dtype,
             device: device.clone(),
@@ -137,7 +137,7 @@ impl Gpt {
             tokens: Tensor::zeros([b, t], DType::U32, dev)?,
             targets: Tensor::zeros([b * t], DType::U32, dev)?,
             encoded: Tensor::zeros([b, t, c], dt, dev)?,
-            blocks: self.blocks.iter().map(|blk| blk.new_acts(b, t, dt, dev)).collect::<trainer_core::Result<_>>()?,
+            stack: StackActs::new(&self.blocks, (b, t), self.recompute, dt, dev)?,
             lnf: Tensor::zeros([b, t, c], dt, dev)?,
             lnf_stats: LayerNormStats::new(b * t, dt, dev)?,
             logits: Tensor::zeros([b * t, vp], dt, dev)?,
@@ -145,8 +145,6 @@ impl Gpt {
             token_index: TokenIndex::new(b * t, dev)?,
             dresid: Tensor::zeros([b, t, c], dt, dev)?,
             dlnf: Tensor::zeros([b, t, c], dt, dev)?,
-            grads: BlockGrads::new(b, t, c, 4 * c, dt, dev)?,
-            scratch: BlockScratch::new(b, t, c, dt, dev)?,
         })
     }
 
@@ -217,12 +215,8 @@ impl Gpt {
     fn forward_to_logits(&self, acts: &mut GptActs, tokens: &[u32]) -> Result<()> {
         acts.tokens.copy_from_slice(tokens)?;
         ops::embedding_forward(&mut acts.encoded, &acts.tokens, &self.wte.value, &self.wpe.value)?;
-        for (i, block) in self.blocks.iter().enumerate() {
-            let (done, rest) = acts.blocks.split_at_mut(i);
-            let x = done.last().map_or(&acts.encoded, |prev| &prev.out);
-            block.forward(x, &mut rest[0], &mut acts.scratch)?;
-        }
-        let last = acts.blocks.last().map_or(&acts.encoded, |a| &a.out);
+        acts.stack.forward(&self.blocks, &acts.encoded)?;
+        let last = acts.stack.output(&acts.encoded);
         self.ln_f.forward(&mut acts.lnf, &mut acts.lnf_stats, last)?;
         // LM head, tied: logits (B*T, Vp) = lnf (B*T, C) @ wte^T.
         ops::linear_forward(&mut acts.logits, &acts.lnf, &self.wte.value, None)?;
@@ -234,19 +228,16 @@ impl Gpt {
     fn backward(&mut self, acts: &mut GptActs, ready: &mut GradsReady<'_>) -> Result<()> {
         let ids = |params: Vec<&Param>| -> Vec<ParamId> { params.iter().map(|p| p.id).collect() };
         let mut tell = |model: &Gpt, done: Vec<ParamId>| ready(&model.params(), &done).map_err(Error::Ready);
-        let GptActs { tokens, encoded, blocks, lnf, lnf_stats, logits, dresid, dlnf, grads, token_index, .. } = acts;
+        let GptActs { tokens, encoded, stack, lnf, lnf_stats, logits, dresid, dlnf, token_index, .. } = acts;
         // LM head: dlnf = dlogits @ wte; dwte += dlogits^T @ lnf.
         let (wte, dwte) = self.wte.value_and_grad("LM head backward")?;
         ops::linear_backward(dlnf, dwte, None, logits, lnf, wte)?;
         // The residual stream's gradient starts at zero and collects every branch.
         ops::zero(dresid)?;
-        let last = blocks.last().map_or(&*encoded, |a| &a.out);
-        self.ln_f.backward(dresid, dlnf, last, lnf_stats)?;
+        self.ln_f.backward(dresid, dlnf, stack.output(encoded), lnf_stats)?;
         tell(self, ids(self.ln_f.params()))?;
         for i in (0..self.blocks.len()).rev() {
-            let (before, rest) = blocks.split_at_mut(i);
-            let x = before.last().map_or(&*encoded, |prev| &prev.out);
-            self.blocks[i].backward(dresid, x, &mut rest[0], grads)?;
+            stack.backward_block(i, &mut self.blocks[i], encoded, dresid)?;
             tell(self, ids(self.blocks[i].params()))?;
         }
         const OP: &str = "embedding backward";

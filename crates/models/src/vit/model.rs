@@ -7,8 +7,8 @@ use trainer_core::ops::{self, Gelu, PatchShape, Pool};
 use trainer_core::{DType, Device, Tensor, io};
 use trainer_data::Batch;
 use trainer_nn::{
-    Block, BlockActs, BlockGrads, BlockKind, BlockScratch, LayerNorm, LayerNormStats, Linear, Module, Param, ParamId,
-    init, number_params,
+    Block, BlockKind, LayerNorm, LayerNormStats, Linear, Module, Param, ParamId, Recompute, StackActs, init,
+    number_params,
 };
 
 use super::{VitConfig, hf};
@@ -38,6 +38,8 @@ pub struct Vit {
     pub ln_f: LayerNorm,
     pub head: Linear,
     pool: Pool,
+    /// Which blocks recompute their forward in the backward (set before making activations).
+    pub recompute: Recompute,
     /// Per channel (scale, shift): pixel * scale - shift = (pixel / 255 - mean) / std.
     pixel_norm: Vec<(f32, f32)>,
     dtype: DType,
@@ -62,7 +64,8 @@ pub struct VitActs {
     /// (B, N, C) projected patches; (B, T, C) the first block's input.
     pub patches: Tensor,
     pub tokens: Tensor,
-    pub blocks: Vec<BlockActs>,
+    /// The blocks' activations (and their shared scratch).
+    pub stack: StackActs,
     /// (B, C): pooled, then normalized by the final LayerNorm.
     pub pooled: Tensor,
     pub lnf: Tensor,
@@ -75,8 +78,6 @@ pub struct VitActs {
     pub dpooled: Tensor,
     pub dresid: Tensor,
     pub dpatches: Tensor,
-    pub grads: BlockGrads,
-    pub scratch: BlockScratch,
 }
 
 impl VitActs {
@@ -107,6 +108,7 @@ impl Vit {
             ln_f,
             head: Linear::new("head", c, config.num_classes, true, dtype, device)?,
             pool: config.pooling()?,
+            recompute: Recompute::None,
             pixel_norm: config
                 .pixel_mean
                 .iter()
@@ -159,7 +161,7 @@ impl Vit {
             host_labels: vec![0; b],
             patches: Tensor::zeros([b, n, c], dt, dev)?,
             tokens: Tensor::zeros([b, t, c], dt, dev)?,
-            blocks: self.blocks.iter().map(|blk| blk.new_acts(b, t, dt, dev)).collect::<trainer_core::Result<_>>()?,
+            stack: StackActs::new(&self.blocks, (b, t), self.recompute, dt, dev)?,
             pooled: Tensor::zeros([b, c], dt, dev)?,
             lnf: Tensor::zeros([b, c], dt, dev)?,
             lnf_stats: LayerNormStats::new(b, dt, dev)?,
@@ -168,8 +170,6 @@ impl Vit {
             dpooled: Tensor::zeros([b, c], dt, dev)?,
             dresid: Tensor::zeros([b, t, c], dt, dev)?,
             dpatches: Tensor::zeros([b, n, c], dt, dev)?,
-            grads: BlockGrads::new(b, t, c, 4 * c, dt, dev)?,
-            scratch: BlockScratch::new(b, t, c, dt, dev)?,
         })
     }
 
@@ -208,12 +208,8 @@ impl Vit {
     fn forward(&self, acts: &mut VitActs, grad_scale: Option<f64>) -> Result<()> {
         self.patch_embed.forward(&mut acts.patches, &acts.pixels)?;
         ops::image_tokens_forward(&mut acts.tokens, &acts.patches, &self.cls_token.value, &self.pos_embed.value)?;
-        for (i, block) in self.blocks.iter().enumerate() {
-            let (done, rest) = acts.blocks.split_at_mut(i);
-            let x = done.last().map_or(&acts.tokens, |prev| &prev.out);
-            block.forward(x, &mut rest[0], &mut acts.scratch)?;
-        }
-        let last = acts.blocks.last().map_or(&acts.tokens, |a| &a.out);
+        acts.stack.forward(&self.blocks, &acts.tokens)?;
+        let last = acts.stack.output(&acts.tokens);
         // LayerNorm is per token, so normalizing the pooled token equals pooling
         // the normalized sequence for the class token (transformers' order), and
         // is timm's order (pool, then fc_norm) for the mean.
@@ -236,8 +232,7 @@ impl Vit {
     fn backward(&mut self, acts: &mut VitActs, ready: &mut GradsReady<'_>) -> Result<()> {
         let ids = |params: Vec<&Param>| -> Vec<ParamId> { params.iter().map(|p| p.id).collect() };
         let mut tell = |model: &Vit, done: Vec<ParamId>| ready(&model.params(), &done).map_err(Error::Ready);
-        let VitActs { tokens, blocks, pooled, lnf, lnf_stats, logits, dlnf, dpooled, dresid, dpatches, grads, .. } =
-            acts;
+        let VitActs { tokens, stack, pooled, lnf, lnf_stats, logits, dlnf, dpooled, dresid, dpatches, .. } = acts;
         self.head.backward(dlnf, logits, lnf)?;
         // LayerNorm's backward accumulates into its input gradient.
         ops::zero(dpooled)?;
@@ -247,9 +242,7 @@ impl Vit {
         tell(self, done)?;
         ops::pool_tokens_backward(dresid, dpooled, self.pool)?;
         for i in (0..self.blocks.len()).rev() {
-            let (before, rest) = blocks.split_at_mut(i);
-            let x = before.last().map_or(&*tokens, |prev| &prev.out);
-            self.blocks[i].backward(dresid, x, &mut rest[0], grads)?;
+            stack.backward_block(i, &mut self.blocks[i], tokens, dresid)?;
             tell(self, ids(self.blocks[i].params()))?;
         }
         const OP: &str = "image tokens backward";
