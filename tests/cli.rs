@@ -564,6 +564,54 @@ batches = 2
     assert!(!o.status.success());
 }
 
+/// Activation recomputation changes no number: GPT and ViT runs with every
+/// block recomputing, or only the first, record the same losses and
+/// gradient norms as without (full precision, from metrics.jsonl) and end
+/// with the same weights, bit for bit.
+#[test]
+fn recompute_gives_the_same_training_bit_for_bit() {
+    let records = |path: &Path| -> Vec<(u64, f64, f64)> {
+        fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|r| r.get("grad_norm").is_some())
+            .map(|r| (r["step"].as_u64().unwrap(), r["train_loss"].as_f64().unwrap(), r["grad_norm"].as_f64().unwrap()))
+            .collect()
+    };
+    let ws = Workspace::new();
+    let vit = tempfile::tempdir().unwrap();
+    quadrant_images(vit.path());
+    for (dir, config) in [(ws.path(), "job.toml"), (vit.path(), "vit.toml")] {
+        let mut runs = Vec::new();
+        for (run, sets) in [
+            ("none", vec![]),
+            ("full", vec!["training.recompute=\"full\""]),
+            ("first", vec!["training.recompute=\"full\"", "training.recompute_layers=1"]),
+        ] {
+            let mut args = vec!["--config", config, "--set", "training.max_steps=10", "--set", "logging.interval=1"];
+            let rd = format!("logging.run_dir=\"{run}\"");
+            args.extend(["--set", &rd]);
+            for s in &sets {
+                args.extend(["--set", s]);
+            }
+            let o = trainer(&args, dir);
+            assert!(o.status.success(), "{config} {run}: {}", stderr(&o));
+            let weights = fs::read(dir.join(run).join("model.safetensors")).unwrap();
+            runs.push((run, records(&dir.join(run).join("metrics.jsonl")), weights));
+        }
+        assert_eq!(runs[0].1.len(), 10, "{config}: {:?}", runs[0].1);
+        for (run, recs, weights) in &runs[1..] {
+            assert_eq!(recs, &runs[0].1, "{config}: recompute {run} changed the losses or norms");
+            assert!(weights == &runs[0].2, "{config}: recompute {run} changed the weights");
+        }
+    }
+    let o = trainer(&["--config", "job.toml", "--set", "training.recompute_layers=2"], ws.path());
+    assert_one_line_error(&o, &["training.recompute_layers = 2", "training.recompute = \"full\""]);
+    let o = trainer(&["--config", "job.toml", "--set", "training.recompute=\"some\""], ws.path());
+    assert_one_line_error(&o, &["training.recompute", "none", "full"]);
+}
+
 #[test]
 fn eval_with_wrong_weights() {
     let ws = Workspace::new();

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use trainer_core::{DType, Device};
 use trainer_data::Batch;
-use trainer_nn::{Module, Param, ParamId};
+use trainer_nn::{Module, Param, ParamId, Recompute};
 
 use crate::Result;
 
@@ -113,6 +113,16 @@ pub trait Model: Module + std::fmt::Debug + Send {
 
     /// Starts from another framework's weights (`model.init_from`).
     fn load_pretrained(&mut self, dir: &Path) -> Result<()>;
+
+    /// Which blocks recompute their forward during the backward, for the
+    /// activations [`Model::new_acts`] makes from now on. A model without
+    /// blocks to recompute refuses anything but none.
+    fn set_recompute(&mut self, recompute: Recompute) -> Result<()> {
+        match recompute {
+            Recompute::None => Ok(()),
+            _ => Err(crate::Error::Config(format!("a {} model does not recompute activations", self.desc().kind))),
+        }
+    }
 
     /// Activation buffers for micro-batches shaped like `batch`.
     fn new_acts(&self, batch: &Batch) -> Result<Acts>;

@@ -78,6 +78,17 @@ pub enum Precision {
     Bf16,
 }
 
+/// `training.recompute`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecomputeMode {
+    /// Every block keeps its activations for the backward.
+    #[default]
+    None,
+    /// Blocks keep only their output and run their forward again in the backward.
+    Full,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainingConfig {
@@ -103,6 +114,25 @@ pub struct TrainingConfig {
     /// A step with a non-finite loss or gradient norm is skipped (no update);
     /// this many in a row stop the run with a checkpoint of the last good state.
     pub max_bad_steps: u64,
+    /// Activation recomputation: "none", or "full" (each block keeps only
+    /// its output and runs its forward again during the backward: the
+    /// activation memory of one block instead of all, for one more forward
+    /// pass; the gradients are the same bit for bit).
+    pub recompute: RecomputeMode,
+    /// With recompute = "full": only the first this many blocks recompute
+    /// (unset: all), trading memory for speed block by block.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recompute_layers: Option<usize>,
+}
+
+impl TrainingConfig {
+    /// The recomputation the model is asked for.
+    pub fn recompute(&self) -> trainer_nn::Recompute {
+        match self.recompute {
+            RecomputeMode::None => trainer_nn::Recompute::None,
+            RecomputeMode::Full => trainer_nn::Recompute::Full { layers: self.recompute_layers.unwrap_or(usize::MAX) },
+        }
+    }
 }
 
 impl Default for TrainingConfig {
@@ -119,6 +149,8 @@ impl Default for TrainingConfig {
             grad_clip: 1.0,
             cpu_threads: 0,
             max_bad_steps: 5,
+            recompute: RecomputeMode::None,
+            recompute_layers: None,
         }
     }
 }
@@ -522,6 +554,14 @@ impl Config {
         at_least_1("logging.interval", self.logging.interval)?;
         at_least_1("eval.batches", self.eval.batches as u64)?;
         at_least_1("training.max_bad_steps", t.max_bad_steps)?;
+        if let Some(n) = t.recompute_layers {
+            if t.recompute != RecomputeMode::Full {
+                return Err(format!(
+                    "training.recompute_layers = {n} needs training.recompute = \"full\" (it limits which blocks recompute)"
+                ));
+            }
+            at_least_1("training.recompute_layers", n as u64)?;
+        }
         at_least_1("checkpoint.keep_last", self.checkpoint.keep_last as u64)?;
         if self.checkpoint.dir.as_deref().is_some_and(|d| d.trim().is_empty()) {
             return Err(

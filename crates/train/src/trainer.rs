@@ -235,6 +235,7 @@ impl<'a> Run<'a> {
             }
         }
         let batch_buf = train_loader.new_batch();
+        model.set_recompute(t_cfg.recompute()).map_err(|e| cfg.error(format!("training.recompute: {e}")))?;
         let acts = model.new_acts(&batch_buf)?;
         let opt = Optimizer::new(cfg, model.as_ref(), &mesh, zero_stage)?;
         let mut run = Run {
@@ -348,10 +349,15 @@ impl<'a> Run<'a> {
             self.checkpoints.dir().display()
         ));
         self.console.line(&format!(
-            "parallel {} zero_stage={} global_batch={} (micro_batch {} x grad_accum {} x dp {}) lr={lr} \
+            "parallel {} zero_stage={}{} global_batch={} (micro_batch {} x grad_accum {} x dp {}) lr={lr} \
              optimizer_state_bytes_per_rank={state}{}",
             self.mesh.shape(),
             zero_stage,
+            match self.cfg.training.recompute() {
+                trainer_nn::Recompute::None => String::new(),
+                trainer_nn::Recompute::Full { layers: usize::MAX } => " recompute=full".to_string(),
+                trainer_nn::Recompute::Full { layers } => format!(" recompute=full(first {layers} blocks)"),
+            },
             b.global_batch_size,
             b.micro_batch_size,
             b.grad_accum_steps,

@@ -393,6 +393,11 @@ impl Model for Gpt {
         self.load_hf(dir)
     }
 
+    fn set_recompute(&mut self, recompute: Recompute) -> Result<()> {
+        self.recompute = recompute;
+        Ok(())
+    }
+
     fn new_acts(&self, batch: &Batch) -> Result<Acts> {
         let (b, t, _, _) = tokens_of(batch)?;
         Ok(Acts::new(Gpt::new_acts(self, b, t)?))

@@ -388,6 +388,11 @@ impl Model for Vit {
         self.load_hf(dir)
     }
 
+    fn set_recompute(&mut self, recompute: Recompute) -> Result<()> {
+        self.recompute = recompute;
+        Ok(())
+    }
+
     fn new_acts(&self, batch: &Batch) -> Result<Acts> {
         match batch {
             Batch::Images { b, .. } => Ok(Acts::new(Vit::new_acts(self, *b)?)),
