@@ -565,7 +565,7 @@ batches = 2
 }
 
 /// Activation recomputation changes no number: GPT and ViT runs with every
-/// block recomputing, or only the first, record the same losses and
+/// block recomputing, fully or selectively, or only the first, record the same losses and
 /// gradient norms as without (full precision, from metrics.jsonl) and end
 /// with the same weights, bit for bit.
 #[test]
@@ -588,6 +588,8 @@ fn recompute_gives_the_same_training_bit_for_bit() {
             ("none", vec![]),
             ("full", vec!["training.recompute=\"full\""]),
             ("first", vec!["training.recompute=\"full\"", "training.recompute_layers=1"]),
+            ("selective", vec!["training.recompute=\"selective\""]),
+            ("mixed", vec!["training.recompute=\"selective\"", "training.recompute_layers=1"]),
         ] {
             let mut args = vec!["--config", config, "--set", "training.max_steps=10", "--set", "logging.interval=1"];
             let rd = format!("logging.run_dir=\"{run}\"");
@@ -607,9 +609,9 @@ fn recompute_gives_the_same_training_bit_for_bit() {
         }
     }
     let o = trainer(&["--config", "job.toml", "--set", "training.recompute_layers=2"], ws.path());
-    assert_one_line_error(&o, &["training.recompute_layers = 2", "training.recompute = \"full\""]);
+    assert_one_line_error(&o, &["training.recompute_layers = 2", "training.recompute = \"selective\" or \"full\""]);
     let o = trainer(&["--config", "job.toml", "--set", "training.recompute=\"some\""], ws.path());
-    assert_one_line_error(&o, &["training.recompute", "none", "full"]);
+    assert_one_line_error(&o, &["training.recompute", "none", "selective", "full"]);
 }
 
 #[test]

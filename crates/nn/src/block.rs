@@ -122,6 +122,16 @@ impl Block {
         ops::add(&mut acts.out, &acts.resid_mid, &scratch.branch)
     }
 
+    /// Recomputes what selective recomputation drops from `acts` (see
+    /// `StackActs`): both LayerNorm outputs (and their statistics) and the
+    /// GELU output, from the block's input `x` and the kept residual stream
+    /// and MLP pre-activation.
+    pub fn recompute_cheap(&self, x: &Tensor, acts: &mut BlockActs) -> Result<()> {
+        self.ln_1.forward(&mut acts.ln1, &mut acts.ln1_stats, x)?;
+        self.ln_2.forward(&mut acts.ln2, &mut acts.ln2_stats, &acts.resid_mid)?;
+        ops::gelu_forward(&mut acts.mlp.gelu, &acts.mlp.fc, self.mlp.gelu)
+    }
+
     /// The residual stream's gradient flows through in place: on entry `dresid`
     /// holds dL/d(out), on return dL/dx. Each branch's LayerNorm backward adds its
     /// contribution to it, which is exactly the residual connection's backward.

@@ -85,6 +85,8 @@ pub enum RecomputeMode {
     /// Every block keeps its activations for the backward.
     #[default]
     None,
+    /// Blocks drop their LayerNorm and GELU outputs and recompute them in the backward.
+    Selective,
     /// Blocks keep only their output and run their forward again in the backward.
     Full,
 }
@@ -114,13 +116,16 @@ pub struct TrainingConfig {
     /// A step with a non-finite loss or gradient norm is skipped (no update);
     /// this many in a row stop the run with a checkpoint of the last good state.
     pub max_bad_steps: u64,
-    /// Activation recomputation: "none", or "full" (each block keeps only
-    /// its output and runs its forward again during the backward: the
-    /// activation memory of one block instead of all, for one more forward
-    /// pass; the gradients are the same bit for bit).
+    /// Activation recomputation: "none"; "selective" (each block drops its
+    /// LayerNorm and GELU outputs, 6 of the 16 activation tensors of its
+    /// size, and recomputes them in the backward: cheap elementwise passes);
+    /// or "full" (each block keeps only its output and runs its forward
+    /// again during the backward: the activation memory of one block instead
+    /// of all, for one more forward pass). On the CPU the gradients are the
+    /// same bit for bit.
     pub recompute: RecomputeMode,
-    /// With recompute = "full": only the first this many blocks recompute
-    /// (unset: all), trading memory for speed block by block.
+    /// With recompute = "selective" or "full": only the first this many
+    /// blocks recompute (unset: all), trading memory for speed block by block.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recompute_layers: Option<usize>,
 }
@@ -128,9 +133,11 @@ pub struct TrainingConfig {
 impl TrainingConfig {
     /// The recomputation the model is asked for.
     pub fn recompute(&self) -> trainer_nn::Recompute {
+        let layers = self.recompute_layers.unwrap_or(usize::MAX);
         match self.recompute {
             RecomputeMode::None => trainer_nn::Recompute::None,
-            RecomputeMode::Full => trainer_nn::Recompute::Full { layers: self.recompute_layers.unwrap_or(usize::MAX) },
+            RecomputeMode::Selective => trainer_nn::Recompute::Selective { layers },
+            RecomputeMode::Full => trainer_nn::Recompute::Full { layers },
         }
     }
 }
@@ -555,9 +562,10 @@ impl Config {
         at_least_1("eval.batches", self.eval.batches as u64)?;
         at_least_1("training.max_bad_steps", t.max_bad_steps)?;
         if let Some(n) = t.recompute_layers {
-            if t.recompute != RecomputeMode::Full {
+            if t.recompute == RecomputeMode::None {
                 return Err(format!(
-                    "training.recompute_layers = {n} needs training.recompute = \"full\" (it limits which blocks recompute)"
+                    "training.recompute_layers = {n} needs training.recompute = \"selective\" or \"full\" (it limits \
+                     which blocks recompute)"
                 ));
             }
             at_least_1("training.recompute_layers", n as u64)?;

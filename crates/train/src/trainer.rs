@@ -355,6 +355,8 @@ impl<'a> Run<'a> {
             zero_stage,
             match self.cfg.training.recompute() {
                 trainer_nn::Recompute::None => String::new(),
+                trainer_nn::Recompute::Selective { layers: usize::MAX } => " recompute=selective".to_string(),
+                trainer_nn::Recompute::Selective { layers } => format!(" recompute=selective(first {layers} blocks)"),
                 trainer_nn::Recompute::Full { layers: usize::MAX } => " recompute=full".to_string(),
                 trainer_nn::Recompute::Full { layers } => format!(" recompute=full(first {layers} blocks)"),
             },
