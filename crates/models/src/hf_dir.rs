@@ -30,6 +30,23 @@ pub(crate) fn read_json(path: &Path) -> Result<Value> {
     serde_json::from_str(&text).map_err(|e| file_err(path, format!("invalid JSON: {e}")))
 }
 
+/// A config.json's positive integer `key`, or `default` when it is absent;
+/// the message names the key and the value.
+pub(crate) fn positive_size(
+    obj: &serde_json::Map<String, Value>,
+    key: &str,
+    default: usize,
+) -> std::result::Result<usize, String> {
+    match obj.get(key) {
+        None => Ok(default),
+        Some(x) => x
+            .as_u64()
+            .filter(|&n| n > 0)
+            .map(|n| n as usize)
+            .ok_or_else(|| format!("{key} = {x}: expected a positive integer")),
+    }
+}
+
 /// The `model_type` of a directory's config.json, if it has one.
 pub fn model_type(dir: &Path) -> Option<String> {
     read_json(&dir.join(CONFIG_FILE)).ok()?.get("model_type")?.as_str().map(str::to_string)

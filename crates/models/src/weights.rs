@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use trainer_core::{DType, Device, Tensor, ops};
+use trainer_core::{DType, Device, Tensor, io, ops};
 use trainer_nn::Param;
 
 use crate::{Error, Result};
@@ -42,5 +42,17 @@ pub fn load_named(
     for (p, t) in params.into_iter().zip(staged) {
         ops::copy(&mut p.value, &t)?;
     }
+    Ok(())
+}
+
+/// Writes every parameter (host copies) to a safetensors file, atomically,
+/// with the model's config as JSON under the metadata key `config_key` (which
+/// says what model the file holds).
+pub(crate) fn save(params: &[&Param], path: &Path, config_key: &str, config: &impl serde::Serialize) -> Result<()> {
+    let host: Vec<Tensor> =
+        params.iter().map(|p| p.value.to_device(&Device::Cpu)).collect::<trainer_core::Result<_>>()?;
+    let named: Vec<(&str, &Tensor)> = params.iter().zip(&host).map(|(p, t)| (p.name.as_str(), t)).collect();
+    let config = serde_json::to_string(config).map_err(|e| Error::Config(e.to_string()))?;
+    io::save(path, &named, Some(BTreeMap::from([(config_key.to_string(), config)])))?;
     Ok(())
 }

@@ -24,7 +24,7 @@ use trainer_core::{Device, Shape, Tensor, io};
 
 use super::GptConfig;
 pub use crate::hf_dir::{CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, is_hf_dir};
-use crate::hf_dir::{file_err, host_f32, read_json, weight_files, write_atomic};
+use crate::hf_dir::{file_err, host_f32, positive_size, read_json, weight_files, write_atomic};
 use crate::{Error, Result};
 
 /// GPT-2's GELU is the tanh approximation; transformers names it three ways,
@@ -62,16 +62,7 @@ fn config_from_json(v: &Value) -> std::result::Result<(GptConfig, bool), String>
         }
         None => return Err("no model_type: not a transformers config (expected model_type \"gpt2\")".into()),
     }
-    let size = |key: &str, default: usize| -> std::result::Result<usize, String> {
-        match obj.get(key) {
-            None => Ok(default),
-            Some(x) => x
-                .as_u64()
-                .filter(|&n| n > 0)
-                .map(|n| n as usize)
-                .ok_or_else(|| format!("{key} = {x}: expected a positive integer")),
-        }
-    };
+    let size = |key: &str, default: usize| positive_size(obj, key, default);
     let c = GptConfig {
         vocab_size: size("vocab_size", 50257)?,
         block_size: size("n_positions", 1024)?,

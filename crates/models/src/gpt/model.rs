@@ -249,14 +249,7 @@ impl Gpt {
     /// Writes every parameter (host copies) and the config (as metadata) to a
     /// safetensors file, atomically.
     pub fn save_weights(&self, path: &Path) -> Result<()> {
-        let params = self.params();
-        let host: Vec<Tensor> =
-            params.iter().map(|p| p.value.to_device(&Device::Cpu)).collect::<trainer_core::Result<_>>()?;
-        let named: Vec<(&str, &Tensor)> = params.iter().zip(&host).map(|(p, t)| (p.name.as_str(), t)).collect();
-        let config = serde_json::to_string(&self.config).map_err(|e| Error::Config(e.to_string()))?;
-        let meta = BTreeMap::from([(CONFIG_KEY.to_string(), config)]);
-        io::save(path, &named, Some(meta))?;
-        Ok(())
+        crate::weights::save(&self.params(), path, CONFIG_KEY, &self.config)
     }
 
     /// The config stored in a weights file by [`Gpt::save_weights`].

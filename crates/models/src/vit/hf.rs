@@ -24,7 +24,9 @@ use serde_json::{Value, json};
 use trainer_core::{Device, Shape, Tensor, io};
 
 use super::VitConfig;
-use crate::hf_dir::{CONFIG_FILE, WEIGHTS_FILE, file_err, host_f32, read_json, weight_files, write_atomic};
+use crate::hf_dir::{
+    CONFIG_FILE, WEIGHTS_FILE, file_err, host_f32, positive_size, read_json, weight_files, write_atomic,
+};
 use crate::{Error, Result};
 
 pub const PREPROCESSOR_FILE: &str = "preprocessor_config.json";
@@ -68,16 +70,7 @@ fn config_from_json(v: &Value) -> std::result::Result<VitConfig, String> {
         Some(other) => return Err(format!("model_type = \"{other}\": expected \"vit\" (ViTForImageClassification)")),
         None => return Err("no model_type: not a transformers config (expected model_type \"vit\")".into()),
     }
-    let size = |key: &str, default: usize| -> std::result::Result<usize, String> {
-        match obj.get(key) {
-            None => Ok(default),
-            Some(x) => x
-                .as_u64()
-                .filter(|&n| n > 0)
-                .map(|n| n as usize)
-                .ok_or_else(|| format!("{key} = {x}: expected a positive integer")),
-        }
-    };
+    let size = |key: &str, default: usize| positive_size(obj, key, default);
     let hidden = size("hidden_size", 768)?;
     let classes = match obj.get("id2label").and_then(Value::as_object) {
         Some(m) => m.len(),

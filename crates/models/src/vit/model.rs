@@ -4,7 +4,7 @@ use std::path::Path;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use trainer_core::ops::{self, Gelu, PatchShape, Pool};
-use trainer_core::{DType, Device, Tensor, io};
+use trainer_core::{DType, Device, Tensor};
 use trainer_data::Batch;
 use trainer_nn::{
     Block, BlockKind, LayerNorm, LayerNormStats, Linear, Module, Param, ParamId, Recompute, StackActs, init,
@@ -272,13 +272,7 @@ impl Vit {
 
     /// Every parameter (host copies) and the config (metadata) to a safetensors file, atomically.
     pub fn save_weights(&self, path: &Path) -> Result<()> {
-        let params = self.params();
-        let host: Vec<Tensor> =
-            params.iter().map(|p| p.value.to_device(&Device::Cpu)).collect::<trainer_core::Result<_>>()?;
-        let named: Vec<(&str, &Tensor)> = params.iter().zip(&host).map(|(p, t)| (p.name.as_str(), t)).collect();
-        let config = serde_json::to_string(&self.config).map_err(|e| Error::Config(e.to_string()))?;
-        io::save(path, &named, Some(BTreeMap::from([(CONFIG_KEY.to_string(), config)])))?;
-        Ok(())
+        crate::weights::save(&self.params(), path, CONFIG_KEY, &self.config)
     }
 
     /// Starts from a Hugging Face ViTForImageClassification directory, which
