@@ -233,6 +233,66 @@ fn trains_from_the_job_settings_and_writes_only_where_sagemaker_reads() {
     assert_eq!(train_lines(&stdout(&o)).len(), 2);
 }
 
+/// A ViT job: image shards (with classes.txt) in the train and validation
+/// channels train the image's config; the model directory holds a
+/// ViTForImageClassification whose id2label comes from classes.txt.
+#[test]
+fn an_image_classifier_trains_from_image_channels() {
+    let shards = Shards::new();
+    let job = Job::new(&shards, r#"{"training.max_steps": "4"}"#);
+    let shape = trainer_data::ImageShape { height: 8, width: 8, channels: 1 };
+    for (channel, file, n) in [("train", "train_000000.img", 64u32), ("validation", "val_000000.img", 16)] {
+        let d = job.base().join("input/data").join(channel);
+        fs::remove_dir_all(&d).unwrap();
+        fs::create_dir_all(&d).unwrap();
+        let pixels: Vec<u8> = (0..n * 64).map(|i| (i * 37 % 251) as u8).collect();
+        let labels: Vec<u32> = (0..n).map(|i| i % 3).collect();
+        trainer_data::write_image_shard(&d.join(file), shape, 3, &pixels, &labels).unwrap();
+    }
+    fs::write(job.base().join("input/data/train/classes.txt"), "hat\nshoe\nbag\n").unwrap();
+    fs::write(
+        job.path("image/configs/job.toml"),
+        r#"
+[model]
+kind = "vit"
+image_size = 8
+patch_size = 4
+channels = 1
+num_classes = 3
+n_layer = 1
+n_head = 2
+n_embd = 16
+
+[data]
+train = "/nonexistent/train_*.img"
+
+[training]
+micro_batch_size = 8
+max_steps = 30
+
+[logging]
+interval = 1
+
+[eval]
+interval = 0
+batches = 2
+"#,
+    )
+    .unwrap();
+    let o = job.run(&["train"]);
+    let out = stdout(&o);
+    assert!(o.status.success(), "{}\n{out}", stderr(&o));
+    assert_eq!(train_lines(&out).len(), 4, "{out}");
+    assert!(train_lines(&out).iter().all(|l| l.contains("img_per_s=")), "{out}");
+    assert!(out.contains("val_acc="), "{out}");
+    let model = job.base().join("model");
+    let config: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["architectures"][0], "ViTForImageClassification", "{config}");
+    assert_eq!(config["id2label"]["2"], "bag", "{config}");
+    assert!(model.join("preprocessor_config.json").is_file() && model.join("trainer.toml").is_file());
+}
+
 #[test]
 fn serve_is_refused() {
     let shards = Shards::new();

@@ -74,35 +74,41 @@ pub struct ImportArgs {
 
 pub fn run_export(args: &ExportArgs) -> Result<()> {
     let path = args.source.resolve()?;
-    if let Some(config) = vit_weights_config(&path)? {
-        let names = match &args.class_names {
-            Some(f) => Some(trainer_data::read_class_names(f)?),
-            None => None,
-        };
-        if let Some(n) = names.as_ref().filter(|n| n.len() != config.num_classes) {
-            bail!(
-                "--class-names {}: {} names for a model of {} classes",
-                args.class_names.as_ref().map_or(String::new(), |p| p.display().to_string()),
-                n.len(),
-                config.num_classes
-            );
-        }
-        let tensors = io::load(&path)?.tensors;
-        vit::hf::export(&config, &tensors, names.as_deref(), &path, &args.output)
-            .with_context(|| format!("export to {}", args.output.display()))?;
-        println!("exported format=hf {} output={}", vit_fields(&config), args.output.display());
-        return Ok(());
-    }
-    if args.class_names.is_some() {
-        bail!("--class-names applies to ViT weights; {} holds a GPT", path.display());
-    }
-    let (config, tensors, source) = read_weights(&path)?;
-    match args.format {
-        ExportFormat::Hf => hf::export(&config, &tensors, &source, &args.output)
-            .with_context(|| format!("export to {}", args.output.display()))?,
-    }
-    println!("exported format=hf {} output={}", shape_fields(&config), args.output.display());
+    let names = match &args.class_names {
+        Some(f) => Some(trainer_data::read_class_names(f)?),
+        None => None,
+    };
+    let ExportFormat::Hf = args.format;
+    let fields = export_hf(&path, names.as_deref(), &args.output)
+        .with_context(|| format!("export to {}", args.output.display()))?;
+    println!("exported format=hf {fields} output={}", args.output.display());
     Ok(())
+}
+
+/// Writes the model of our weights file `weights` as a Hugging Face directory
+/// (GPT2LMHeadModel or ViTForImageClassification) in `output`; a ViT's
+/// `class_names` become its id2label. Returns the model's shape as the
+/// `key=value` fields of the command's line.
+pub fn export_hf(
+    weights: &std::path::Path,
+    class_names: Option<&[String]>,
+    output: &std::path::Path,
+) -> Result<String> {
+    if let Some(config) = vit_weights_config(weights)? {
+        if let Some(n) = class_names.filter(|n| n.len() != config.num_classes) {
+            bail!("{} class names for a model of {} classes", n.len(), config.num_classes);
+        }
+        let file = if weights.is_dir() { weights.join(hf::WEIGHTS_FILE) } else { weights.to_path_buf() };
+        let tensors = io::load(&file)?.tensors;
+        vit::hf::export(&config, &tensors, class_names, &file, output)?;
+        return Ok(vit_fields(&config));
+    }
+    if class_names.is_some() {
+        bail!("class names apply to ViT weights; {} holds a GPT", weights.display());
+    }
+    let (config, tensors, source) = read_weights(weights)?;
+    hf::export(&config, &tensors, &source, output)?;
+    Ok(shape_fields(&config))
 }
 
 /// The ViT config of a weights file of ours, None for anything else.

@@ -9,7 +9,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use trainer_models::gpt::{hf, read_weights};
 use trainer_sagemaker::cluster::{
     self, ClusterSettings, SSH_PORT, SystemClock, WorkerWait, forward_stop, run_until_exit, signal_job_end, start_sshd,
     stop_flag, tcp_probe, wait_for_job_end, wait_for_peers,
@@ -126,13 +125,21 @@ fn train_here(job: &Job) -> Result<()> {
 /// outputs would only double the upload.
 fn publish_model(job: &Job, cfg: &trainer_train::Config, weights: &std::path::Path) -> Result<()> {
     let model_dir = &job.outputs.model_dir;
-    let (config, tensors, source) = read_weights(weights)?;
-    hf::export(&config, &tensors, &source, model_dir)
+    // An image classifier's class names, from the classes.txt `trainer prepare` wrote beside its shards.
+    let class_names = trainer_data::find_files(&cfg.data.train)
+        .ok()
+        .and_then(|files| files.first().and_then(|f| f.parent()).map(|d| d.join(trainer_data::CLASS_NAMES_FILE)))
+        .filter(|f| f.is_file())
+        .map(|f| trainer_data::read_class_names(&f))
+        .transpose()?;
+    let is_image_model = cfg.model_desc().is_ok_and(|d| d.kind == "vit");
+    let names = class_names.as_deref().filter(|_| is_image_model);
+    let fields = crate::interop::export_hf(weights, names, model_dir)
         .with_context(|| format!("exporting the final model to {}", model_dir.display()))?;
     let toml = toml::to_string(cfg).context("writing the training config beside the model")?;
     job.outputs.add_to_model(&[("trainer.toml", toml.as_bytes())])?;
     std::fs::remove_file(weights).with_context(|| format!("removing {} once exported", weights.display()))?;
-    println!("sagemaker: final model (Hugging Face GPT-2 format) in {}", model_dir.display());
+    println!("sagemaker: final model (Hugging Face format, {fields}) in {}", model_dir.display());
     Ok(())
 }
 

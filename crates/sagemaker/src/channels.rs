@@ -1,8 +1,9 @@
 //! Input channels: inputdataconfig.json says which channels the job has and
 //! how they are delivered; /opt/ml/input/data/<channel>/ holds their files. In
 //! File and FastFile mode a channel is a directory (S3 prefixes below the
-//! channel's URI become subdirectories); its llm.c `.bin` shards, at any depth,
-//! become a glob pattern for the data config. The `train` channel feeds
+//! channel's URI become subdirectories); its shards at any depth (llm.c `.bin`
+//! token shards, or `.img` image shards, not both) become a glob pattern for
+//! the data config. The `train` channel feeds
 //! `data.train`; `validation` (or `val`) feeds `data.val`.
 
 use std::collections::BTreeMap;
@@ -57,9 +58,9 @@ impl InputDataConfig {
 pub struct ChannelData {
     pub channel: String,
     pub dir: PathBuf,
-    /// How many `.bin` files the pattern matches.
+    /// How many shard files the pattern matches.
     pub shards: usize,
-    /// A glob pattern of every `.bin` file under `dir`.
+    /// A glob pattern of every shard file (`.bin` or `.img`) under `dir`.
     pub pattern: String,
 }
 
@@ -130,37 +131,53 @@ fn channel(
              (FullyReplicated lets every rank draw from all of them)"
         ));
     }
-    let mut bins = Vec::new();
+    let mut shards = Vec::new();
     let mut others = Vec::new();
-    walk(&dir, &mut bins, &mut others)?;
-    if bins.is_empty() {
-        let seen = if others.is_empty() {
-            "it is empty".to_string()
-        } else {
-            others.sort();
-            let shown: Vec<String> = others.iter().take(3).map(|p| rel(&dir, p)).collect();
-            format!("it holds {} other file(s): {}", others.len(), shown.join(", "))
-        };
-        return Err(err(format!(
-            "no .bin token shards: {seen}. Upload the output of `trainer prepare` (llm.c-format shards) \
-             to the channel's S3 prefix"
-        )));
-    }
-    let pattern = format!("{}/**/*.bin", glob::Pattern::escape(&dir.display().to_string()));
-    Ok(Some(ChannelData { channel: name.into(), dir, shards: bins.len(), pattern }))
+    walk(&dir, &mut shards, &mut others)?;
+    let has = |ext: &str| shards.iter().find(|p| p.extension().is_some_and(|e| e == ext));
+    let ext = match (has("bin"), has("img")) {
+        (Some(bin), Some(img)) => {
+            return Err(err(format!(
+                "holds both token shards ({}) and image shards ({}): one data set per channel",
+                rel(&dir, bin),
+                rel(&dir, img)
+            )));
+        }
+        (Some(_), None) => "bin",
+        (None, Some(_)) => "img",
+        (None, None) => {
+            let seen = if others.is_empty() {
+                "it is empty".to_string()
+            } else {
+                others.sort();
+                let shown: Vec<String> = others.iter().take(3).map(|p| rel(&dir, p)).collect();
+                format!("it holds {} other file(s): {}", others.len(), shown.join(", "))
+            };
+            return Err(err(format!(
+                "no .bin token shards or .img image shards: {seen}. Upload the output of `trainer prepare` \
+                 to the channel's S3 prefix"
+            )));
+        }
+    };
+    let pattern = format!("{}/**/*.{ext}", glob::Pattern::escape(&dir.display().to_string()));
+    Ok(Some(ChannelData { channel: name.into(), dir, shards: shards.len(), pattern }))
 }
 
-/// Every file below `dir`: `.bin` files into `bins`, the rest into `others`.
-/// Symbolic links to files count; links to directories are not followed.
-fn walk(dir: &Path, bins: &mut Vec<PathBuf>, others: &mut Vec<PathBuf>) -> Result<()> {
+/// Every file below `dir`: shards (`.bin`, `.img`) into `shards`, the rest
+/// into `others`. Symbolic links to files count; links to directories are not followed.
+fn walk(dir: &Path, shards: &mut Vec<PathBuf>, others: &mut Vec<PathBuf>) -> Result<()> {
     for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
         let entry = entry.map_err(io_err(dir))?;
         let path = entry.path();
         let kind = entry.file_type().map_err(io_err(&path))?;
         if kind.is_dir() {
-            walk(&path, bins, others)?;
+            walk(&path, shards, others)?;
         } else if path.is_file() {
-            if path.extension().is_some_and(|e| e == "bin") { bins.push(path) } else { others.push(path) }
+            if path.extension().is_some_and(|e| e == "bin" || e == "img") {
+                shards.push(path)
+            } else {
+                others.push(path)
+            }
         }
     }
     Ok(())
@@ -171,12 +188,12 @@ fn rel(dir: &Path, p: &Path) -> String {
 }
 
 /// A shard named the way `trainer prepare` and llm.c name validation shards
-/// (`val_000000.bin`, `fineweb_val_000000.bin`), if the directory holds one.
+/// (`val_000000.bin`, `val_000000.img`, `fineweb_val_000000.bin`), if the directory holds one.
 fn validation_named(dir: &Path) -> Result<Option<String>> {
-    let (mut bins, mut others) = (Vec::new(), Vec::new());
-    walk(dir, &mut bins, &mut others)?;
-    bins.sort();
-    Ok(bins.iter().find_map(|p| {
+    let (mut shards, mut others) = (Vec::new(), Vec::new());
+    walk(dir, &mut shards, &mut others)?;
+    shards.sort();
+    Ok(shards.iter().find_map(|p| {
         let name = p.file_name()?.to_str()?;
         (name.starts_with("val_") || name.contains("_val_")).then(|| rel(dir, p))
     }))
@@ -220,6 +237,26 @@ mod tests {
         let v = c.val.unwrap();
         assert_eq!((v.channel.as_str(), v.shards), ("val", 1));
         assert_eq!(matches(&v.pattern), ["val_000000.bin"]);
+    }
+
+    /// A ViT's data: image shards (with classes.txt beside them), never mixed with token shards.
+    #[test]
+    fn image_shards_make_an_image_pattern() {
+        let (_d, p) = tree();
+        touch(&p.channel_dir("train").join("train_000000.img"));
+        touch(&p.channel_dir("train").join("classes.txt"));
+        touch(&p.channel_dir("validation").join("val_000000.img"));
+        let c = discover(&p, None).unwrap();
+        let t = c.train.unwrap();
+        assert_eq!(matches(&t.pattern), ["train_000000.img"]);
+        assert_eq!(matches(&c.val.unwrap().pattern), ["val_000000.img"]);
+        touch(&p.channel_dir("train").join("more/train_000001.bin"));
+        let e = discover(&p, None).unwrap_err().to_string();
+        assert!(e.contains("both token shards (more/train_000001.bin) and image shards (train_000000.img)"), "{e}");
+        fs::remove_file(p.channel_dir("train").join("more/train_000001.bin")).unwrap();
+        touch(&p.channel_dir("train").join("val_000000.img"));
+        let e = discover(&p, None).unwrap_err().to_string();
+        assert!(e.contains("val_000000.img") && e.contains("validation"), "{e}");
     }
 
     #[test]

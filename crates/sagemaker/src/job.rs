@@ -128,7 +128,7 @@ impl Job {
                 return Err(Error::Channel {
                     channel: channels::TRAIN_CHANNEL.into(),
                     dir: paths.channel_dir(channels::TRAIN_CHANNEL).display().to_string(),
-                    msg: "the job has no training data: give the token shards as the `train` input channel".into(),
+                    msg: "the job has no training data: give the shards (`trainer prepare` output, token or image) as the `train` input channel".into(),
                 });
             }
         }
