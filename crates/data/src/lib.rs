@@ -6,6 +6,7 @@ mod batch;
 mod image_folder;
 mod images;
 mod loader;
+mod prefetch;
 mod prepare;
 mod shard;
 mod tokenizer;
@@ -21,6 +22,7 @@ pub use images::{
     read_class_names, read_idx, write_image_shard,
 };
 pub use loader::{BatchLoader, LoaderPosition};
+pub use prefetch::{Prefetcher, SendLoader};
 pub use prepare::{PrepareOptions, PrepareReport, prepare};
 pub use shard::{HEADER_BYTES, MAGIC, Shard, write_shard};
 pub use tokenizer::Tokenizer;

@@ -22,7 +22,10 @@ use std::time::Instant;
 
 use trainer_comm::{Mesh, World};
 use trainer_core::{DType, Device};
-use trainer_data::{Batch, BatchLoader, ImageLoader, ImageShard, Loader, LoaderPosition, Shard, Transform, find_files};
+use trainer_data::{
+    Batch, BatchLoader, ImageLoader, ImageShard, Loader, LoaderPosition, Prefetcher, SendLoader, Shard, Transform,
+    find_files,
+};
 use trainer_models::{Acts, InputSpec, Model};
 
 use crate::checkpoint::{Layout, Opened};
@@ -124,7 +127,7 @@ pub(crate) fn open_loader(
     let files = find_files(pattern).map_err(ctx)?;
     let (b, t, seed, shuffle) =
         (cfg.training.micro_batch_size, cfg.training.seq_len, cfg.training.seed, split == Split::Train);
-    match input {
+    let loader: SendLoader = match input {
         InputSpec::Tokens { vocab_size, .. } => {
             let shards = files
                 .iter()
@@ -135,7 +138,7 @@ pub(crate) fn open_loader(
                 })
                 .collect::<trainer_data::Result<Vec<_>>>()
                 .map_err(ctx)?;
-            Ok(Box::new(BatchLoader::new(shards, b, t, seed, shuffle, part.0, part.1).map_err(ctx)?))
+            Box::new(BatchLoader::new(shards, b, t, seed, shuffle, part.0, part.1).map_err(ctx)?)
         }
         InputSpec::Images { size, channels, classes } => {
             let shards =
@@ -158,10 +161,16 @@ pub(crate) fn open_loader(
                 },
                 Split::Val => Transform::CentreCrop { crop: d.val_crop.unwrap_or(1.0) },
             };
-            let loader = ImageLoader::new(shards, b, size, transform, (seed, shuffle), part.0, part.1).map_err(ctx)?;
-            Ok(Box::new(loader))
+            Box::new(ImageLoader::new(shards, b, size, transform, (seed, shuffle), part.0, part.1).map_err(ctx)?)
         }
-    }
+    };
+    // Training batches are filled on a thread of their own while the model
+    // computes (the same batches and positions); validation reads in order
+    // from a seek at every evaluation, where running ahead would be wasted.
+    Ok(match split {
+        Split::Train => Box::new(Prefetcher::new(loader)),
+        Split::Val => loader,
+    })
 }
 
 /// A training run in progress: the model and its activations, the data, the
